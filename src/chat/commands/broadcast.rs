@@ -1,0 +1,114 @@
+//! `broadcast`: a message to a room, numbered, stored, delivered to every member.
+//!
+//! The message gets the room's next id, is serialized and framed once, copied to each member's
+//! output, and appended to the history store. Delivery does not wait for the store; the `ack`
+//! does (see [`Chat::ack_when_durable`]).
+
+use serde_json::Value;
+
+use crate::chat::protocol::{CommandError, ErrorCode, Event};
+use crate::chat::{Chat, Cx, DEFAULT_ROOM, Outbox, Payload, validate};
+use crate::store::StoredMessage;
+
+/// The broadcast command's fields.
+pub(crate) struct Args {
+    pub(crate) message: String,
+    pub(crate) room: Option<String>,
+    pub(crate) data: Option<Value>,
+    pub(crate) echo: bool,
+    pub(crate) msg_id: Option<String>,
+}
+
+const ALONE: &str = "No other members are currently connected.";
+
+pub(crate) fn apply<O: Outbox>(
+    chat: &mut Chat,
+    cx: &mut Cx<'_, O>,
+    args: Args,
+) -> Result<(), CommandError> {
+    let room = args.room.as_deref().unwrap_or(DEFAULT_ROOM);
+    validate::room_name(room)?;
+    validate::message_text(&args.message, chat.cfg.max_message_chars)?;
+    if let Some(msg_id) = &args.msg_id {
+        validate::msg_id(msg_id)?;
+    }
+    let Some(member) = chat.members.get(&cx.conn) else {
+        return Ok(());
+    };
+    if !member.rooms.iter().any(|r| r == room) {
+        return Err(CommandError::new(
+            ErrorCode::NotMember,
+            format!("you are not in room '{room}'"),
+        ));
+    }
+    let sender = member.name.clone();
+
+    if let Some(msg_id) = &args.msg_id {
+        chat.expire_dedup(cx.now.mono);
+        if let Some(&first) = chat.dedup.get(&(room.to_string(), msg_id.clone())) {
+            // A repeat: not delivered or stored again; the ack names the first id. The first
+            // copy's ack may still be waiting for the disk, so this one waits behind it.
+            if let Some(request_id) = cx.request_id {
+                let json = Event::Ack {
+                    request_id,
+                    room,
+                    id: Some(first),
+                }
+                .to_json();
+                let ticket = chat.store.durable().max(chat.last_ticket);
+                chat.ack_when_durable(cx.conn, ticket, json);
+            }
+            return Ok(());
+        }
+    }
+
+    let Some(r) = chat.rooms.get_mut(room) else {
+        return Ok(());
+    };
+    let id = r.next_id;
+    r.next_id += 1;
+    let alone = r.members.len() == 1;
+    let ts = cx.now.unix_ms;
+    let event = Event::Broadcast {
+        room,
+        member: &sender,
+        message: &args.message,
+        id: Some(id),
+        ts: Some(ts),
+        data: args.data.as_ref(),
+        joined: None,
+        left: None,
+    };
+    let payload = Payload::new(&event.to_json());
+    let skip = (!args.echo).then_some(cx.conn);
+    chat.fan_out(room, &payload, skip, cx.out);
+    cx.out.room_published(room, &payload);
+    if alone {
+        chat.send_event(cx.conn, &Event::System { message: ALONE }, cx.out);
+    }
+    log::info!("📤 Broadcast from {sender}: {}", args.message);
+
+    let stored = StoredMessage {
+        id,
+        member: sender,
+        message: args.message,
+        ts,
+        data: args.data,
+    };
+    let ticket = chat.store.append(room, stored);
+    chat.last_ticket = ticket;
+    chat.stats.broadcasts += 1;
+    if let Some(msg_id) = args.msg_id {
+        chat.remember_msg_id(cx.now.mono, room, &msg_id, id);
+    }
+    if let Some(request_id) = cx.request_id {
+        let json = Event::Ack {
+            request_id,
+            room,
+            id: Some(id),
+        }
+        .to_json();
+        chat.ack_when_durable(cx.conn, ticket, json);
+    }
+    Ok(())
+}

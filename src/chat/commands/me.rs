@@ -1,0 +1,19 @@
+//! `me`: the member's name, id and rooms.
+
+use crate::chat::protocol::{CommandError, Event};
+use crate::chat::{Chat, Cx, Outbox};
+
+pub(crate) fn apply<O: Outbox>(chat: &mut Chat, cx: &mut Cx<'_, O>) -> Result<(), CommandError> {
+    let Some(m) = chat.members.get(&cx.conn) else {
+        return Ok(());
+    };
+    let event = Event::Me {
+        member: &m.name,
+        id: &m.id,
+        rooms: Some(m.rooms.iter().map(String::as_str).collect()),
+        request_id: cx.request_id,
+    };
+    let json = event.to_json();
+    chat.send_json(cx.conn, &json, cx.out);
+    Ok(())
+}

@@ -1,0 +1,595 @@
+//! The chat core, sans-IO: members, rooms, history, limits and every rule of the protocol.
+//!
+//! [`Chat`] never touches a socket, a clock or a file. The transport tells it what happened —
+//! a member connected ([`Chat::connect`]), a text frame arrived ([`Chat::handle_text`]), a
+//! connection ended ([`Chat::disconnect`]) — with the time as a [`Now`], and the core answers by
+//! calling an [`Outbox`]: frames to send to connections, connections to close. History goes
+//! through the [`HistoryStore`] trait. Every command lives in its own file under `commands/`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use log::info;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::config::Config;
+use crate::store::{HistoryStore, Page, Query};
+
+mod commands;
+pub mod protocol;
+mod ratelimit;
+pub mod validate;
+
+use protocol::{CommandError, ErrorCode, Event, decode};
+use ratelimit::TokenBucket;
+
+/// The name of the room every member joins on connect.
+pub const DEFAULT_ROOM: &str = "general";
+/// The name notices are sent under; no member may take it.
+pub const SYSTEM: &str = "system";
+
+/// A connection, as the transport numbers it.
+pub type ConnId = usize;
+
+/// The moment an input happens: a monotonic instant for limits, wall-clock ms for `ts`.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For rate limits and windows.
+    pub mono: Instant,
+    /// Unix milliseconds, for timestamps.
+    pub unix_ms: u64,
+}
+
+/// One event, serialized once and framed as a WebSocket text frame, ready to copy to any number
+/// of connections.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    framed: Vec<u8>,
+    header: usize,
+}
+
+impl Payload {
+    /// Frames `json` as one unmasked, final text frame.
+    pub fn new(json: &str) -> Self {
+        let frame = Frame::message(json.as_bytes().to_vec(), OpCode::Data(Data::Text), true);
+        let mut framed = Vec::with_capacity(frame.len());
+        // Writing into a Vec cannot fail.
+        let _ = frame.format(&mut framed);
+        Payload {
+            header: framed.len() - json.len(),
+            framed,
+        }
+    }
+
+    /// The frame's bytes, header included.
+    pub fn bytes(&self) -> &[u8] {
+        &self.framed
+    }
+
+    /// The JSON text carried.
+    pub fn json(&self) -> &str {
+        std::str::from_utf8(&self.framed[self.header..]).unwrap_or_default()
+    }
+}
+
+/// Where the core's effects go. The transport implements it over sockets; tests record.
+///
+/// This and [`HistoryStore`] are the seams a broker-backed engine would implement to share rooms
+/// across processes: every room delivery passes through [`Outbox::send`] after
+/// [`Outbox::room_published`], and every stored message through the store.
+pub trait Outbox {
+    /// Queue a frame to one connection.
+    fn send(&mut self, to: ConnId, payload: &Payload);
+    /// Close a connection with a WebSocket close code. The core has already removed its member.
+    fn close(&mut self, to: ConnId, code: u16, reason: &'static str);
+    /// A member message was published to a room (after local delivery). Single-process servers
+    /// ignore it; a scale-out engine forwards it.
+    fn room_published(&mut self, _room: &str, _payload: &Payload) {}
+}
+
+/// Why a connection was refused before the upgrade: an HTTP status and a short text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status code.
+    pub status: u16,
+    /// Short explanation for the body.
+    pub reason: String,
+}
+
+/// Counters shown by `/api/stats` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Frames received from members.
+    pub messages_in: u64,
+    /// Event frames queued to members.
+    pub messages_out: u64,
+    /// Member broadcasts stored.
+    pub broadcasts: u64,
+    /// Connections closed for not reading their output.
+    pub slow_consumers_closed: u64,
+    /// Commands dropped by the rate limit.
+    pub rate_limited: u64,
+    /// Connections closed for flooding.
+    pub flood_closed: u64,
+    /// Members that have connected since start.
+    pub members_connected_total: u64,
+}
+
+pub(crate) struct Member {
+    pub(crate) serial: u64,
+    pub(crate) id: String,
+    pub(crate) name: String,
+    /// Rooms in join order.
+    pub(crate) rooms: Vec<String>,
+    bucket: TokenBucket,
+    strikes: u32,
+}
+
+pub(crate) struct Room {
+    /// Connections in join order.
+    pub(crate) members: Vec<ConnId>,
+    /// The id the next message gets.
+    pub(crate) next_id: u64,
+}
+
+struct PendingAck {
+    ticket: u64,
+    conn: ConnId,
+    serial: u64,
+    json: String,
+}
+
+/// The chat: every member, room and rule. See the module docs.
+pub struct Chat {
+    pub(crate) cfg: Config,
+    pub(crate) members: HashMap<ConnId, Member>,
+    /// Lower-cased name → connection.
+    pub(crate) names: HashMap<String, ConnId>,
+    /// Connection order (serial) → connection, for "oldest connection first".
+    order: BTreeMap<u64, ConnId>,
+    pub(crate) rooms: HashMap<String, Room>,
+    pub(crate) store: Box<dyn HistoryStore>,
+    /// `(room, msg_id)` → first id, for the dedup window.
+    pub(crate) dedup: HashMap<(String, String), u64>,
+    dedup_expiry: VecDeque<(Instant, (String, String))>,
+    pending_acks: VecDeque<PendingAck>,
+    /// The ticket of the newest append.
+    pub(crate) last_ticket: u64,
+    next_serial: u64,
+    next_auto_name: u64,
+    pub(crate) stats: Stats,
+}
+
+/// What a command handler needs besides the chat: who asked, when, and where answers go.
+pub(crate) struct Cx<'a, O: Outbox> {
+    pub(crate) conn: ConnId,
+    pub(crate) now: Now,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) out: &'a mut O,
+}
+
+impl Chat {
+    /// A chat with the default room and the given store.
+    pub fn new(cfg: Config, store: Box<dyn HistoryStore>) -> Self {
+        let mut chat = Chat {
+            cfg,
+            members: HashMap::new(),
+            names: HashMap::new(),
+            order: BTreeMap::new(),
+            rooms: HashMap::new(),
+            store,
+            dedup: HashMap::new(),
+            dedup_expiry: VecDeque::new(),
+            pending_acks: VecDeque::new(),
+            last_ticket: 0,
+            next_serial: 0,
+            next_auto_name: 0,
+            stats: Stats::default(),
+        };
+        chat.ensure_room(DEFAULT_ROOM);
+        chat
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Checks a wished-for name before the upgrade: `400` when invalid, `409` when taken.
+    pub fn check_name(&self, name: &str) -> Result<(), Refusal> {
+        validate::member_name(name).map_err(|e| Refusal {
+            status: 400,
+            reason: e.message,
+        })?;
+        if self.names.contains_key(&name.to_lowercase()) {
+            return Err(Refusal {
+                status: 409,
+                reason: format!("the name '{name}' is taken"),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new member on connection `conn`: sends `me`, joins `general` (notice to the room) and
+    /// sends its history. `name` must have passed [`Chat::check_name`]; `None` assigns one.
+    /// `id` is the member id when authentication supplied one; otherwise a UUID v4 is made.
+    pub fn connect(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        name: Option<&str>,
+        id: Option<String>,
+        out: &mut impl Outbox,
+    ) {
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => self.auto_name(),
+        };
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let member = Member {
+            serial,
+            id: id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            name: name.clone(),
+            rooms: Vec::new(),
+            bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
+            strikes: 0,
+        };
+        let me = Event::Me {
+            member: &member.name,
+            id: &member.id,
+            rooms: None,
+            request_id: None,
+        };
+        self.send_event(conn, &me, out);
+        self.names.insert(name.to_lowercase(), conn);
+        self.order.insert(serial, conn);
+        self.members.insert(conn, member);
+        self.stats.members_connected_total += 1;
+        info!("🔌 Member {name} connected");
+        let mut cx = Cx {
+            conn,
+            now,
+            request_id: None,
+            out,
+        };
+        let last_n = self.cfg.max_history;
+        // Joining `general` cannot fail: it always exists and a new member is in no room.
+        let _ = commands::join::apply(self, &mut cx, DEFAULT_ROOM, Some(last_n as u64), None);
+    }
+
+    /// The connection ended (close, reset, timeout, kick): the member leaves every room, each
+    /// room gets the `has left!` notice, and the name is free again. Unknown connections are
+    /// ignored, so calling it twice is harmless.
+    pub fn disconnect(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        let Some(member) = self.members.remove(&conn) else {
+            return;
+        };
+        self.names.remove(&member.name.to_lowercase());
+        self.order.remove(&member.serial);
+        for room in &member.rooms {
+            self.remove_from_room(conn, room);
+            self.notice(room, &member.name, false, out);
+        }
+        info!("🔌 Member {} disconnected", member.name);
+    }
+
+    /// One text frame from connection `conn`.
+    pub fn handle_text(&mut self, now: Now, conn: ConnId, text: &str, out: &mut impl Outbox) {
+        if !self.admit(now, conn, out) {
+            return;
+        }
+        let request = decode(text);
+        let request_id = request.request_id.as_deref();
+        let mut cx = Cx {
+            conn,
+            now,
+            request_id,
+            out,
+        };
+        let result = match request.command {
+            Ok(command) => commands::apply(self, &mut cx, command),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            self.send_error(&mut cx, &e);
+        }
+        self.release_acks(out);
+    }
+
+    /// One binary frame from connection `conn`: commands are JSON text, so it is `bad_json`.
+    pub fn handle_binary(&mut self, now: Now, conn: ConnId, out: &mut impl Outbox) {
+        if !self.admit(now, conn, out) {
+            return;
+        }
+        let mut cx = Cx {
+            conn,
+            now,
+            request_id: None,
+            out,
+        };
+        let e = CommandError::new(
+            ErrorCode::BadJson,
+            "binary frames are not accepted; send JSON text",
+        );
+        self.send_error(&mut cx, &e);
+    }
+
+    /// Counts the frame and applies the rate limit: `false` means the frame is dropped.
+    fn admit(&mut self, now: Now, conn: ConnId, out: &mut impl Outbox) -> bool {
+        self.stats.messages_in += 1;
+        let flood_after = self.cfg.flood_close_after;
+        let Some(member) = self.members.get_mut(&conn) else {
+            return false;
+        };
+        if member.bucket.take(now.mono) {
+            member.strikes = 0;
+            return true;
+        }
+        member.strikes += 1;
+        self.stats.rate_limited += 1;
+        if member.strikes > flood_after {
+            self.stats.flood_closed += 1;
+            self.disconnect(conn, out);
+            out.close(conn, 1008, "rate limit exceeded");
+        } else {
+            let e = CommandError::new(ErrorCode::RateLimited, "too many commands; slow down");
+            let mut cx = Cx {
+                conn,
+                now,
+                request_id: None,
+                out,
+            };
+            self.send_error(&mut cx, &e);
+        }
+        false
+    }
+
+    /// Sends the acks whose messages the store now holds durably. Call after the store reports
+    /// progress (the SQLite writer wakes the loop); `handle_text` calls it itself.
+    pub fn release_acks(&mut self, out: &mut impl Outbox) {
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let durable = self.store.durable();
+        while let Some(ack) = self.pending_acks.front() {
+            if ack.ticket > durable {
+                break;
+            }
+            let ack = self.pending_acks.pop_front().expect("front exists");
+            // The connection id may have been reused by a later member: the serial tells.
+            if self
+                .members
+                .get(&ack.conn)
+                .is_some_and(|m| m.serial == ack.serial)
+            {
+                self.stats.messages_out += 1;
+                out.send(ack.conn, &Payload::new(&ack.json));
+            }
+        }
+    }
+
+    /// Flushes the history store (shutdown), then sends every remaining ack.
+    pub fn flush(&mut self, out: &mut impl Outbox) {
+        self.store.flush();
+        self.release_acks(out);
+    }
+
+    // ----- helpers shared by the commands -----
+
+    pub(crate) fn send_event(&mut self, to: ConnId, event: &Event<'_>, out: &mut impl Outbox) {
+        self.send_json(to, &event.to_json(), out);
+    }
+
+    /// Sends an event already serialized (when building it borrows the chat).
+    pub(crate) fn send_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
+        self.stats.messages_out += 1;
+        out.send(to, &Payload::new(json));
+    }
+
+    pub(crate) fn send_error<O: Outbox>(&mut self, cx: &mut Cx<'_, O>, e: &CommandError) {
+        let event = Event::Error {
+            code: e.code,
+            message: &e.message,
+            request_id: cx.request_id,
+        };
+        self.send_event(cx.conn, &event, cx.out);
+    }
+
+    /// Queues an `ack` that is sent once the store's durable ticket reaches `ticket`.
+    pub(crate) fn ack_when_durable(&mut self, conn: ConnId, ticket: u64, json: String) {
+        let Some(serial) = self.members.get(&conn).map(|m| m.serial) else {
+            return;
+        };
+        self.pending_acks.push_back(PendingAck {
+            ticket,
+            conn,
+            serial,
+            json,
+        });
+    }
+
+    /// Delivers one payload to every member of `room`, except `skip`.
+    pub(crate) fn fan_out(
+        &mut self,
+        room: &str,
+        payload: &Payload,
+        skip: Option<ConnId>,
+        out: &mut impl Outbox,
+    ) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let mut sent = 0;
+        for &m in &r.members {
+            if Some(m) != skip {
+                out.send(m, payload);
+                sent += 1;
+            }
+        }
+        self.stats.messages_out += sent;
+    }
+
+    /// The `has joined!` / `has left!` notice, unless the room is too big for notices.
+    pub(crate) fn notice(&mut self, room: &str, name: &str, joined: bool, out: &mut impl Outbox) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        if r.members.is_empty() || r.members.len() > self.cfg.notice_max_members {
+            return;
+        }
+        let text = format!("{name} has {}!", if joined { "joined" } else { "left" });
+        let event = Event::Broadcast {
+            room,
+            member: SYSTEM,
+            message: &text,
+            id: None,
+            ts: None,
+            data: None,
+            joined: joined.then_some(name),
+            left: (!joined).then_some(name),
+        };
+        let payload = Payload::new(&event.to_json());
+        self.fan_out(room, &payload, None, out);
+    }
+
+    /// Creates `room` in memory if needed; its ids continue from the store.
+    pub(crate) fn ensure_room(&mut self, room: &str) -> &mut Room {
+        if !self.rooms.contains_key(room) {
+            let next_id = self.store.last_id(room) + 1;
+            self.rooms.insert(
+                room.to_string(),
+                Room {
+                    members: Vec::new(),
+                    next_id,
+                },
+            );
+        }
+        self.rooms.get_mut(room).expect("just inserted")
+    }
+
+    /// Takes `conn` out of `room`'s member list and drops the room from memory when it is empty
+    /// (except `general`). Notices are the caller's business.
+    pub(crate) fn remove_from_room(&mut self, conn: ConnId, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if let Some(i) = r.members.iter().position(|&m| m == conn) {
+            r.members.remove(i);
+        }
+        if r.members.is_empty() && room != DEFAULT_ROOM {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// Remembers `msg_id` in `room` for the dedup window; forgets expired ones.
+    pub(crate) fn remember_msg_id(&mut self, now: Instant, room: &str, msg_id: &str, id: u64) {
+        self.expire_dedup(now);
+        let key = (room.to_string(), msg_id.to_string());
+        self.dedup.insert(key.clone(), id);
+        self.dedup_expiry
+            .push_back((now + self.cfg.dedup_window, key));
+    }
+
+    pub(crate) fn expire_dedup(&mut self, now: Instant) {
+        while self.dedup_expiry.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, key)) = self.dedup_expiry.pop_front() {
+                self.dedup.remove(&key);
+            }
+        }
+    }
+
+    fn auto_name(&mut self) -> String {
+        loop {
+            self.next_auto_name += 1;
+            let name = format!("member{}", self.next_auto_name);
+            if !self.names.contains_key(&name) {
+                return name;
+            }
+        }
+    }
+
+    // ----- read-only views for the REST API -----
+
+    /// Names of connected members, oldest connection first.
+    pub fn member_names(&self) -> Vec<&str> {
+        self.order
+            .values()
+            .filter_map(|c| self.members.get(c))
+            .map(|m| m.name.as_str())
+            .collect()
+    }
+
+    /// Rooms in memory, by name: `(name, member count, messages stored)`.
+    pub fn room_list(&self) -> Vec<(&str, usize, u64)> {
+        let mut rooms: Vec<_> = self
+            .rooms
+            .iter()
+            .map(|(name, r)| (name.as_str(), r.members.len(), r.next_id - 1))
+            .collect();
+        rooms.sort_unstable_by_key(|(name, _, _)| *name);
+        rooms
+    }
+
+    /// A room's members (join order) and message count, when the room is in memory.
+    pub fn room_detail(&self, room: &str) -> Option<(Vec<&str>, u64)> {
+        let r = self.rooms.get(room)?;
+        let names = r
+            .members
+            .iter()
+            .filter_map(|c| self.members.get(c))
+            .map(|m| m.name.as_str());
+        Some((names.collect(), r.next_id - 1))
+    }
+
+    /// A page of `room`'s history: `limit` (capped) messages older than `before`.
+    /// `None` when the room is neither in memory nor has stored history.
+    pub fn history_page(
+        &mut self,
+        room: &str,
+        before: Option<u64>,
+        limit: Option<u64>,
+    ) -> Option<Page> {
+        if !self.rooms.contains_key(room) && self.store.last_id(room) == 0 {
+            return None;
+        }
+        let limit = self.page_limit(limit);
+        Some(self.store.page(room, Query::Before { before, limit }))
+    }
+
+    pub(crate) fn page_limit(&self, limit: Option<u64>) -> usize {
+        let cap = self.cfg.history_page_cap;
+        limit.map_or(self.cfg.max_history.min(cap), |l| {
+            (l.min(cap as u64)) as usize
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Counts a connection closed as a slow consumer.
+    pub fn count_slow_consumer(&mut self) {
+        self.stats.slow_consumers_closed += 1;
+    }
+
+    /// Members connected now.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Rooms in memory now.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// The dedup window, for tests of expiry.
+    pub fn dedup_window(&self) -> Duration {
+        self.cfg.dedup_window
+    }
+}
+
+#[cfg(test)]
+mod tests;

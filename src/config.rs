@@ -1,0 +1,322 @@
+//! Every setting and limit of the server, with its flag, environment variable and default.
+//!
+//! The table in [`settings!`] is the single source: it declares the [`Config`] fields, their
+//! defaults, the command-line flag, the environment variable and the line `--help` prints.
+//! Precedence: flag, then environment variable, then default.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+/// A value a setting can hold: parsed from text, shown back in `--help`.
+pub trait SettingValue: Sized {
+    /// Parses the text of a flag or environment variable.
+    fn parse_setting(text: &str) -> Result<Self, String>;
+    /// Renders the value for `--help`.
+    fn show(&self) -> String;
+}
+
+macro_rules! int_setting {
+    ($($t:ty),*) => {$(
+        impl SettingValue for $t {
+            fn parse_setting(text: &str) -> Result<Self, String> {
+                text.trim().parse().map_err(|e| format!("'{text}' is not a whole number ({e})"))
+            }
+            fn show(&self) -> String { self.to_string() }
+        }
+    )*};
+}
+int_setting!(u16, u32, u64, usize);
+
+impl SettingValue for String {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        Ok(text.to_string())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+/// Durations are written in seconds; fractions are allowed (`0.5`).
+impl SettingValue for Duration {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let secs: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+        Duration::try_from_secs_f64(secs).map_err(|_| format!("'{text}' is not a valid duration"))
+    }
+    fn show(&self) -> String {
+        format!("{}s", self.as_secs_f64())
+    }
+}
+
+impl SettingValue for LevelFilter {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.trim().parse().map_err(|_| {
+            format!("'{text}' is not a log level (off, error, warn, info, debug, trace)")
+        })
+    }
+    fn show(&self) -> String {
+        self.to_string().to_lowercase()
+    }
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:expr, $flag:literal, $env:literal; )*) => {
+        /// The server's settings. Build it with [`Config::from_args`] or start from `Default`.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])+ pub $field: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $field: $default, )* }
+            }
+        }
+
+        impl Config {
+            /// `(flag, env, help)` for every setting, in `--help` order.
+            pub const TABLE: &'static [(&'static str, &'static str, &'static str)] = &[
+                $( ($flag, $env, concat!($($doc),+)), )*
+            ];
+
+            fn set(&mut self, flag: &str, text: &str) -> Result<(), String> {
+                match flag {
+                    $( $flag => self.$field = <$ty as SettingValue>::parse_setting(text)
+                        .map_err(|e| format!("--{}: {e}", $flag))?, )*
+                    _ => return Err(format!("unknown option --{flag} (see --help)")),
+                }
+                Ok(())
+            }
+
+            fn show(&self, flag: &str) -> String {
+                match flag {
+                    $( $flag => SettingValue::show(&self.$field), )*
+                    _ => String::new(),
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address to listen on.
+    host: String = "0.0.0.0".into(), "host", "HOST";
+    /// Port to listen on (0 picks a free one; the address is logged).
+    port: u16 = 8080, "port", "PORT";
+    /// SQLite history file; `:memory:` keeps history in memory only.
+    db_path: String = "chatterbox.db".into(), "db-path", "DB_PATH";
+    /// Log level: off, error, warn, info, debug or trace.
+    log_level: LevelFilter = LevelFilter::Info, "log-level", "LOG_LEVEL";
+    /// Messages sent in `history` when a member joins a room.
+    max_history: usize = 50, "max-history", "MAX_HISTORY";
+    /// Largest `limit` of one `history` page.
+    history_page_cap: usize = 200, "history-page-cap", "HISTORY_PAGE_CAP";
+    /// Most messages sent for a `join` with `since`.
+    resume_cap: usize = 1000, "resume-cap", "RESUME_CAP";
+    /// Messages per room the in-memory store keeps (older ones are dropped).
+    memory_history_per_room: usize = 1000, "memory-history-per-room", "MEMORY_HISTORY_PER_ROOM";
+    /// Rooms in the whole server.
+    max_rooms: usize = 1000, "max-rooms", "MAX_ROOMS";
+    /// Rooms one member may be in at once.
+    max_rooms_per_member: usize = 32, "max-rooms-per-member", "MAX_ROOMS_PER_MEMBER";
+    /// Largest WebSocket message or frame in bytes; larger closes with 1009.
+    max_frame_size: usize = 8192, "max-frame-size", "MAX_FRAME_SIZE";
+    /// Longest `message` text in characters.
+    max_message_chars: usize = 1000, "max-message-chars", "MAX_MESSAGE_CHARS";
+    /// Join/leave notices are sent while a room has at most this many members.
+    notice_max_members: usize = 1000, "notice-max-members", "NOTICE_MAX_MEMBERS";
+    /// Commands per second per connection (token bucket refill).
+    rate_per_sec: u32 = 20, "rate-per-sec", "RATE_PER_SEC";
+    /// Token bucket size (burst) per connection.
+    rate_burst: u32 = 40, "rate-burst", "RATE_BURST";
+    /// Rate-limited commands in a row after which the connection is closed with 1008.
+    flood_close_after: u32 = 100, "flood-close-after", "FLOOD_CLOSE_AFTER";
+    /// Open connections in all; more are refused with 503.
+    max_connections: usize = 10_000, "max-connections", "MAX_CONNECTIONS";
+    /// Open connections per client IP; more are refused with 429.
+    max_connections_per_ip: usize = 256, "max-connections-per-ip", "MAX_CONNECTIONS_PER_IP";
+    /// Largest HTTP request head in bytes; larger gets 431.
+    max_head_bytes: usize = 8192, "max-head-bytes", "MAX_HEAD_BYTES";
+    /// Seconds for a request head to arrive complete; then the connection is closed.
+    head_timeout: Duration = Duration::from_secs(10), "head-timeout", "HEAD_TIMEOUT";
+    /// Seconds between the server's pings.
+    ping_interval: Duration = Duration::from_secs(30), "ping-interval", "PING_INTERVAL";
+    /// Seconds without any frame from the client before it is closed.
+    pong_timeout: Duration = Duration::from_secs(60), "pong-timeout", "PONG_TIMEOUT";
+    /// Seconds without a command before the connection is closed (1000, "idle").
+    idle_timeout: Duration = Duration::from_secs(300), "idle-timeout", "IDLE_TIMEOUT";
+    /// Bytes of output queued per connection; beyond it the client is closed (1008, "slow consumer").
+    max_pending_output: usize = 256 * 1024, "max-pending-output", "MAX_PENDING_OUTPUT";
+    /// Seconds a `msg_id` is remembered for deduplication.
+    dedup_window: Duration = Duration::from_secs(600), "dedup-window", "DEDUP_WINDOW";
+    /// Bytes of read buffer per WebSocket connection.
+    read_buffer_size: usize = 4096, "read-buffer-size", "READ_BUFFER_SIZE";
+    /// Seconds a shutdown waits for clients to take their close frame before exiting.
+    shutdown_grace: Duration = Duration::from_secs(2), "shutdown-grace", "SHUTDOWN_GRACE";
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Cli {
+    /// Run the server with this configuration.
+    Run(Box<Config>),
+    /// Print this text (help or version) and exit 0.
+    Print(String),
+}
+
+impl Config {
+    /// Builds the configuration from command-line arguments (without the program name) and an
+    /// environment lookup. Flags are `--name value` or `--name=value`.
+    pub fn from_args<I, E>(args: I, env: E) -> Result<Cli, String>
+    where
+        I: IntoIterator<Item = String>,
+        E: Fn(&str) -> Option<String>,
+    {
+        let mut cfg = Config::default();
+        for (flag, var, _) in Self::TABLE {
+            if let Some(text) = env(var) {
+                cfg.set(flag, &text).map_err(|e| format!("{var}: {e}"))?;
+            }
+        }
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if arg == "--help" || arg == "-h" {
+                return Ok(Cli::Print(Self::help()));
+            }
+            if arg == "--version" || arg == "-V" {
+                return Ok(Cli::Print(format!(
+                    "chatterbox {}\n",
+                    env!("CARGO_PKG_VERSION")
+                )));
+            }
+            let Some(flag) = arg.strip_prefix("--") else {
+                return Err(format!("unexpected argument '{arg}' (see --help)"));
+            };
+            let (flag, value) = match flag.split_once('=') {
+                Some((f, v)) => (f.to_string(), v.to_string()),
+                None => {
+                    let v = args
+                        .next()
+                        .ok_or_else(|| format!("--{flag} needs a value"))?;
+                    (flag.to_string(), v)
+                }
+            };
+            cfg.set(&flag, &value)?;
+        }
+        cfg.validate()?;
+        Ok(Cli::Run(Box::new(cfg)))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("max-frame-size", self.max_frame_size),
+            ("max-message-chars", self.max_message_chars),
+            ("history-page-cap", self.history_page_cap),
+            ("max-connections", self.max_connections),
+            ("max-connections-per-ip", self.max_connections_per_ip),
+            ("max-head-bytes", self.max_head_bytes),
+            ("max-pending-output", self.max_pending_output),
+            ("read-buffer-size", self.read_buffer_size),
+            ("rate-burst", self.rate_burst as usize),
+        ];
+        for (flag, v) in positive {
+            if v == 0 {
+                return Err(format!("--{flag} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `--help` text: every setting with its flag, variable and default.
+    pub fn help() -> String {
+        let defaults = Config::default();
+        let mut s = String::from(
+            "chatterbox — a WebSocket chat room server\n\nUsage: chatterbox [--setting value]...\n\n\
+             Every setting is a flag and an environment variable (the flag wins).\n\n",
+        );
+        for (flag, var, doc) in Self::TABLE {
+            let _ = writeln!(
+                s,
+                "  --{flag:<26} {var:<24} default: {}",
+                defaults.show(flag)
+            );
+            let _ = writeln!(s, "      {doc}");
+        }
+        s.push_str("\n  -h, --help    print this text\n  -V, --version print the version\n");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(list: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match Config::from_args(args(list), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })? {
+            Cli::Run(c) => Ok(*c),
+            Cli::Print(_) => Err("printed".into()),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.db_path, "chatterbox.db");
+        assert_eq!(c.max_frame_size, 8192);
+        assert_eq!(c.max_history, 50);
+        assert_eq!((c.history_page_cap, c.resume_cap), (200, 1000));
+        assert_eq!((c.max_rooms, c.max_rooms_per_member), (1000, 32));
+        assert_eq!((c.rate_per_sec, c.rate_burst), (20, 40));
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.log_level, LevelFilter::Info);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_default() {
+        let c = run(&["--port", "9000"], &[("PORT", "7000"), ("MAX_ROOMS", "5")]).unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.max_rooms, 5);
+        let c = run(&["--idle-timeout=0.25", "--log-level", "warn"], &[]).unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_millis(250));
+        assert_eq!(c.log_level, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        let e = run(&["--port", "x"], &[]).unwrap_err();
+        assert!(e.contains("--port"), "{e}");
+        assert!(
+            run(&["--nope", "1"], &[])
+                .unwrap_err()
+                .contains("unknown option")
+        );
+        assert!(run(&["--port"], &[]).unwrap_err().contains("needs a value"));
+        assert!(run(&["--max-frame-size", "0"], &[]).is_err());
+        assert!(run(&[], &[("PORT", "-1")]).unwrap_err().starts_with("PORT"));
+    }
+
+    #[test]
+    fn help_lists_every_setting_with_its_default() {
+        let help = Config::help();
+        for (flag, var, _) in Config::TABLE {
+            assert!(help.contains(&format!("--{flag}")), "{flag}");
+            assert!(help.contains(var), "{var}");
+        }
+        assert!(help.contains("default: 8080"));
+    }
+}

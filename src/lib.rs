@@ -1,0 +1,21 @@
+//! chatterbox: a WebSocket chat room server on one single-threaded `mio` event loop.
+//!
+//! # Layout
+//!
+//! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
+//! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
+//!   the transport feeds it inputs with the time and it answers through an [`chat::Outbox`].
+//!   [`chat::protocol`] holds the command and event enums; `chat/commands/` one file per command.
+//! - [`store`] — room history behind [`store::HistoryStore`]: in memory, or SQLite with group
+//!   commit on a writer thread (cargo feature `sqlite`, on by default).
+//! - [`server`] — the transport: the `mio` loop, the `Slab` of connections, HTTP heads with
+//!   `httparse`, the WebSocket handshake and framing with `tungstenite`, bounded write buffers,
+//!   timers and signals. [`server::api`] answers the REST endpoints from the core's views.
+//!
+//! The binary (`src/main.rs`) only reads the settings, sets up logging and calls
+//! [`server::Server::run`].
+
+pub mod chat;
+pub mod config;
+pub mod server;
+pub mod store;

@@ -1,0 +1,217 @@
+//! The REST API and `/metrics`: read-only views of the chat core, rendered as JSON or text.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::http::{Head, Response};
+use crate::chat::Chat;
+use crate::store::StoredMessage;
+
+/// Gauges the transport knows and the core does not.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportStats {
+    /// Open sockets (HTTP and WebSocket).
+    pub connections: usize,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+fn error(status: u16, code: &str, message: String) -> Response {
+    Response::json(status, &json!({"error": code, "message": message}))
+}
+
+/// Answers `/api/...` and `/metrics`; `None` when the path is not one of them.
+pub fn route(chat: &mut Chat, head: &Head, t: TransportStats) -> Option<Response> {
+    let path = head.path.as_str();
+    let known = path == "/metrics"
+        || path == "/api/stats"
+        || path == "/api/rooms"
+        || path == "/api/members"
+        || path.starts_with("/api/rooms/");
+    if !known {
+        return None;
+    }
+    if head.method != "GET" {
+        return Some(Response::method_not_allowed("GET"));
+    }
+    Some(match path {
+        "/api/stats" => Response::json(200, &stats_json(chat, t)),
+        "/api/members" => Response::json(200, &chat.member_names()),
+        "/api/rooms" => {
+            let rooms: Vec<_> = chat
+                .room_list()
+                .into_iter()
+                .map(|(name, members, messages)| json!({"name": name, "members": members, "messages": messages}))
+                .collect();
+            Response::json(200, &rooms)
+        }
+        "/metrics" => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            headers: Vec::new(),
+            body: metrics(chat, t).into_bytes(),
+        },
+        _ => room_route(chat, head, &path["/api/rooms/".len()..]),
+    })
+}
+
+fn room_route(chat: &mut Chat, head: &Head, rest: &str) -> Response {
+    let (name, tail) = match rest.split_once('/') {
+        Some((n, t)) => (n, Some(t)),
+        None => (rest, None),
+    };
+    let Ok(name) = super::http::percent_decode(name) else {
+        return error(400, "invalid", "the room name is badly escaped".into());
+    };
+    match tail {
+        None => match chat.room_detail(&name) {
+            Some((members, messages)) => Response::json(
+                200,
+                &json!({"name": name, "members": members, "messages": messages}),
+            ),
+            None => error(404, "not_found", format!("room '{name}' does not exist")),
+        },
+        Some("messages") => {
+            let number = |key: &str| -> Result<Option<u64>, Response> {
+                match head.query_param(key) {
+                    Ok(None) => Ok(None),
+                    Ok(Some(v)) => v.parse().map(Some).map_err(|_| {
+                        error(
+                            400,
+                            "invalid",
+                            format!("{key} must be a non-negative integer"),
+                        )
+                    }),
+                    Err(()) => Err(error(400, "invalid", "the query is badly escaped".into())),
+                }
+            };
+            let (limit, before) = match (number("limit"), number("before")) {
+                (Ok(l), Ok(b)) => (l, b),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+            match chat.history_page(&name, before, limit) {
+                Some(page) => {
+                    #[derive(Serialize)]
+                    struct Body<'a> {
+                        room: &'a str,
+                        messages: &'a [StoredMessage],
+                        more: bool,
+                    }
+                    Response::json(
+                        200,
+                        &Body {
+                            room: &name,
+                            messages: &page.messages,
+                            more: page.more,
+                        },
+                    )
+                }
+                None => error(404, "not_found", format!("room '{name}' does not exist")),
+            }
+        }
+        Some(_) => error(
+            404,
+            "not_found",
+            format!("no such resource under room '{name}'"),
+        ),
+    }
+}
+
+fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
+    let s = chat.stats();
+    json!({
+        "members": chat.member_count(),
+        "rooms": chat.room_count(),
+        "connections": t.connections,
+        "messages_in": s.messages_in,
+        "messages_out": s.messages_out,
+        "broadcasts": s.broadcasts,
+        "slow_consumers_closed": s.slow_consumers_closed,
+        "rate_limited": s.rate_limited,
+        "flood_closed": s.flood_closed,
+        "members_connected_total": s.members_connected_total,
+        "uptime_secs": t.uptime_secs,
+    })
+}
+
+fn metrics(chat: &Chat, t: TransportStats) -> String {
+    let s = chat.stats();
+    let rows: [(&str, &str, &str, u64); 11] = [
+        (
+            "chatterbox_members",
+            "gauge",
+            "Members connected now.",
+            chat.member_count() as u64,
+        ),
+        (
+            "chatterbox_rooms",
+            "gauge",
+            "Rooms in memory now.",
+            chat.room_count() as u64,
+        ),
+        (
+            "chatterbox_connections",
+            "gauge",
+            "Open sockets now.",
+            t.connections as u64,
+        ),
+        (
+            "chatterbox_messages_in_total",
+            "counter",
+            "Frames received from members.",
+            s.messages_in,
+        ),
+        (
+            "chatterbox_messages_out_total",
+            "counter",
+            "Event frames queued to members.",
+            s.messages_out,
+        ),
+        (
+            "chatterbox_broadcasts_total",
+            "counter",
+            "Member broadcasts stored.",
+            s.broadcasts,
+        ),
+        (
+            "chatterbox_slow_consumers_closed_total",
+            "counter",
+            "Connections closed as slow consumers.",
+            s.slow_consumers_closed,
+        ),
+        (
+            "chatterbox_rate_limited_total",
+            "counter",
+            "Commands dropped by the rate limit.",
+            s.rate_limited,
+        ),
+        (
+            "chatterbox_flood_closed_total",
+            "counter",
+            "Connections closed for flooding.",
+            s.flood_closed,
+        ),
+        (
+            "chatterbox_members_connected_total",
+            "counter",
+            "Members connected since start.",
+            s.members_connected_total,
+        ),
+        (
+            "chatterbox_uptime_seconds",
+            "gauge",
+            "Seconds since the server started.",
+            t.uptime_secs,
+        ),
+    ];
+    let mut out = String::with_capacity(1024);
+    for (name, kind, help, value) in rows {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    }
+    out
+}

@@ -1,0 +1,193 @@
+//! One connection: its socket, its phase (HTTP head, WebSocket, closing) and its bounded output.
+//!
+//! Output is one `Vec<u8>` per connection. Every frame queued during a loop iteration is
+//! appended to it (tungstenite's own control frames too, through [`Io`]) and the transport
+//! writes it out once per iteration: many frames, one `write`. Its length is what backpressure
+//! bounds.
+
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::time::Instant;
+
+use mio::Interest;
+use mio::net::TcpStream;
+use tungstenite::Message;
+use tungstenite::protocol::WebSocketContext;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+/// Where a connection is in its life.
+pub(crate) enum Phase {
+    /// Reading the request head until this deadline.
+    Http { head: Vec<u8>, deadline: Instant },
+    /// Speaking WebSocket.
+    Ws(Box<WebSocketContext>),
+}
+
+/// One connection in the slab.
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) ip: IpAddr,
+    pub(crate) phase: Phase,
+    /// Bytes queued for the socket; `out[sent..]` is what remains to write.
+    pub(crate) out: Vec<u8>,
+    pub(crate) sent: usize,
+    /// The interest registered with the poll, to re-register only on change.
+    pub(crate) interest: Interest,
+    /// Whether the connection is already in the loop's dirty list.
+    pub(crate) dirty: bool,
+    /// Set once the connection is on its way out: close when the output is written, or at
+    /// `close_by`, whichever comes first. Nothing more is queued.
+    pub(crate) closing: bool,
+    pub(crate) close_by: Option<Instant>,
+    /// Whether the chat core knows this connection as a member.
+    pub(crate) member: bool,
+    /// Whether the connection counts against the WebSocket caps.
+    pub(crate) counted: bool,
+    pub(crate) last_frame: Instant,
+    pub(crate) last_command: Instant,
+    pub(crate) next_ping: Instant,
+    /// The deadline this connection has in the timer heap, if any.
+    pub(crate) timer_at: Option<Instant>,
+}
+
+/// A stream view for tungstenite: reads come from the socket, writes go to our output buffer
+/// and never block.
+pub(crate) struct Io<'a> {
+    pub(crate) stream: &'a mut TcpStream,
+    pub(crate) out: &'a mut Vec<u8>,
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What writing the output gave.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// Everything is written.
+    Done,
+    /// The socket is full; wait for writable.
+    Blocked,
+    /// The socket is gone.
+    Failed,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: TcpStream, ip: IpAddr, now: Instant, head_deadline: Instant) -> Self {
+        Conn {
+            stream,
+            ip,
+            phase: Phase::Http {
+                head: Vec::new(),
+                deadline: head_deadline,
+            },
+            out: Vec::new(),
+            sent: 0,
+            interest: Interest::READABLE,
+            dirty: false,
+            closing: false,
+            close_by: None,
+            member: false,
+            counted: false,
+            last_frame: now,
+            last_command: now,
+            next_ping: now,
+            timer_at: None,
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Whether WebSocket data frames may still be queued.
+    pub(crate) fn can_send(&self) -> bool {
+        !self.closing && matches!(&self.phase, Phase::Ws(ctx) if ctx.can_write())
+    }
+
+    /// Reads the next WebSocket message, if the connection speaks WebSocket.
+    pub(crate) fn read_message(&mut self) -> tungstenite::Result<Message> {
+        match &mut self.phase {
+            Phase::Ws(ctx) => ctx.read(&mut Io {
+                stream: &mut self.stream,
+                out: &mut self.out,
+            }),
+            Phase::Http { .. } => Err(tungstenite::Error::AlreadyClosed),
+        }
+    }
+
+    /// Queues a ping.
+    pub(crate) fn ping(&mut self) {
+        if let Phase::Ws(ctx) = &mut self.phase {
+            let mut io = Io {
+                stream: &mut self.stream,
+                out: &mut self.out,
+            };
+            let _ = ctx.write(&mut io, Message::Ping(Default::default()));
+            let _ = ctx.flush(&mut io);
+        }
+    }
+
+    /// Queues a close frame (WebSocket) and marks the connection closing; it is dropped when
+    /// its output is written or at `close_by`.
+    pub(crate) fn start_close(&mut self, code: u16, reason: &str, close_by: Instant) {
+        if let Phase::Ws(ctx) = &mut self.phase {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = ctx.close(
+                &mut Io {
+                    stream: &mut self.stream,
+                    out: &mut self.out,
+                },
+                Some(frame),
+            );
+        }
+        self.closing = true;
+        self.close_by = Some(self.close_by.map_or(close_by, |t| t.min(close_by)));
+    }
+
+    /// Writes as much output as the socket takes.
+    pub(crate) fn flush(&mut self) -> Flushed {
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
+                Ok(0) => return Flushed::Failed,
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Flushed::Failed,
+            }
+        }
+        self.out.clear();
+        self.sent = 0;
+        // A burst may have grown the buffer; an idle connection should not keep it.
+        if self.out.capacity() > 64 * 1024 {
+            self.out = Vec::new();
+        }
+        Flushed::Done
+    }
+
+    /// The interest the connection needs now: writable only while output waits.
+    pub(crate) fn wanted_interest(&self) -> Interest {
+        if self.pending() > 0 {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        }
+    }
+}

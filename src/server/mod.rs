@@ -1,0 +1,800 @@
+//! The transport: one `mio` event loop that owns every socket and turns readiness into calls
+//! on the chat core.
+//!
+//! - The listener is drained to `WouldBlock` on each event; each connection lives in a `Slab`
+//!   whose key is its `Token`.
+//! - A connection first speaks HTTP ([`http`]): `/health`, the page, the REST API ([`api`]), or the
+//!   WebSocket upgrade, after which tungstenite parses its frames.
+//! - Everything the core sends in one iteration is appended to per-connection buffers and
+//!   written once at the end of the iteration ("corking"); `WRITABLE` interest is held only
+//!   while a buffer has bytes. A buffer over its bound closes the connection as a slow consumer.
+//! - Timers (head deadline, pings, frame and idle timeouts, close deadlines) sit in one heap;
+//!   the poll timeout is the next deadline, so an idle server does not wake up.
+//! - SIGINT/SIGTERM arrive through a self-pipe; the store's writer thread and [`Stopper`] wake
+//!   the loop through a `Waker`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Error as WsError, Message};
+
+use crate::chat::{Chat, ConnId, Now, Outbox, Payload};
+use crate::config::Config;
+
+pub mod api;
+mod conn;
+pub mod http;
+
+use conn::{Conn, Flushed, Phase};
+use http::{Head, Parsed, Response};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNAL: Token = Token(usize::MAX - 3);
+
+/// Messages read from one connection before the loop turns to others; the rest waits for the
+/// next iteration, so one busy client cannot starve the room.
+const READ_BUDGET: usize = 64;
+/// How long a connection closed by the server may take to receive its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Sockets accepted beyond `max_connections`, so that refusals can still be answered with a
+/// status instead of a reset.
+const HANDSHAKE_SLACK: usize = 256;
+
+/// The browser client, compiled in.
+const INDEX_HTML: &str = include_str!("../client/index.html");
+
+/// Asks a running [`Server`] to shut down as if it got SIGTERM. Cloneable and `Send`.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl Stopper {
+    /// Starts the shutdown.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// The server: listener, connections, timers and the chat core.
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local: SocketAddr,
+    signals: Option<UnixStream>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    chat: Chat,
+    conns: Slab<Conn>,
+    per_ip: HashMap<IpAddr, usize>,
+    ws_count: usize,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    dirty: Vec<usize>,
+    /// Connections that still had messages to read when their budget ran out.
+    backlog: Vec<usize>,
+    closing: Vec<(usize, u16, &'static str)>,
+    ws_config: WebSocketConfig,
+    started: Instant,
+    shutdown_at: Option<Instant>,
+}
+
+/// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
+struct Sink<'a> {
+    conns: &'a mut Slab<Conn>,
+    dirty: &'a mut Vec<usize>,
+    closing: &'a mut Vec<(usize, u16, &'static str)>,
+    max_pending: usize,
+}
+
+impl Outbox for Sink<'_> {
+    fn send(&mut self, to: ConnId, payload: &Payload) {
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
+        if !c.can_send() {
+            return;
+        }
+        if c.pending() + payload.bytes().len() > self.max_pending {
+            // Backpressure: this client cannot keep up. It gets nothing more but its close.
+            self.closing.push((to, 1008, "slow consumer"));
+            c.closing = true;
+            return;
+        }
+        c.out.extend_from_slice(payload.bytes());
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(to);
+        }
+    }
+
+    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
+        self.closing.push((to, code, reason));
+    }
+}
+
+fn now_of(mono: Instant) -> Now {
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Now { mono, unix_ms }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Server {
+    /// Binds the listener and opens the history store the settings name.
+    pub fn bind(cfg: Config) -> io::Result<Server> {
+        let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port).parse().or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (cfg.host.as_str(), cfg.port)
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))
+        })?;
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let notify_waker = waker.clone();
+        let store = crate::store::open(
+            &cfg.db_path,
+            cfg.memory_history_per_room,
+            Box::new(move || {
+                let _ = notify_waker.wake();
+            }),
+        )
+        .map_err(io::Error::other)?;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(cfg.read_buffer_size)
+            .write_buffer_size(0)
+            .max_message_size(Some(cfg.max_frame_size))
+            .max_frame_size(Some(cfg.max_frame_size));
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local,
+            signals: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+            chat: Chat::new(cfg, store),
+            conns: Slab::new(),
+            per_ip: HashMap::new(),
+            ws_count: 0,
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            backlog: Vec::new(),
+            closing: Vec::new(),
+            ws_config,
+            started: Instant::now(),
+            shutdown_at: None,
+        })
+    }
+
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A handle that shuts the server down from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            flag: self.stop.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Makes SIGINT and SIGTERM start the shutdown.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        let (read, write) = std::os::unix::net::UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        let mut read = UnixStream::from_std(read);
+        self.poll
+            .registry()
+            .register(&mut read, SIGNAL, Interest::READABLE)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, write.try_clone()?)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, write)?;
+        self.signals = Some(read);
+        Ok(())
+    }
+
+    /// Runs the loop until a shutdown completes: every client got close `1001` (or the grace
+    /// ran out) and the history store is flushed.
+    pub fn run(mut self) -> io::Result<()> {
+        info!("chatterbox listening on {}", self.local);
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = if self.backlog.is_empty() {
+                self.next_timeout()
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(now),
+                    WAKER => {
+                        if self.stop.load(Ordering::SeqCst) {
+                            self.begin_shutdown(now);
+                        }
+                        self.core(|chat, sink| chat.release_acks(sink));
+                    }
+                    SIGNAL => {
+                        if let Some(s) = &mut self.signals {
+                            let mut buf = [0u8; 64];
+                            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                        }
+                        self.begin_shutdown(now);
+                    }
+                    Token(id) => {
+                        if event.is_writable() || event.is_error() {
+                            self.mark_dirty(id);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.readable(id, now);
+                        }
+                    }
+                }
+            }
+            for id in std::mem::take(&mut self.backlog) {
+                self.readable(id, now);
+            }
+            self.fire_timers(now);
+            self.process_closing(now);
+            self.flush_dirty();
+            if let Some(at) = self.shutdown_at {
+                if self.conns.is_empty() || now >= at {
+                    break;
+                }
+            }
+        }
+        self.core(|chat, sink| chat.flush(sink));
+        info!("chatterbox stopped");
+        Ok(())
+    }
+
+    /// Runs `f` on the chat core with an outbox over this server's connections.
+    fn core<R>(&mut self, f: impl FnOnce(&mut Chat, &mut Sink<'_>) -> R) -> R {
+        let max_pending = self.chat.config().max_pending_output;
+        let mut sink = Sink {
+            conns: &mut self.conns,
+            dirty: &mut self.dirty,
+            closing: &mut self.closing,
+            max_pending,
+        };
+        f(&mut self.chat, &mut sink)
+    }
+
+    fn cfg(&self) -> &Config {
+        self.chat.config()
+    }
+
+    // ----- accepting and reading -----
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (mut stream, addr) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if would_block(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of file descriptors or similar: leave the rest in the backlog.
+                    warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            if self.conns.len() >= self.cfg().max_connections + HANDSHAKE_SLACK {
+                debug!("dropping connection from {addr}: socket cap reached");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let entry = self.conns.vacant_entry();
+            let id = entry.key();
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, Token(id), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let deadline = now + self.chat.config().head_timeout;
+            entry.insert(Conn::new(stream, addr.ip(), now, deadline));
+            self.schedule(id, deadline);
+        }
+    }
+
+    fn readable(&mut self, id: usize, now: Instant) {
+        match self
+            .conns
+            .get(id)
+            .map(|c| matches!(c.phase, Phase::Http { .. }))
+        {
+            Some(true) => self.read_head(id, now),
+            Some(false) => self.read_frames(id, now),
+            None => {}
+        }
+    }
+
+    fn read_head(&mut self, id: usize, now: Instant) {
+        let max = self.cfg().max_head_bytes;
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Phase::Http { head, .. } = &mut c.phase else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let mut eof = false;
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    head.extend_from_slice(&buf[..n]);
+                    if head.len() > max {
+                        break;
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if c.closing {
+            return;
+        }
+        let parsed = http::parse(head);
+        let too_big = head.len() > max;
+        match parsed {
+            Parsed::Complete(h) if h.len <= max => self.route(id, h, now),
+            Parsed::Complete(_) | Parsed::TooLarge => {
+                self.respond(id, Response::text(431, "request head too large\n"), now)
+            }
+            Parsed::Partial if too_big => {
+                self.respond(id, Response::text(431, "request head too large\n"), now)
+            }
+            Parsed::Partial if eof => self.drop_conn(id),
+            Parsed::Partial => {}
+            Parsed::Invalid => {
+                self.respond(id, Response::text(400, "malformed HTTP request\n"), now)
+            }
+        }
+    }
+
+    fn respond(&mut self, id: usize, response: Response, now: Instant) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        c.out.extend_from_slice(&response.to_bytes());
+        c.start_close(0, "", now + CLOSE_GRACE);
+        self.schedule(id, now + CLOSE_GRACE);
+        self.mark_dirty(id);
+    }
+
+    fn route(&mut self, id: usize, head: Head, now: Instant) {
+        let response = match head.path.as_str() {
+            "/health" if head.method == "GET" => Response::text(200, "ok"),
+            "/health" | "/" => Response::method_not_allowed("GET"),
+            "/ws" if head.method == "GET" => match self.upgrade(id, &head, now) {
+                Ok(()) => return,
+                Err(r) => r,
+            },
+            "/ws" => Response::method_not_allowed("GET"),
+            _ => {
+                let t = api::TransportStats {
+                    connections: self.conns.len(),
+                    uptime_secs: self.started.elapsed().as_secs(),
+                };
+                match api::route(&mut self.chat, &head, t) {
+                    Some(r) => r,
+                    None => Response::text(404, "not found\n"),
+                }
+            }
+        };
+        let response = if head.path == "/" && head.method == "GET" {
+            let mut r = Response::text(200, INDEX_HTML);
+            r.content_type = "text/html; charset=utf-8";
+            r
+        } else {
+            response
+        };
+        self.respond(id, response, now);
+    }
+
+    /// Checks an upgrade request and, when it passes, switches the connection to WebSocket and
+    /// hands the new member to the core. Refusals come back as the response to send.
+    fn upgrade(&mut self, id: usize, head: &Head, now: Instant) -> Result<(), Response> {
+        let bad = |why: &str| Response::text(400, format!("{why}\n"));
+        if !head
+            .header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        {
+            return Err(bad("expected a WebSocket upgrade (Upgrade: websocket)"));
+        }
+        if !head.header_has_token("connection", "upgrade") {
+            return Err(bad("expected Connection: Upgrade"));
+        }
+        if head.header("sec-websocket-version") != Some("13") {
+            return Err(bad("unsupported Sec-WebSocket-Version (expected 13)")
+                .with_header("Sec-WebSocket-Version", "13"));
+        }
+        let key = match head.header("sec-websocket-key") {
+            Some(k) if k.len() == 24 && k.ends_with("==") => k.to_string(),
+            _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
+        };
+        let name = head
+            .query_param("name")
+            .map_err(|()| bad("the name is badly escaped"))?;
+        let name = name.filter(|n| !n.is_empty());
+        let cfg = self.chat.config();
+        let Some(ip) = self.conns.get(id).map(|c| c.ip) else {
+            return Ok(());
+        };
+        if self.ws_count >= cfg.max_connections {
+            return Err(Response::text(503, "server is full\n"));
+        }
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= cfg.max_connections_per_ip {
+            return Err(Response::text(
+                429,
+                "too many connections from your address\n",
+            ));
+        }
+        if let Some(n) = &name {
+            self.chat
+                .check_name(n)
+                .map_err(|r| Response::text(r.status, format!("{}\n", r.reason)))?;
+        }
+
+        let cfg = self.chat.config().clone();
+        let Some(c) = self.conns.get_mut(id) else {
+            return Ok(());
+        };
+        let Phase::Http { head: bytes, .. } = &mut c.phase else {
+            return Ok(());
+        };
+        let rest = bytes.split_off(head.len);
+        c.out.extend_from_slice(&http::switching_protocols(&key));
+        c.phase = Phase::Ws(Box::new(WebSocketContext::from_partially_read(
+            rest,
+            Role::Server,
+            Some(self.ws_config),
+        )));
+        c.member = true;
+        c.counted = true;
+        c.last_frame = now;
+        c.last_command = now;
+        c.next_ping = now + cfg.ping_interval;
+        c.timer_at = None;
+        self.ws_count += 1;
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        self.mark_dirty(id);
+        self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), None, sink));
+        self.schedule_ws(id);
+        // Frames the client sent right behind its head are already buffered: read them now,
+        // since no new readiness event will come for them.
+        self.read_frames(id, now);
+        Ok(())
+    }
+
+    fn read_frames(&mut self, id: usize, now: Instant) {
+        let cfg_now = now_of(now);
+        for _ in 0..READ_BUDGET {
+            let Some(c) = self.conns.get_mut(id) else {
+                return;
+            };
+            let msg = c.read_message();
+            if !matches!(&msg, Err(WsError::Io(e)) if would_block(e)) {
+                c.last_frame = now;
+            }
+            // Whatever tungstenite queued (pongs, close replies) must go out.
+            if c.pending() > 0 {
+                self.mark_dirty(id);
+            }
+            match msg {
+                Ok(Message::Text(text)) => {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.last_command = now;
+                    }
+                    self.core(|chat, sink| chat.handle_text(cfg_now, id, text.as_str(), sink));
+                }
+                Ok(Message::Binary(_)) => {
+                    self.core(|chat, sink| chat.handle_binary(cfg_now, id, sink));
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Ok(Message::Close(_)) => {
+                    // tungstenite queued the reply; the member is gone now.
+                    self.end_member(id);
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.closing = true;
+                        c.close_by = Some(now + CLOSE_GRACE);
+                    }
+                    self.schedule(id, now + CLOSE_GRACE);
+                    return;
+                }
+                Err(WsError::Io(e)) if would_block(&e) => return,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.protocol_error(id, e, now);
+                    return;
+                }
+            }
+        }
+        // Budget spent with data possibly left: come back next iteration.
+        if self.conns.contains(id) && !self.backlog.contains(&id) {
+            self.backlog.push(id);
+        }
+    }
+
+    /// Ends a connection after a read error, with the close code the error calls for.
+    fn protocol_error(&mut self, id: usize, e: WsError, now: Instant) {
+        use tungstenite::error::{CapacityError, ProtocolError};
+        let (code, reason) = match &e {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
+            WsError::Capacity(_) => (1009, "message too big"),
+            WsError::Utf8(_) => (1007, "invalid UTF-8"),
+            WsError::Protocol(ProtocolError::InvalidCloseSequence) => (1002, "protocol error"),
+            WsError::Protocol(_) => (1002, "protocol error"),
+            // Closed, reset, or any other I/O failure: nothing can be sent.
+            _ => {
+                debug!("connection {id} ended: {e}");
+                self.drop_conn(id);
+                return;
+            }
+        };
+        debug!("closing connection {id} with {code}: {e}");
+        self.end_member(id);
+        if let Some(c) = self.conns.get_mut(id) {
+            // tungstenite may already be past the point of sending a close; then just drop.
+            if matches!(&c.phase, Phase::Ws(ctx) if ctx.can_write()) {
+                c.start_close(code, reason, now + CLOSE_GRACE);
+                self.schedule(id, now + CLOSE_GRACE);
+                self.mark_dirty(id);
+            } else {
+                self.drop_conn(id);
+            }
+        }
+    }
+
+    /// Removes the connection's member from the chat (once), telling its rooms.
+    fn end_member(&mut self, id: usize) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if !std::mem::take(&mut c.member) {
+            return;
+        }
+        self.core(|chat, sink| chat.disconnect(id, sink));
+    }
+
+    /// Closes what the core or backpressure asked to close. Closing one member may make the
+    /// core write to (and overflow) others, so this runs until nothing is left.
+    fn process_closing(&mut self, now: Instant) {
+        while let Some((id, code, reason)) = self.closing.pop() {
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.close_by.is_some() {
+                continue;
+            }
+            if reason == "slow consumer" {
+                self.chat.count_slow_consumer();
+                debug!("closing connection {id}: slow consumer");
+            }
+            c.closing = false;
+            c.start_close(code, reason, now + CLOSE_GRACE);
+            self.schedule(id, now + CLOSE_GRACE);
+            self.mark_dirty(id);
+            self.end_member(id);
+        }
+    }
+
+    // ----- writing -----
+
+    fn mark_dirty(&mut self, id: usize) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            c.dirty = false;
+            match c.flush() {
+                Flushed::Failed => {
+                    self.drop_conn(id);
+                    continue;
+                }
+                Flushed::Done if c.close_by.is_some() => {
+                    // Output written, close frame included: half-close and let the client go.
+                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    self.drop_conn(id);
+                    continue;
+                }
+                _ => {}
+            }
+            let wanted = c.wanted_interest();
+            if wanted != c.interest {
+                c.interest = wanted;
+                let _ = self
+                    .poll
+                    .registry()
+                    .reregister(&mut c.stream, Token(id), wanted);
+            }
+        }
+    }
+
+    /// Forgets a connection: the member leaves, the socket is deregistered and closed.
+    fn drop_conn(&mut self, id: usize) {
+        self.end_member(id);
+        if !self.conns.contains(id) {
+            return;
+        }
+        let mut c = self.conns.remove(id);
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        if c.counted {
+            self.ws_count -= 1;
+            if let Some(n) = self.per_ip.get_mut(&c.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&c.ip);
+                }
+            }
+        }
+        self.backlog.retain(|&b| b != id);
+    }
+
+    // ----- timers -----
+
+    fn next_timeout(&mut self) -> Option<Duration> {
+        let Reverse((at, _)) = self.timers.peek()?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+
+    fn schedule(&mut self, id: usize, at: Instant) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.timer_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        c.timer_at = Some(at);
+        self.timers.push(Reverse((at, id)));
+    }
+
+    fn schedule_ws(&mut self, id: usize) {
+        let cfg = self.chat.config();
+        let (pong, idle) = (cfg.pong_timeout, cfg.idle_timeout);
+        let Some(c) = self.conns.get(id) else { return };
+        let at = c
+            .next_ping
+            .min(c.last_frame + pong)
+            .min(c.last_command + idle);
+        self.schedule(id, at);
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.timer_at != Some(at) {
+                continue; // stale entry; a newer one exists
+            }
+            c.timer_at = None;
+            self.timer_due(id, now);
+        }
+    }
+
+    fn timer_due(&mut self, id: usize, now: Instant) {
+        let cfg = self.chat.config();
+        let (ping, pong, idle) = (cfg.ping_interval, cfg.pong_timeout, cfg.idle_timeout);
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if let Some(by) = c.close_by {
+            if now >= by {
+                self.drop_conn(id);
+            } else {
+                self.schedule(id, by);
+            }
+            return;
+        }
+        match &c.phase {
+            Phase::Http { deadline, .. } => {
+                if now >= *deadline {
+                    debug!("closing connection {id}: request head timed out");
+                    self.drop_conn(id);
+                } else {
+                    let d = *deadline;
+                    self.schedule(id, d);
+                }
+            }
+            Phase::Ws(_) => {
+                if now >= c.last_frame + pong {
+                    self.closing.push((id, 1000, "timeout"));
+                } else if now >= c.last_command + idle {
+                    self.closing.push((id, 1000, "idle"));
+                } else {
+                    if now >= c.next_ping {
+                        c.ping();
+                        c.next_ping = now + ping;
+                        self.mark_dirty(id);
+                    }
+                    self.schedule_ws(id);
+                }
+            }
+        }
+    }
+
+    // ----- shutdown -----
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        info!("shutting down: closing {} connections", self.conns.len());
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let grace = self.chat.config().shutdown_grace;
+        self.shutdown_at = Some(now + grace);
+        let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.close_by.is_some() {
+                continue;
+            }
+            if let Phase::Http { .. } = c.phase {
+                self.drop_conn(id);
+                continue;
+            }
+            c.start_close(1001, "server shutting down", now + grace);
+            self.mark_dirty(id);
+            // Its rooms hear nothing: every member is closing, and closing ones get no frames.
+            self.end_member(id);
+        }
+    }
+}

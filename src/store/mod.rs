@@ -1,0 +1,232 @@
+//! History storage: the [`HistoryStore`] trait and its two implementations.
+//!
+//! The chat core appends every member broadcast and asks for pages of a room's history. Appends
+//! return a *ticket*; a message is durable once [`HistoryStore::durable`] has reached its ticket,
+//! and only then does the core send its `ack`. The in-memory store is durable at once; the SQLite
+//! store commits in batches on a writer thread (group commit) and reports progress through a
+//! callback, so the event loop never waits for the disk.
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// One stored room message, in the shape of the `history` event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredMessage {
+    /// Per-room sequence number: 1, 2, 3, … without gaps.
+    pub id: u64,
+    /// Sender's name.
+    pub member: String,
+    /// The text.
+    pub message: String,
+    /// Unix milliseconds.
+    pub ts: u64,
+    /// The JSON the sender attached, verbatim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// Which part of a room's history a page covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// The newest `limit` messages with an id below `before` (all ids when `None`).
+    /// `more` says whether older ones exist.
+    Before {
+        /// Exclusive upper bound on ids.
+        before: Option<u64>,
+        /// Page size.
+        limit: usize,
+    },
+    /// The oldest `limit` messages with an id above `after`. `more` says whether newer ones exist.
+    After {
+        /// Exclusive lower bound on ids.
+        after: u64,
+        /// Page size.
+        limit: usize,
+    },
+}
+
+/// A page of history, ascending by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// The messages, ascending by id.
+    pub messages: Vec<StoredMessage>,
+    /// Whether messages beyond this page exist in the direction of the query.
+    pub more: bool,
+}
+
+/// Where room history lives. One implementation per backend; the core holds a `Box<dyn _>`.
+pub trait HistoryStore {
+    /// The highest id ever stored for `room`, 0 when none.
+    fn last_id(&mut self, room: &str) -> u64;
+    /// Queues `msg` for storage in `room` and returns its ticket (tickets grow by one per append).
+    fn append(&mut self, room: &str, msg: StoredMessage) -> u64;
+    /// The highest ticket known to be durable; every smaller ticket is durable too.
+    fn durable(&mut self) -> u64;
+    /// A page of `room`'s history, including messages appended but not yet durable.
+    fn page(&mut self, room: &str, query: Query) -> Page;
+    /// Blocks until every appended message is durable (used at shutdown).
+    fn flush(&mut self);
+}
+
+/// Cuts a descending-by-id candidate list down to a page: keeps `limit`, notes whether more
+/// existed, and returns it ascending.
+pub(crate) fn page_from_desc(mut desc: Vec<StoredMessage>, limit: usize) -> Page {
+    let more = desc.len() > limit;
+    desc.truncate(limit);
+    desc.reverse();
+    Page {
+        messages: desc,
+        more,
+    }
+}
+
+/// Cuts an ascending candidate list down to a page of `limit`, noting whether more existed.
+pub(crate) fn page_from_asc(mut asc: Vec<StoredMessage>, limit: usize) -> Page {
+    let more = asc.len() > limit;
+    asc.truncate(limit);
+    Page {
+        messages: asc,
+        more,
+    }
+}
+
+/// Opens the store the settings ask for: memory for `:memory:`, SQLite otherwise.
+///
+/// `notify` is called from the SQLite writer thread after each commit, so that the event loop
+/// wakes up and sends the acks that became due.
+pub fn open(
+    db_path: &str,
+    memory_per_room: usize,
+    notify: Box<dyn Fn() + Send>,
+) -> Result<Box<dyn HistoryStore>, String> {
+    if db_path == ":memory:" {
+        drop(notify);
+        return Ok(Box::new(memory::MemoryStore::new(memory_per_room)));
+    }
+    #[cfg(feature = "sqlite")]
+    {
+        let store = sqlite::SqliteStore::open(db_path, notify)
+            .map_err(|e| format!("cannot open history database '{db_path}': {e}"))?;
+        Ok(Box::new(store))
+    }
+    #[cfg(not(feature = "sqlite"))]
+    {
+        drop(notify);
+        Err(format!(
+            "this build has no SQLite support: start it with --db-path :memory: (asked for '{db_path}')"
+        ))
+    }
+}
+
+/// One suite of behaviour every [`HistoryStore`] must show; each implementation's tests call it.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+
+    pub(crate) fn msg(id: u64) -> StoredMessage {
+        StoredMessage {
+            id,
+            member: "m".into(),
+            message: format!("text {id}"),
+            ts: 1000 + id,
+            data: (id % 2 == 0).then(|| serde_json::json!({"n": id, "nested": [1, {"a": null}]})),
+        }
+    }
+
+    fn ids(page: &Page) -> Vec<u64> {
+        page.messages.iter().map(|m| m.id).collect()
+    }
+
+    /// Appends, pages in both directions, keeps rooms apart, and flushes.
+    pub(crate) fn run(store: &mut dyn HistoryStore) {
+        assert_eq!(store.last_id("a"), 0);
+        assert_eq!(
+            store.page(
+                "a",
+                Query::Before {
+                    before: None,
+                    limit: 10
+                }
+            ),
+            Page::default()
+        );
+        let mut last_ticket = 0;
+        for id in 1..=10 {
+            let t = store.append("a", msg(id));
+            assert!(t > last_ticket, "tickets grow");
+            last_ticket = t;
+        }
+        store.append("b", msg(1));
+        assert_eq!(store.last_id("a"), 10);
+        assert_eq!(store.last_id("b"), 1);
+
+        let p = store.page(
+            "a",
+            Query::Before {
+                before: None,
+                limit: 3,
+            },
+        );
+        assert_eq!((ids(&p), p.more), (vec![8, 9, 10], true));
+        let p = store.page(
+            "a",
+            Query::Before {
+                before: Some(4),
+                limit: 3,
+            },
+        );
+        assert_eq!((ids(&p), p.more), (vec![1, 2, 3], false));
+        let p = store.page(
+            "a",
+            Query::Before {
+                before: Some(4),
+                limit: 5,
+            },
+        );
+        assert_eq!((ids(&p), p.more), (vec![1, 2, 3], false));
+        let p = store.page(
+            "a",
+            Query::After {
+                after: 7,
+                limit: 10,
+            },
+        );
+        assert_eq!((ids(&p), p.more), (vec![8, 9, 10], false));
+        let p = store.page("a", Query::After { after: 2, limit: 3 });
+        assert_eq!((ids(&p), p.more), (vec![3, 4, 5], true));
+        assert_eq!(
+            ids(&store.page(
+                "b",
+                Query::Before {
+                    before: None,
+                    limit: 9
+                }
+            )),
+            vec![1]
+        );
+        assert_eq!(p.messages[1], msg(4), "fields and data survive verbatim");
+
+        store.flush();
+        assert!(
+            store.durable() >= last_ticket,
+            "flush makes everything durable"
+        );
+        let p = store.page(
+            "a",
+            Query::Before {
+                before: None,
+                limit: 100,
+            },
+        );
+        assert_eq!(
+            ids(&p),
+            (1..=10).collect::<Vec<_>>(),
+            "no duplicates once durable"
+        );
+        assert_eq!(p.messages[9], msg(10));
+    }
+}
