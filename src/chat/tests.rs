@@ -1,1 +1,656 @@
+//! Unit tests of the chat core: no sockets, no clock, no disk.
 
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::store::StoredMessage;
+use crate::store::memory::MemoryStore;
+
+/// Records what the core sends and closes.
+#[derive(Default)]
+struct Rec {
+    sent: Vec<(ConnId, Value)>,
+    closed: Vec<(ConnId, u16, &'static str)>,
+}
+
+impl Outbox for Rec {
+    fn send(&mut self, to: ConnId, payload: &Payload) {
+        self.sent.push((
+            to,
+            serde_json::from_str(payload.json()).expect("events are JSON"),
+        ));
+    }
+    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
+        self.closed.push((to, code, reason));
+    }
+}
+
+impl Rec {
+    /// Takes what `conn` received so far.
+    fn take(&mut self, conn: ConnId) -> Vec<Value> {
+        let (mine, rest) = std::mem::take(&mut self.sent)
+            .into_iter()
+            .partition(|(c, _)| *c == conn);
+        self.sent = rest;
+        mine.into_iter().map(|(_, v)| v).collect()
+    }
+    fn events(&mut self, conn: ConnId, event: &str) -> Vec<Value> {
+        self.take(conn)
+            .into_iter()
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+}
+
+struct T {
+    chat: Chat,
+    out: Rec,
+    now: Now,
+}
+
+impl T {
+    fn new() -> T {
+        T::with(Config::default())
+    }
+    fn with(cfg: Config) -> T {
+        let per_room = cfg.memory_history_per_room;
+        T {
+            chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room))),
+            out: Rec::default(),
+            now: Now {
+                mono: Instant::now(),
+                unix_ms: 1_700_000_000_000,
+            },
+        }
+    }
+    fn connect(&mut self, conn: ConnId, name: Option<&str>) {
+        self.chat.connect(self.now, conn, name, None, &mut self.out);
+    }
+    fn send(&mut self, conn: ConnId, cmd: Value) {
+        self.chat
+            .handle_text(self.now, conn, &cmd.to_string(), &mut self.out);
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now.mono += d;
+        self.now.unix_ms += d.as_millis() as u64;
+    }
+    /// The one event `conn` got in answer to `cmd`.
+    fn ask(&mut self, conn: ConnId, cmd: Value) -> Value {
+        self.out.sent.clear();
+        self.send(conn, cmd);
+        let mut got = self.out.take(conn);
+        assert_eq!(got.len(), 1, "expected one answer, got {got:?}");
+        got.remove(0)
+    }
+    fn error_code(&mut self, conn: ConnId, cmd: Value) -> String {
+        let e = self.ask(conn, cmd);
+        assert_eq!(e["event"], "error", "{e}");
+        e["code"].as_str().unwrap().to_string()
+    }
+}
+
+fn names(v: &Value) -> Vec<&str> {
+    v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn welcome_is_me_then_joined_then_history() {
+    let mut t = T::new();
+    t.connect(1, Some("alice"));
+    let got = t.out.take(1);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0]["event"], "me");
+    assert_eq!(got[0]["member"], "alice");
+    let id = got[0]["id"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+    assert_eq!(
+        got[1],
+        json!({"event":"broadcast","room":"general","member":"system","message":"alice has joined!","joined":"alice"})
+    );
+    assert_eq!(
+        got[2],
+        json!({"event":"history","room":"general","messages":[],"more":false})
+    );
+}
+
+#[test]
+fn assigned_names_are_unique_and_numbered() {
+    let mut t = T::new();
+    t.connect(1, None);
+    t.connect(2, Some("member2"));
+    t.connect(3, None);
+    assert_eq!(t.chat.member_names(), vec!["member1", "member2", "member3"]);
+}
+
+#[test]
+fn names_are_checked_before_the_upgrade() {
+    let mut t = T::new();
+    t.connect(1, Some("Alice"));
+    assert_eq!(
+        t.chat.check_name("alice").unwrap_err().status,
+        409,
+        "case-insensitive"
+    );
+    assert_eq!(t.chat.check_name("bad name").unwrap_err().status, 400);
+    assert_eq!(t.chat.check_name("System").unwrap_err().status, 400);
+    assert!(t.chat.check_name("bob").is_ok());
+}
+
+#[test]
+fn broadcast_reaches_everyone_with_gapless_ids() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    t.send(
+        1,
+        json!({"command":"broadcast","message":"hi","data":{"k":[1,{"z":null}]}}),
+    );
+    t.send(2, json!({"command":"broadcast","message":"yo"}));
+    for conn in [1, 2] {
+        let got = t.out.events(conn, "broadcast");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0]["member"], "a");
+        assert_eq!(got[0]["id"], 1);
+        assert_eq!(got[0]["ts"], 1_700_000_000_000u64);
+        assert_eq!(got[0]["data"], json!({"k":[1,{"z":null}]}));
+        assert_eq!(got[1]["id"], 2);
+        assert!(got[1].get("data").is_none());
+    }
+}
+
+#[test]
+fn alone_sender_is_told_and_echo_false_skips_the_sender() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.out.sent.clear();
+    t.send(1, json!({"command":"broadcast","message":"anyone?"}));
+    let got = t.out.take(1);
+    assert!(
+        got.iter().any(|e| e
+            == &json!({"event":"system","message":"No other members are currently connected."}))
+    );
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    t.send(
+        1,
+        json!({"command":"broadcast","message":"quiet","echo":false}),
+    );
+    assert!(
+        t.out.take(1).is_empty(),
+        "no echo, no notice: someone else is here"
+    );
+    assert_eq!(t.out.events(2, "broadcast")[0]["message"], "quiet");
+}
+
+#[test]
+fn request_id_is_echoed_by_reply_ack_and_error() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    let pong = t.ask(1, json!({"command":"ping","request_id":"p"}));
+    assert_eq!(
+        (pong["event"].as_str(), pong["request_id"].as_str()),
+        (Some("pong"), Some("p"))
+    );
+    assert!(pong["ts"].is_u64());
+    t.out.sent.clear();
+    t.send(
+        1,
+        json!({"command":"broadcast","message":"x","request_id":"b"}),
+    );
+    let acks = t.out.events(1, "ack");
+    assert_eq!(
+        acks,
+        vec![json!({"event":"ack","request_id":"b","room":"general","id":1})]
+    );
+    let err = t.ask(1, json!({"command":"nope","request_id":"e"}));
+    assert_eq!(
+        (err["code"].as_str(), err["request_id"].as_str()),
+        (Some("unknown_command"), Some("e"))
+    );
+}
+
+#[test]
+fn bad_input_gets_the_right_code_and_changes_nothing() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.out.sent.clear();
+    t.chat.handle_text(t.now, 1, "{not json", &mut t.out);
+    assert_eq!(t.out.take(1)[0]["code"], "bad_json");
+    t.chat.handle_binary(t.now, 1, &mut t.out);
+    assert_eq!(t.out.take(1)[0]["code"], "bad_json");
+    assert_eq!(t.error_code(1, json!({"command":"broadcast"})), "invalid");
+    assert_eq!(
+        t.error_code(1, json!({"command":"broadcast","message":"   "})),
+        "invalid"
+    );
+    assert_eq!(
+        t.error_code(1, json!({"command":"broadcast","message":"x".repeat(1001)})),
+        "invalid"
+    );
+    assert_eq!(
+        t.error_code(1, json!({"command":"broadcast","message":"x","room":"a b"})),
+        "invalid"
+    );
+    assert_eq!(
+        t.error_code(
+            1,
+            json!({"command":"broadcast","message":"x","room":"elsewhere"})
+        ),
+        "not_member"
+    );
+    assert_eq!(
+        t.error_code(1, json!({"command":"join","room":""})),
+        "invalid"
+    );
+    assert_eq!(t.chat.room_count(), 1);
+    assert_eq!(t.chat.stats().broadcasts, 0, "nothing was stored");
+}
+
+#[test]
+fn list_is_oldest_first_and_per_room() {
+    let mut t = T::new();
+    t.connect(5, Some("c"));
+    t.connect(1, Some("a"));
+    t.connect(3, Some("b"));
+    assert_eq!(
+        names(&t.ask(1, json!({"command":"list"}))),
+        vec!["c", "a", "b"]
+    );
+    t.send(3, json!({"command":"join","room":"r"}));
+    t.send(5, json!({"command":"join","room":"r"}));
+    let l = t.ask(1, json!({"command":"list","room":"r"}));
+    assert_eq!((names(&l), l["room"].as_str()), (vec!["b", "c"], Some("r")));
+    assert_eq!(
+        t.error_code(1, json!({"command":"list","room":"ghost"})),
+        "not_found"
+    );
+}
+
+#[test]
+fn disconnect_tells_every_room_and_frees_the_name() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.send(1, json!({"command":"join","room":"r"}));
+    t.send(2, json!({"command":"join","room":"r"}));
+    t.out.sent.clear();
+    t.chat.disconnect(1, &mut t.out);
+    let left: Vec<_> = t
+        .out
+        .take(2)
+        .into_iter()
+        .filter(|e| e["left"] == "a")
+        .collect();
+    assert_eq!(left.len(), 2, "general and r");
+    assert_eq!(left[0]["message"], "a has left!");
+    assert_eq!(t.chat.member_names(), vec!["b"]);
+    assert!(t.chat.check_name("A").is_ok());
+    t.chat.disconnect(1, &mut t.out);
+    assert!(t.out.sent.is_empty(), "a second disconnect is a no-op");
+}
+
+#[test]
+fn join_creates_rooms_and_sends_history() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.send(1, json!({"command":"join","room":"r"}));
+    for i in 1..=5 {
+        t.send(
+            1,
+            json!({"command":"broadcast","room":"r","message":format!("m{i}")}),
+        );
+    }
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    t.send(2, json!({"command":"join","room":"r","last_n":2}));
+    let got = t.out.take(2);
+    assert_eq!(
+        got[0]["joined"], "b",
+        "the joiner hears its own notice first"
+    );
+    assert_eq!(
+        (ids(&got[1]), got[1]["more"].as_bool()),
+        (vec![4, 5], Some(true))
+    );
+    assert_eq!(t.out.events(1, "broadcast")[0]["message"], "b has joined!");
+    let h = t.ask(2, json!({"command":"join","room":"r","since":3}));
+    assert_eq!(
+        (ids(&h), h["more"].as_bool()),
+        (vec![4, 5], Some(false)),
+        "rejoin resumes, no notice"
+    );
+}
+
+#[test]
+fn resume_is_capped_and_says_more() {
+    let mut cfg = Config::default();
+    cfg.resume_cap = 3;
+    cfg.rate_burst = 1000;
+    let mut t = T::with(cfg);
+    t.connect(1, Some("a"));
+    for i in 0..10 {
+        t.send(1, json!({"command":"broadcast","message":format!("{i}")}));
+    }
+    let h = t.ask(1, json!({"command":"join","room":"general","since":2}));
+    assert_eq!((ids(&h), h["more"].as_bool()), (vec![3, 4, 5], Some(true)));
+}
+
+#[test]
+fn history_pages_backwards_with_honest_more_and_a_cap() {
+    let mut cfg = Config::default();
+    cfg.history_page_cap = 4;
+    cfg.rate_burst = 1000;
+    let mut t = T::with(cfg);
+    t.connect(1, Some("a"));
+    for i in 0..10 {
+        t.send(1, json!({"command":"broadcast","message":format!("{i}")}));
+    }
+    let p = t.ask(1, json!({"command":"history","room":"general","limit":3}));
+    assert_eq!((ids(&p), p["more"].as_bool()), (vec![8, 9, 10], Some(true)));
+    let p = t.ask(
+        1,
+        json!({"command":"history","room":"general","before":4,"limit":3}),
+    );
+    assert_eq!((ids(&p), p["more"].as_bool()), (vec![1, 2, 3], Some(false)));
+    let p = t.ask(1, json!({"command":"history","room":"general","limit":100}));
+    assert_eq!(ids(&p), vec![7, 8, 9, 10], "capped at the page cap");
+    let p = t.ask(1, json!({"command":"history","room":"never-used"}));
+    assert_eq!((ids(&p), p["more"].as_bool()), (vec![], Some(false)));
+}
+
+#[test]
+fn leave_drops_empty_rooms_but_ids_go_on() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.send(1, json!({"command":"join","room":"r"}));
+    t.send(1, json!({"command":"broadcast","room":"r","message":"one"}));
+    t.send(1, json!({"command":"leave","room":"r"}));
+    assert_eq!(t.chat.room_count(), 1, "r is dropped from memory");
+    assert_eq!(
+        t.error_code(1, json!({"command":"leave","room":"r"})),
+        "not_member"
+    );
+    t.send(1, json!({"command":"join","room":"r"}));
+    t.out.sent.clear();
+    t.send(1, json!({"command":"broadcast","room":"r","message":"two"}));
+    assert_eq!(t.out.events(1, "broadcast")[0]["id"], 2, "never reused");
+    t.send(1, json!({"command":"leave","room":"general"}));
+    assert!(
+        t.chat.rooms.contains_key(DEFAULT_ROOM),
+        "general stays even when empty"
+    );
+}
+
+#[test]
+fn leave_notifies_the_room_and_acks() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    t.send(
+        1,
+        json!({"command":"leave","room":"general","request_id":"q"}),
+    );
+    let mine = t.out.take(1);
+    assert_eq!(mine[0]["left"], "a");
+    assert_eq!(
+        mine[1],
+        json!({"event":"ack","request_id":"q","room":"general"})
+    );
+    assert_eq!(t.out.take(2)[0]["message"], "a has left!");
+    assert_eq!(
+        names(&t.ask(2, json!({"command":"list","room":"general"}))),
+        vec!["b"]
+    );
+}
+
+#[test]
+fn room_limits() {
+    let mut cfg = Config::default();
+    cfg.max_rooms_per_member = 2;
+    cfg.max_rooms = 3;
+    let mut t = T::with(cfg);
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.send(1, json!({"command":"join","room":"x"}));
+    assert_eq!(
+        t.error_code(1, json!({"command":"join","room":"y"})),
+        "limit_reached"
+    );
+    t.send(2, json!({"command":"join","room":"z"}));
+    assert_eq!(t.chat.room_count(), 3);
+    t.send(2, json!({"command":"leave","room":"general"}));
+    assert_eq!(
+        t.error_code(2, json!({"command":"join","room":"w"})),
+        "limit_reached",
+        "server full"
+    );
+    t.out.sent.clear();
+    t.send(2, json!({"command":"join","room":"x"}));
+    assert_eq!(
+        t.out.events(2, "history").len(),
+        1,
+        "existing rooms can still be joined"
+    );
+}
+
+#[test]
+fn rooms_lists_names_and_counts() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.send(2, json!({"command":"join","room":"alpha"}));
+    let r = t.ask(1, json!({"command":"rooms"}));
+    assert_eq!(
+        r["rooms"],
+        json!([{"name":"alpha","members":1},{"name":"general","members":2}])
+    );
+}
+
+#[test]
+fn direct_reaches_both_ends_and_is_not_stored() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("Bob"));
+    t.connect(3, Some("c"));
+    t.out.sent.clear();
+    t.send(
+        1,
+        json!({"command":"direct","to":"bob","message":"psst","request_id":"d"}),
+    );
+    let to_b = t.out.take(2);
+    let to_a = t.out.take(1);
+    assert_eq!(to_b.len(), 1);
+    assert_eq!(
+        (to_b[0]["from"].as_str(), to_b[0]["to"].as_str()),
+        (Some("a"), Some("Bob"))
+    );
+    assert!(to_b[0].get("request_id").is_none());
+    assert_eq!(to_a[0]["request_id"], "d");
+    assert!(t.out.take(3).is_empty());
+    assert_eq!(t.chat.stats().broadcasts, 0);
+    assert_eq!(
+        t.error_code(1, json!({"command":"direct","to":"nobody","message":"x"})),
+        "not_found"
+    );
+}
+
+#[test]
+fn msg_id_makes_broadcasts_idempotent_within_the_window() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    let cmd = json!({"command":"broadcast","message":"once","msg_id":"k1","request_id":"r"});
+    t.send(1, cmd.clone());
+    t.send(1, cmd.clone());
+    assert_eq!(t.out.events(2, "broadcast").len(), 1, "delivered once");
+    let acks = t.out.events(1, "ack");
+    assert_eq!(acks.len(), 2);
+    assert_eq!(
+        (acks[0]["id"].as_u64(), acks[1]["id"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(t.chat.stats().broadcasts, 1, "stored once");
+    t.advance(t.chat.dedup_window() + Duration::from_secs(1));
+    t.out.sent.clear();
+    t.send(1, cmd);
+    assert_eq!(
+        t.out.events(2, "broadcast")[0]["id"],
+        2,
+        "after the window it is new"
+    );
+}
+
+#[test]
+fn rate_limit_drops_then_closes_a_flooder() {
+    let mut cfg = Config::default();
+    cfg.rate_per_sec = 10;
+    cfg.rate_burst = 5;
+    cfg.flood_close_after = 3;
+    let mut t = T::with(cfg);
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    for _ in 0..6 {
+        t.send(1, json!({"command":"ping"}));
+    }
+    let got = t.out.take(1);
+    assert_eq!(got.iter().filter(|e| e["event"] == "pong").count(), 5);
+    assert_eq!(got.last().unwrap()["code"], "rate_limited");
+    t.advance(Duration::from_millis(100));
+    assert_eq!(
+        t.ask(1, json!({"command":"ping"}))["event"],
+        "pong",
+        "refilled at 10/s"
+    );
+    for _ in 0..4 {
+        t.send(1, json!({"command":"ping"}));
+    }
+    assert_eq!(t.out.closed, vec![(1, 1008, "rate limit exceeded")]);
+    assert_eq!(t.chat.member_names(), vec!["b"], "the flooder is gone");
+    assert_eq!(
+        t.chat.stats().rate_limited,
+        5,
+        "one in the first burst, four in the flood"
+    );
+}
+
+#[test]
+fn notices_stop_in_big_rooms() {
+    let mut cfg = Config::default();
+    cfg.notice_max_members = 2;
+    let mut t = T::with(cfg);
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    t.connect(3, Some("c"));
+    assert!(t.out.take(1).is_empty(), "three members: no join notice");
+    assert_eq!(t.out.events(3, "history").len(), 1);
+}
+
+/// A store whose durability the test controls, to prove acks wait for it.
+struct SlowStore {
+    inner: MemoryStore,
+    durable: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl HistoryStore for SlowStore {
+    fn last_id(&mut self, room: &str) -> u64 {
+        self.inner.last_id(room)
+    }
+    fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
+        self.inner.append(room, msg)
+    }
+    fn durable(&mut self) -> u64 {
+        self.durable.get()
+    }
+    fn page(&mut self, room: &str, q: crate::store::Query) -> crate::store::Page {
+        self.inner.page(room, q)
+    }
+    fn flush(&mut self) {
+        self.durable.set(self.inner.durable());
+    }
+}
+
+#[test]
+fn ack_waits_for_the_store_but_delivery_does_not() {
+    let durable = std::rc::Rc::new(std::cell::Cell::new(0));
+    let store = SlowStore {
+        inner: MemoryStore::new(10),
+        durable: durable.clone(),
+    };
+    let mut chat = Chat::new(Config::default(), Box::new(store));
+    let mut out = Rec::default();
+    let now = Now {
+        mono: Instant::now(),
+        unix_ms: 1,
+    };
+    chat.connect(now, 1, Some("a"), None, &mut out);
+    chat.connect(now, 2, Some("b"), None, &mut out);
+    out.sent.clear();
+    for r in ["r1", "r2"] {
+        let cmd = json!({"command":"broadcast","message":"m","request_id":r}).to_string();
+        chat.handle_text(now, 1, &cmd, &mut out);
+    }
+    assert_eq!(out.events(2, "broadcast").len(), 2, "delivered at once");
+    assert!(out.events(1, "ack").is_empty(), "not durable, not acked");
+    durable.set(1);
+    chat.release_acks(&mut out);
+    let acks = out.events(1, "ack");
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0]["request_id"], "r1");
+    chat.flush(&mut out);
+    assert_eq!(out.events(1, "ack")[0]["request_id"], "r2");
+}
+
+#[test]
+fn acks_are_not_sent_to_a_later_member_on_the_same_connection() {
+    let durable = std::rc::Rc::new(std::cell::Cell::new(0));
+    let store = SlowStore {
+        inner: MemoryStore::new(10),
+        durable: durable.clone(),
+    };
+    let mut chat = Chat::new(Config::default(), Box::new(store));
+    let mut out = Rec::default();
+    let now = Now {
+        mono: Instant::now(),
+        unix_ms: 1,
+    };
+    chat.connect(now, 1, Some("a"), None, &mut out);
+    let cmd = json!({"command":"broadcast","message":"m","request_id":"r"}).to_string();
+    chat.handle_text(now, 1, &cmd, &mut out);
+    chat.disconnect(1, &mut out);
+    chat.connect(now, 1, Some("z"), None, &mut out);
+    out.sent.clear();
+    chat.flush(&mut out);
+    assert!(out.events(1, "ack").is_empty());
+}
+
+#[test]
+fn me_lists_rooms_in_join_order() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.send(1, json!({"command":"join","room":"zeta"}));
+    let me = t.ask(1, json!({"command":"me","request_id":"m"}));
+    assert_eq!(me["rooms"], json!(["general", "zeta"]));
+    assert_eq!(me["member"], "a");
+    assert_eq!(me["request_id"], "m");
+}
