@@ -1,6 +1,6 @@
 //! Every setting and limit of the server, with its flag, environment variable and default.
 //!
-//! The table in [`settings!`] is the single source: it declares the [`Config`] fields, their
+//! The `settings!` table below is the single source: it declares the [`Config`] fields, their
 //! defaults, the command-line flag, the environment variable and the line `--help` prints.
 //! Precedence: flag, then environment variable, then default.
 

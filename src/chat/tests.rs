@@ -340,9 +340,11 @@ fn join_creates_rooms_and_sends_history() {
 
 #[test]
 fn resume_is_capped_and_says_more() {
-    let mut cfg = Config::default();
-    cfg.resume_cap = 3;
-    cfg.rate_burst = 1000;
+    let cfg = Config {
+        resume_cap: 3,
+        rate_burst: 1000,
+        ..Config::default()
+    };
     let mut t = T::with(cfg);
     t.connect(1, Some("a"));
     for i in 0..10 {
@@ -354,9 +356,11 @@ fn resume_is_capped_and_says_more() {
 
 #[test]
 fn history_pages_backwards_with_honest_more_and_a_cap() {
-    let mut cfg = Config::default();
-    cfg.history_page_cap = 4;
-    cfg.rate_burst = 1000;
+    let cfg = Config {
+        history_page_cap: 4,
+        rate_burst: 1000,
+        ..Config::default()
+    };
     let mut t = T::with(cfg);
     t.connect(1, Some("a"));
     for i in 0..10 {
@@ -423,9 +427,11 @@ fn leave_notifies_the_room_and_acks() {
 
 #[test]
 fn room_limits() {
-    let mut cfg = Config::default();
-    cfg.max_rooms_per_member = 2;
-    cfg.max_rooms = 3;
+    let cfg = Config {
+        max_rooms_per_member: 2,
+        max_rooms: 3,
+        ..Config::default()
+    };
     let mut t = T::with(cfg);
     t.connect(1, Some("a"));
     t.connect(2, Some("b"));
@@ -521,10 +527,12 @@ fn msg_id_makes_broadcasts_idempotent_within_the_window() {
 
 #[test]
 fn rate_limit_drops_then_closes_a_flooder() {
-    let mut cfg = Config::default();
-    cfg.rate_per_sec = 10;
-    cfg.rate_burst = 5;
-    cfg.flood_close_after = 3;
+    let cfg = Config {
+        rate_per_sec: 10,
+        rate_burst: 5,
+        flood_close_after: 3,
+        ..Config::default()
+    };
     let mut t = T::with(cfg);
     t.connect(1, Some("a"));
     t.connect(2, Some("b"));
@@ -555,8 +563,10 @@ fn rate_limit_drops_then_closes_a_flooder() {
 
 #[test]
 fn notices_stop_in_big_rooms() {
-    let mut cfg = Config::default();
-    cfg.notice_max_members = 2;
+    let cfg = Config {
+        notice_max_members: 2,
+        ..Config::default()
+    };
     let mut t = T::with(cfg);
     t.connect(1, Some("a"));
     t.connect(2, Some("b"));

@@ -84,7 +84,7 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str) -> Response {
                             format!("{key} must be a non-negative integer"),
                         )
                     }),
-                    Err(()) => Err(error(400, "invalid", "the query is badly escaped".into())),
+                    Err(_) => Err(error(400, "invalid", "the query is badly escaped".into())),
                 }
             };
             let (limit, before) = match (number("limit"), number("before")) {

@@ -40,7 +40,7 @@ impl Head {
 
     /// The value of query parameter `key`, percent-decoded. `Err` when it is not valid UTF-8
     /// or badly escaped.
-    pub fn query_param(&self, key: &str) -> Result<Option<String>, ()> {
+    pub fn query_param(&self, key: &str) -> Result<Option<String>, BadEscape> {
         let Some(q) = &self.query else {
             return Ok(None);
         };
@@ -53,6 +53,10 @@ impl Head {
         Ok(None)
     }
 }
+
+/// A query string or path segment with a bad `%` escape or bytes that are not UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadEscape;
 
 /// What parsing the bytes so far gave.
 #[derive(Debug, PartialEq, Eq)]
@@ -103,16 +107,16 @@ pub fn parse(buf: &[u8]) -> Parsed {
 }
 
 /// Decodes `%XX` escapes and `+` (a space in query strings).
-pub fn percent_decode(s: &str) -> Result<String, ()> {
+pub fn percent_decode(s: &str) -> Result<String, BadEscape> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(())?;
-                let hex = std::str::from_utf8(hex).map_err(|_| ())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+                let hex = bytes.get(i + 1..i + 3).ok_or(BadEscape)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| BadEscape)?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| BadEscape)?);
                 i += 3;
             }
             b'+' => {
@@ -125,7 +129,7 @@ pub fn percent_decode(s: &str) -> Result<String, ()> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| ())
+    String::from_utf8(out).map_err(|_| BadEscape)
 }
 
 /// A response to write.

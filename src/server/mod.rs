@@ -455,7 +455,7 @@ impl Server {
         };
         let name = head
             .query_param("name")
-            .map_err(|()| bad("the name is badly escaped"))?;
+            .map_err(|_| bad("the name is badly escaped"))?;
         let name = name.filter(|n| !n.is_empty());
         let cfg = self.chat.config();
         let Some(ip) = self.conns.get(id).map(|c| c.ip) else {
