@@ -155,6 +155,12 @@ settings! {
     dedup_window: Duration = Duration::from_secs(600), "dedup-window", "DEDUP_WINDOW";
     /// Bytes of read buffer per WebSocket connection.
     read_buffer_size: usize = 4096, "read-buffer-size", "READ_BUFFER_SIZE";
+    /// Browser origins allowed to open `/ws`, comma-separated, matched exactly; empty: an
+    /// `Origin` must name the request's own `Host`; `*`: any. Requests without `Origin` pass.
+    allowed_origins: String = String::new(), "allowed-origins", "ALLOWED_ORIGINS";
+    /// HS256 secret; when set, `/ws` needs a JWT (`?token=` or `Authorization: Bearer`).
+    /// Prefer the environment variable: flags show in the process list.
+    jwt_secret: String = String::new(), "jwt-secret", "JWT_SECRET";
     /// Seconds a shutdown waits for clients to take their close frame before exiting.
     shutdown_grace: Duration = Duration::from_secs(2), "shutdown-grace", "SHUTDOWN_GRACE";
 }

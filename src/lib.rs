@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`auth`] — optional HS256 JWT checks for `/ws`.
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
 //!   the transport feeds it inputs with the time and it answers through an [`chat::Outbox`].
@@ -15,6 +16,7 @@
 //! The binary (`src/main.rs`) only reads the settings, sets up logging and calls
 //! [`server::Server::run`].
 
+pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod server;

@@ -1,128 +1,16 @@
 //! Integration tests: the real server on `127.0.0.1:0`, driven over TCP.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use chatterbox::config::Config;
-use chatterbox::server::{Server, Stopper};
-use serde_json::{Value, json};
+use common::Running;
+use serde_json::json;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::stream::MaybeTlsStream;
-use tungstenite::{Message, WebSocket};
-
-struct Running {
-    addr: SocketAddr,
-    stopper: Stopper,
-    handle: Option<thread::JoinHandle<std::io::Result<()>>>,
-}
-
-impl Running {
-    fn start(cfg: Config) -> Running {
-        // The server stays on its own thread from bind to exit, as in the binary.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = thread::spawn(move || {
-            let server = Server::bind(Config {
-                host: "127.0.0.1".into(),
-                port: 0,
-                ..cfg
-            })?;
-            tx.send((server.local_addr(), server.stopper())).unwrap();
-            server.run()
-        });
-        let (addr, stopper) = rx.recv().expect("the server binds");
-        Running {
-            addr,
-            stopper,
-            handle: Some(handle),
-        }
-    }
-
-    fn memory() -> Running {
-        Running::start(Config {
-            db_path: ":memory:".into(),
-            ..Config::default()
-        })
-    }
-
-    fn stop(mut self) {
-        self.stopper.stop();
-        self.handle.take().unwrap().join().unwrap().unwrap();
-    }
-
-    fn http(&self, request: &str) -> String {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    }
-
-    fn get_json(&self, path: &str) -> Value {
-        let r = self.http(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
-        let body = r.split_once("\r\n\r\n").expect("a body").1;
-        serde_json::from_str(body).expect("JSON body")
-    }
-
-    fn client(&self, name: &str) -> Client {
-        let url = format!("ws://{}/ws?name={name}", self.addr);
-        let (ws, _) = tungstenite::connect(url).expect("upgrade");
-        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        }
-        let mut c = Client { ws };
-        c.until(|e| e["event"] == "history");
-        c
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            self.stopper.stop();
-            let _ = h.join();
-        }
-    }
-}
-
-struct Client {
-    ws: WebSocket<MaybeTlsStream<TcpStream>>,
-}
-
-impl Client {
-    fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).unwrap();
-    }
-    fn recv(&mut self) -> Value {
-        loop {
-            match self.ws.read().expect("a frame within 5 s") {
-                Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-                Message::Close(c) => panic!("closed: {c:?}"),
-                _ => {}
-            }
-        }
-    }
-    fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
-        loop {
-            let v = self.recv();
-            if pred(&v) {
-                return v;
-            }
-        }
-    }
-    /// Reads until the server closes; returns the close code.
-    fn close_code(&mut self) -> Option<u16> {
-        loop {
-            match self.ws.read() {
-                Ok(Message::Close(c)) => return c.map(|c| u16::from(c.code)),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    }
-}
 
 #[test]
 fn http_endpoints_and_errors() {

@@ -47,6 +47,8 @@ pub(crate) struct Conn {
     pub(crate) last_frame: Instant,
     pub(crate) last_command: Instant,
     pub(crate) next_ping: Instant,
+    /// When the member's token expires (authentication on).
+    pub(crate) expires_at: Option<Instant>,
     /// The deadline this connection has in the timer heap, if any.
     pub(crate) timer_at: Option<Instant>,
 }
@@ -105,6 +107,7 @@ impl Conn {
             last_frame: now,
             last_command: now,
             next_ping: now,
+            expires_at: None,
             timer_at: None,
         }
     }

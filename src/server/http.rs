@@ -220,6 +220,29 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Whether a browser `Origin` may open a WebSocket. `allowed` is the setting: a comma-separated
+/// list of exact origins, `*` for any, or empty for "same host only" (the origin's host and port
+/// must equal the `Host` header). Comparison ignores ASCII case and nothing else: no substring,
+/// prefix or suffix matching.
+pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &str) -> bool {
+    let allowed = allowed.trim();
+    if allowed == "*" {
+        return true;
+    }
+    if !allowed.is_empty() {
+        return allowed
+            .split(',')
+            .any(|a| a.trim().eq_ignore_ascii_case(origin));
+    }
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    host.is_some_and(|h| !h.is_empty() && h.eq_ignore_ascii_case(rest))
+}
+
 /// The `101` answer to a valid upgrade request with key `key`.
 pub fn switching_protocols(key: &str) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -274,6 +297,51 @@ mod tests {
         assert!(text.contains("Content-Length: 19\r\n"));
         assert!(text.contains("Allow: GET\r\n"));
         assert!(text.contains("Connection: close\r\n"));
+    }
+
+    #[test]
+    fn origins_match_exactly() {
+        assert!(origin_allowed(
+            "http://chat.example:8080",
+            Some("chat.example:8080"),
+            ""
+        ));
+        assert!(origin_allowed(
+            "https://Chat.Example",
+            Some("chat.example"),
+            ""
+        ));
+        assert!(!origin_allowed(
+            "http://evil.example",
+            Some("chat.example"),
+            ""
+        ));
+        assert!(!origin_allowed(
+            "http://chat.example.evil.io",
+            Some("chat.example"),
+            ""
+        ));
+        assert!(
+            !origin_allowed("http://chat.example", Some("chat.example:8080"), ""),
+            "port counts"
+        );
+        assert!(!origin_allowed("null", Some("chat.example"), ""));
+        assert!(!origin_allowed("http://x", None, ""));
+        let list = "https://a.example, https://b.example";
+        assert!(origin_allowed("https://b.example", Some("z"), list));
+        assert!(
+            !origin_allowed("https://b.example.evil", Some("z"), list),
+            "no prefix match"
+        );
+        assert!(
+            !origin_allowed("https://example", Some("z"), list),
+            "no suffix match"
+        );
+        assert!(
+            !origin_allowed("http://a.example", Some("z"), list),
+            "scheme counts"
+        );
+        assert!(origin_allowed("http://anything", None, "*"));
     }
 
     #[test]

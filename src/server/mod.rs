@@ -28,6 +28,7 @@ use slab::Slab;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error as WsError, Message};
 
+use crate::auth;
 use crate::chat::{Chat, ConnId, Now, Outbox, Payload};
 use crate::config::Config;
 
@@ -130,6 +131,12 @@ fn now_of(mono: Instant) -> Now {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     Now { mono, unix_ms }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -453,11 +460,36 @@ impl Server {
             Some(k) if k.len() == 24 && k.ends_with("==") => k.to_string(),
             _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
         };
-        let name = head
-            .query_param("name")
-            .map_err(|_| bad("the name is badly escaped"))?;
-        let name = name.filter(|n| !n.is_empty());
         let cfg = self.chat.config();
+        if let Some(origin) = head.header("origin") {
+            if !http::origin_allowed(origin, head.header("host"), &cfg.allowed_origins) {
+                return Err(Response::text(403, "origin not allowed\n"));
+            }
+        }
+        let identity = if cfg.jwt_secret.is_empty() {
+            None
+        } else {
+            let bearer = head
+                .header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "));
+            let token = match head.query_param("token") {
+                Ok(Some(t)) => Some(t),
+                Ok(None) => bearer.map(|b| b.trim().to_string()),
+                Err(_) => return Err(bad("the token is badly escaped")),
+            };
+            let token = token.ok_or(auth::AuthError::Missing);
+            match token.and_then(|t| auth::verify(&t, cfg.jwt_secret.as_bytes(), unix_secs())) {
+                Ok(identity) => Some(identity),
+                Err(e) => return Err(Response::text(401, format!("{}\n", e.text()))),
+            }
+        };
+        let name = match identity.as_ref().and_then(|i| i.name.clone()) {
+            Some(n) => Some(n),
+            None => head
+                .query_param("name")
+                .map_err(|_| bad("the name is badly escaped"))?,
+        };
+        let name = name.filter(|n| !n.is_empty());
         let Some(ip) = self.conns.get(id).map(|c| c.ip) else {
             return Ok(());
         };
@@ -495,11 +527,16 @@ impl Server {
         c.last_frame = now;
         c.last_command = now;
         c.next_ping = now + cfg.ping_interval;
+        c.expires_at = identity
+            .as_ref()
+            .and_then(|i| i.exp)
+            .map(|exp| now + Duration::from_secs(exp.saturating_sub(unix_secs())));
         c.timer_at = None;
         self.ws_count += 1;
         *self.per_ip.entry(ip).or_insert(0) += 1;
         self.mark_dirty(id);
-        self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), None, sink));
+        let member_id = identity.map(|i| i.sub);
+        self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
         self.schedule_ws(id);
         // Frames the client sent right behind its head are already buffered: read them now,
         // since no new readiness event will come for them.
@@ -702,10 +739,13 @@ impl Server {
         let cfg = self.chat.config();
         let (pong, idle) = (cfg.pong_timeout, cfg.idle_timeout);
         let Some(c) = self.conns.get(id) else { return };
-        let at = c
+        let mut at = c
             .next_ping
             .min(c.last_frame + pong)
             .min(c.last_command + idle);
+        if let Some(exp) = c.expires_at {
+            at = at.min(exp);
+        }
         self.schedule(id, at);
     }
 
@@ -751,7 +791,9 @@ impl Server {
                 }
             }
             Phase::Ws(_) => {
-                if now >= c.last_frame + pong {
+                if c.expires_at.is_some_and(|exp| now >= exp) {
+                    self.closing.push((id, 1008, "token expired"));
+                } else if now >= c.last_frame + pong {
                     self.closing.push((id, 1000, "timeout"));
                 } else if now >= c.last_command + idle {
                     self.closing.push((id, 1000, "idle"));

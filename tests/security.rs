@@ -1,0 +1,153 @@
+//! Security integration tests: origin checks, JWT authentication, connection caps.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chatterbox::auth;
+use chatterbox::config::Config;
+use common::{Running, status, upgrade_request};
+use serde_json::json;
+
+const SECRET: &str = "test-secret";
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn memory(f: impl FnOnce(&mut Config)) -> Running {
+    let mut cfg = Config {
+        db_path: ":memory:".into(),
+        ..Config::default()
+    };
+    f(&mut cfg);
+    Running::start(cfg)
+}
+
+#[test]
+fn browser_origins_must_match_the_host_by_default() {
+    let s = memory(|_| {});
+    let same = upgrade_request("/ws", "Origin: http://localhost\r\n");
+    assert_eq!(status(&s.http(&same)), 101);
+    let evil = upgrade_request("/ws", "Origin: http://evil.example\r\n");
+    assert_eq!(status(&s.http(&evil)), 403);
+    let lookalike = upgrade_request("/ws", "Origin: http://localhost.evil.example\r\n");
+    assert_eq!(status(&s.http(&lookalike)), 403);
+    assert_eq!(
+        status(&s.http(&upgrade_request("/ws", ""))),
+        101,
+        "no Origin: not a browser"
+    );
+    s.stop();
+}
+
+#[test]
+fn an_allow_list_is_matched_exactly() {
+    let s = memory(|c| c.allowed_origins = "https://chat.example".into());
+    let ok = upgrade_request("/ws", "Origin: https://chat.example\r\n");
+    assert_eq!(status(&s.http(&ok)), 101);
+    for bad in [
+        "https://chat.example.evil",
+        "https://evilchat.example",
+        "http://chat.example",
+        "http://localhost",
+    ] {
+        let r = upgrade_request("/ws", &format!("Origin: {bad}\r\n"));
+        assert_eq!(status(&s.http(&r)), 403, "{bad}");
+    }
+    s.stop();
+}
+
+#[test]
+fn with_a_secret_only_valid_tokens_get_in() {
+    let s = memory(|c| c.jwt_secret = SECRET.into());
+    let exp = now_secs() + 3600;
+    assert_eq!(
+        status(&s.http(&upgrade_request("/ws", ""))),
+        401,
+        "no token"
+    );
+    let good = auth::sign(
+        &json!({"sub":"user-42","name":"carol","exp":exp}),
+        SECRET.as_bytes(),
+    );
+    let r = s.http(&upgrade_request(&format!("/ws?token={good}"), ""));
+    assert_eq!(status(&r), 101);
+    assert!(
+        r.contains(r#""member":"carol""#) && r.contains(r#""id":"user-42""#),
+        "{r}"
+    );
+    let bearer = auth::sign(&json!({"sub":"user-43","exp":exp}), SECRET.as_bytes());
+    let r = s.http(&upgrade_request(
+        "/ws?name=dave",
+        &format!("Authorization: Bearer {bearer}\r\n"),
+    ));
+    assert_eq!(status(&r), 101);
+    assert!(r.contains(r#""member":"dave""#), "{r}");
+
+    let wrong_key = auth::sign(&json!({"sub":"x","exp":exp}), b"guess");
+    let expired = auth::sign(&json!({"sub":"x","exp":now_secs() - 1}), SECRET.as_bytes());
+    let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.";
+    let mut tampered = good.clone();
+    tampered.replace_range(good.len() - 4.., "AAAA");
+    for token in [
+        wrong_key.as_str(),
+        expired.as_str(),
+        none,
+        tampered.as_str(),
+        "garbage",
+    ] {
+        let r = s.http(&upgrade_request(&format!("/ws?token={token}"), ""));
+        assert_eq!(status(&r), 401, "{token}: {r}");
+        assert!(!r.contains(token), "the answer never echoes the token");
+    }
+    s.stop();
+}
+
+#[test]
+fn a_session_ends_with_1008_when_its_token_expires() {
+    let s = memory(|c| c.jwt_secret = SECRET.into());
+    let token = auth::sign(&json!({"sub":"u","exp":now_secs() + 1}), SECRET.as_bytes());
+    let url = format!("ws://{}/ws?token={token}", s.addr);
+    let (ws, _) = tungstenite::connect(url).expect("upgrade");
+    let mut c = common::Client { ws };
+    if let tungstenite::stream::MaybeTlsStream::Plain(t) = c.ws.get_ref() {
+        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let started = Instant::now();
+    assert_eq!(c.close_code(), Some(1008));
+    assert!(started.elapsed() <= Duration::from_secs(3));
+    s.stop();
+}
+
+#[test]
+fn connection_caps_answer_503_and_429() {
+    let s = memory(|c| {
+        c.max_connections = 2;
+        c.max_connections_per_ip = 100;
+    });
+    let _a = s.client("a");
+    let _b = s.client("b");
+    assert_eq!(status(&s.http(&upgrade_request("/ws", ""))), 503);
+    assert_eq!(
+        status(&s.http("GET /health HTTP/1.1\r\n\r\n")),
+        200,
+        "HTTP still answers"
+    );
+    s.stop();
+
+    let s = memory(|c| c.max_connections_per_ip = 1);
+    let _a = s.client("a");
+    assert_eq!(status(&s.http(&upgrade_request("/ws", ""))), 429);
+    drop(_a);
+    // The slot frees when the member leaves; the server notices the close at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&s.http(&upgrade_request("/ws", ""))) != 101 {
+        assert!(Instant::now() < deadline, "the per-IP slot was never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.stop();
+}
