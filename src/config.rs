@@ -153,8 +153,9 @@ settings! {
     max_pending_output: usize = 256 * 1024, "max-pending-output", "MAX_PENDING_OUTPUT";
     /// Seconds a `msg_id` is remembered for deduplication.
     dedup_window: Duration = Duration::from_secs(600), "dedup-window", "DEDUP_WINDOW";
-    /// Bytes of read buffer per WebSocket connection.
-    read_buffer_size: usize = 4096, "read-buffer-size", "READ_BUFFER_SIZE";
+    /// Bytes read per WebSocket read call, and the buffer each connection keeps for it (larger
+    /// frames grow it while they arrive). Small, because it is resident for every connection.
+    read_buffer_size: usize = 512, "read-buffer-size", "READ_BUFFER_SIZE";
     /// Browser origins allowed to open `/ws`, comma-separated, matched exactly; empty: an
     /// `Origin` must name the request's own `Host`; `*`: any. Requests without `Origin` pass.
     allowed_origins: String = String::new(), "allowed-origins", "ALLOWED_ORIGINS";
