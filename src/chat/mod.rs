@@ -277,11 +277,11 @@ impl Chat {
 
     /// One text frame from connection `conn`.
     pub fn handle_text(&mut self, now: Now, conn: ConnId, text: &str, out: &mut impl Outbox) {
-        if !self.admit(now, conn, out) {
-            return;
-        }
         let request = decode(text);
         let request_id = request.request_id.as_deref();
+        if !self.admit(now, conn, request_id, out) {
+            return;
+        }
         let mut cx = Cx {
             conn,
             now,
@@ -300,7 +300,7 @@ impl Chat {
 
     /// One binary frame from connection `conn`: commands are JSON text, so it is `bad_json`.
     pub fn handle_binary(&mut self, now: Now, conn: ConnId, out: &mut impl Outbox) {
-        if !self.admit(now, conn, out) {
+        if !self.admit(now, conn, None, out) {
             return;
         }
         let mut cx = Cx {
@@ -316,8 +316,15 @@ impl Chat {
         self.send_error(&mut cx, &e);
     }
 
-    /// Counts the frame and applies the rate limit: `false` means the frame is dropped.
-    fn admit(&mut self, now: Now, conn: ConnId, out: &mut impl Outbox) -> bool {
+    /// Counts the frame and applies the rate limit: `false` means the frame is dropped (the
+    /// `rate_limited` error echoes `request_id`, or the flooder is closed).
+    fn admit(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        request_id: Option<&str>,
+        out: &mut impl Outbox,
+    ) -> bool {
         self.stats.messages_in += 1;
         let flood_after = self.cfg.flood_close_after;
         let Some(member) = self.members.get_mut(&conn) else {
@@ -338,7 +345,7 @@ impl Chat {
             let mut cx = Cx {
                 conn,
                 now,
-                request_id: None,
+                request_id,
                 out,
             };
             self.send_error(&mut cx, &e);

@@ -538,11 +538,16 @@ fn rate_limit_drops_then_closes_a_flooder() {
     t.connect(2, Some("b"));
     t.out.sent.clear();
     for _ in 0..6 {
-        t.send(1, json!({"command":"ping"}));
+        t.send(1, json!({"command":"ping","request_id":"f"}));
     }
     let got = t.out.take(1);
     assert_eq!(got.iter().filter(|e| e["event"] == "pong").count(), 5);
     assert_eq!(got.last().unwrap()["code"], "rate_limited");
+    assert_eq!(
+        got.last().unwrap()["request_id"],
+        "f",
+        "the dropped command's id is echoed"
+    );
     t.advance(Duration::from_millis(100));
     assert_eq!(
         t.ask(1, json!({"command":"ping"}))["event"],

@@ -40,6 +40,8 @@ pub(crate) struct Conn {
     /// `close_by`, whichever comes first. Nothing more is queued.
     pub(crate) closing: bool,
     pub(crate) close_by: Option<Instant>,
+    /// Our side is shut down; the socket is only read (and discarded) until the peer closes.
+    pub(crate) write_closed: bool,
     /// Whether the chat core knows this connection as a member.
     pub(crate) member: bool,
     /// Whether the connection counts against the WebSocket caps.
@@ -102,6 +104,7 @@ impl Conn {
             dirty: false,
             closing: false,
             close_by: None,
+            write_closed: false,
             member: false,
             counted: false,
             last_frame: now,
@@ -142,6 +145,30 @@ impl Conn {
             };
             let _ = ctx.write(&mut io, Message::Ping(Default::default()));
             let _ = ctx.flush(&mut io);
+        }
+    }
+
+    /// Moves frames tungstenite queued by itself (a close reply) into the output.
+    pub(crate) fn flush_protocol(&mut self) {
+        if let Phase::Ws(ctx) = &mut self.phase {
+            let _ = ctx.flush(&mut Io {
+                stream: &mut self.stream,
+                out: &mut self.out,
+            });
+        }
+    }
+
+    /// Reads and discards input; `true` once the peer has closed (or the socket failed).
+    pub(crate) fn drain(&mut self) -> bool {
+        let mut scratch = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut scratch) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
         }
     }
 

@@ -337,6 +337,14 @@ impl Server {
     }
 
     fn readable(&mut self, id: usize, now: Instant) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.write_closed {
+                if c.drain() {
+                    self.drop_conn(id);
+                }
+                return;
+            }
+        }
         match self
             .conns
             .get(id)
@@ -570,13 +578,16 @@ impl Server {
                 }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
                 Ok(Message::Close(_)) => {
-                    // tungstenite queued the reply; the member is gone now.
+                    // tungstenite queued the reply inside itself: move it to the output, then
+                    // let the connection go once it is written.
                     self.end_member(id);
                     if let Some(c) = self.conns.get_mut(id) {
+                        c.flush_protocol();
                         c.closing = true;
                         c.close_by = Some(now + CLOSE_GRACE);
                     }
                     self.schedule(id, now + CLOSE_GRACE);
+                    self.mark_dirty(id);
                     return;
                 }
                 Err(WsError::Io(e)) if would_block(&e) => return,
@@ -679,10 +690,17 @@ impl Server {
                     continue;
                 }
                 Flushed::Done if c.close_by.is_some() => {
-                    // Output written, close frame included: half-close and let the client go.
-                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
-                    self.drop_conn(id);
-                    continue;
+                    // Output written, close frame included: half-close, then read and discard
+                    // until the client closes too (or the grace runs out). Dropping a socket
+                    // with unread input would send a reset that can destroy what we wrote.
+                    if !c.write_closed {
+                        c.write_closed = true;
+                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                    if c.drain() {
+                        self.drop_conn(id);
+                        continue;
+                    }
                 }
                 _ => {}
             }
@@ -720,8 +738,12 @@ impl Server {
     // ----- timers -----
 
     fn next_timeout(&mut self) -> Option<Duration> {
-        let Reverse((at, _)) = self.timers.peek()?;
-        Some(at.saturating_duration_since(Instant::now()))
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let next = match (timer, self.shutdown_at) {
+            (Some(t), Some(s)) => t.min(s),
+            (t, s) => t.or(s)?,
+        };
+        Some(next.saturating_duration_since(Instant::now()))
     }
 
     fn schedule(&mut self, id: usize, at: Instant) {
@@ -834,6 +856,7 @@ impl Server {
                 continue;
             }
             c.start_close(1001, "server shutting down", now + grace);
+            self.schedule(id, now + grace);
             self.mark_dirty(id);
             // Its rooms hear nothing: every member is closing, and closing ones get no frames.
             self.end_member(id);

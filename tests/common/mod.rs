@@ -39,9 +39,11 @@ impl Running {
         // The server stays on its own thread from bind to exit, as in the binary.
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = thread::spawn(move || {
+            // Test clients rarely answer a close frame: don't wait long for them at the end.
             let server = Server::bind(Config {
                 host: "127.0.0.1".into(),
                 port: 0,
+                shutdown_grace: Duration::from_millis(200),
                 ..cfg
             })?;
             tx.send((server.local_addr(), server.stopper())).unwrap();
