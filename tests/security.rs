@@ -151,3 +151,82 @@ fn connection_caps_answer_503_and_429() {
     }
     s.stop();
 }
+
+#[test]
+fn a_connect_storm_with_slowloris_heads_neither_crashes_nor_wedges_the_server() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let s = memory(|c| {
+        c.head_timeout = Duration::from_millis(500);
+        c.max_connections = 600;
+        c.max_connections_per_ip = 1000;
+        c.notice_max_members = 0;
+    });
+    let addr = s.addr;
+    // Four kinds of clients, 1,600 sockets in all, opened as fast as four threads can:
+    // full upgrades (some refused with 503 past the cap), half-open heads, silent sockets.
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for i in 0..400 {
+                    let mut sock = TcpStream::connect(addr).expect("the listener keeps accepting");
+                    match (w + i) % 4 {
+                        0 | 1 => sock.write_all(upgrade_request("/ws", "").as_bytes()).unwrap(),
+                        2 => sock.write_all(b"GET /ws HTTP/1.1\r\nHost: slow").unwrap(),
+                        _ => {}
+                    }
+                    held.push(((w + i) % 4, sock));
+                }
+                held
+            })
+        })
+        .collect();
+    let held: Vec<_> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    // At the socket cap new sockets are dropped at accept; the head deadline frees the slots
+    // that half-open heads hold, so the server answers again within it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while status(&s.http("GET /health HTTP/1.1\r\n\r\n")) != 200 {
+        assert!(Instant::now() < deadline, "the server stopped answering");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Every half-open or silent socket is closed by the head deadline.
+    let started = Instant::now();
+    for (kind, mut sock) in held.iter().filter(|(k, _)| *k >= 2).map(|(k, s)| (*k, s)) {
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = sock.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "kind {kind}: closed without an answer");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Each upgrade became a member, was refused with 503 past the member cap, or (past the
+    // socket cap of max-connections + 256) was closed at accept without an answer.
+    let (mut upgraded, mut refused, mut dropped) = (0, 0, 0);
+    for (_, mut sock) in held.iter().filter(|(k, _)| *k < 2).map(|(k, s)| (*k, s)) {
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 12];
+        match sock.read_exact(&mut buf) {
+            Ok(()) if &buf[9..12] == b"101" => upgraded += 1,
+            Ok(()) if &buf[9..12] == b"503" => refused += 1,
+            Ok(()) => panic!("unexpected status {:?}", String::from_utf8_lossy(&buf)),
+            Err(_) => dropped += 1,
+        }
+    }
+    assert_eq!(upgraded + refused + dropped, 800);
+    assert!(upgraded > 0 && upgraded <= 600, "{upgraded} members");
+    assert_eq!(s.get_json("/api/stats")["members"], upgraded, "every 101 is a member");
+    drop(held);
+
+    // When the storm is gone, the slots are free again and chat works.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.get_json("/api/stats")["members"] != 0 {
+        assert!(Instant::now() < deadline, "closed sockets were not noticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut a = s.client("after");
+    a.send(json!({"command":"ping"}));
+    assert_eq!(a.until(|e| e["event"] == "pong")["event"], "pong");
+    s.stop();
+}
