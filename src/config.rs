@@ -235,6 +235,19 @@ impl Config {
                 return Err(format!("--{flag} must be at least 1"));
             }
         }
+        // Counts of messages held or sent at once: beyond this they are mistakes, and huge
+        // values would overflow page arithmetic.
+        const MAX_MESSAGES: usize = 1_000_000;
+        for (flag, v) in [
+            ("max-history", self.max_history),
+            ("history-page-cap", self.history_page_cap),
+            ("resume-cap", self.resume_cap),
+            ("memory-history-per-room", self.memory_history_per_room),
+        ] {
+            if v > MAX_MESSAGES {
+                return Err(format!("--{flag} must be at most {MAX_MESSAGES}"));
+            }
+        }
         Ok(())
     }
 
@@ -314,6 +327,7 @@ mod tests {
         );
         assert!(run(&["--port"], &[]).unwrap_err().contains("needs a value"));
         assert!(run(&["--max-frame-size", "0"], &[]).is_err());
+        assert!(run(&["--resume-cap", "18446744073709551615"], &[]).is_err());
         assert!(run(&[], &[("PORT", "-1")]).unwrap_err().starts_with("PORT"));
     }
 

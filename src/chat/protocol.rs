@@ -189,12 +189,16 @@ impl Request {
     }
 }
 
-/// serde_json's messages end in "at line 1 column 1" for values; that means nothing to a client.
+/// serde_json's messages end in "at line 1 column 1" for values, which means nothing to a
+/// client, and quote the offending value, which can be kilobytes: keep the message short.
 fn strip_position(e: serde_json::Error) -> String {
     let s = e.to_string();
-    match s.find(" at line ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
+    let s = s.find(" at line ").map_or(s.as_str(), |i| &s[..i]);
+    let short = truncate(s, 120);
+    if short.len() < s.len() {
+        format!("{short}…")
+    } else {
+        short.to_string()
     }
 }
 

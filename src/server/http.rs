@@ -115,8 +115,9 @@ pub fn percent_decode(s: &str) -> Result<String, BadEscape> {
         match bytes[i] {
             b'%' => {
                 let hex = bytes.get(i + 1..i + 3).ok_or(BadEscape)?;
-                let hex = std::str::from_utf8(hex).map_err(|_| BadEscape)?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| BadEscape)?);
+                // Two hex digits exactly: `from_str_radix` alone would also take a sign (`%+a`).
+                let digit = |b: u8| (b as char).to_digit(16).ok_or(BadEscape);
+                out.push((digit(hex[0])? * 16 + digit(hex[1])?) as u8);
                 i += 3;
             }
             b'+' => {
@@ -287,6 +288,8 @@ mod tests {
         assert!(percent_decode("%4").is_err());
         assert!(percent_decode("%zz").is_err());
         assert!(percent_decode("%ff").is_err(), "not UTF-8");
+        assert!(percent_decode("%+a").is_err(), "a sign is not a hex digit");
+        assert!(percent_decode("%-1").is_err());
     }
 
     #[test]

@@ -4,9 +4,11 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{HistoryStore, Page, Query, StoredMessage, page_from_asc, page_from_desc};
 
-/// How many room logs are kept at most, as a multiple of nothing: a fixed cap so that a client
-/// creating and leaving rooms forever cannot grow memory. The least recently written log goes.
-const MAX_ROOM_LOGS: usize = 4096;
+/// How many room logs are kept at most: a fixed cap so that a client creating and leaving rooms
+/// forever cannot grow memory. The least recently written log goes.
+const MAX_ROOM_LOGS: usize = if cfg!(test) { 64 } else { 4096 };
+/// How many evicted rooms' last ids are remembered (16 bytes each, plus the map's overhead).
+const MAX_TOMBSTONES: usize = if cfg!(test) { 256 } else { 65_536 };
 
 #[derive(Default)]
 struct RoomLog {
@@ -20,6 +22,13 @@ pub struct MemoryStore {
     per_room: usize,
     rooms: HashMap<String, RoomLog>,
     tickets: u64,
+    /// Last ids of evicted room logs, by a 64-bit hash of the room name (16 bytes each), so an
+    /// evicted room that comes back continues where it was.
+    tombstones: HashMap<u64, u64>,
+    /// When the tombstones overflow they are dropped and their highest id becomes this floor:
+    /// a room known nowhere then starts above it. Ids are never reused either way; only after
+    /// `MAX_ROOM_LOGS + MAX_TOMBSTONES` rooms of churn do new rooms start above 1.
+    evicted_floor: u64,
 }
 
 impl MemoryStore {
@@ -29,6 +38,8 @@ impl MemoryStore {
             per_room,
             rooms: HashMap::new(),
             tickets: 0,
+            tombstones: HashMap::new(),
+            evicted_floor: 0,
         }
     }
 
@@ -41,15 +52,38 @@ impl MemoryStore {
             .iter()
             .min_by_key(|(_, log)| log.last_write)
             .map(|(name, _)| name.clone())
+            && let Some(log) = self.rooms.remove(&oldest)
         {
-            self.rooms.remove(&oldest);
+            if self.tombstones.len() >= MAX_TOMBSTONES {
+                let highest = self.tombstones.drain().map(|(_, id)| id).max().unwrap_or(0);
+                self.evicted_floor = self.evicted_floor.max(highest);
+            }
+            let previous = self.tombstones.entry(name_hash(&oldest)).or_insert(0);
+            *previous = (*previous).max(log.last_id);
         }
     }
+
+    /// The last id of a room that has no log: its tombstone, or the floor.
+    fn forgotten_last_id(&self, room: &str) -> u64 {
+        let tomb = self.tombstones.get(&name_hash(room)).copied().unwrap_or(0);
+        tomb.max(self.evicted_floor)
+    }
+}
+
+/// A fixed (unkeyed) hash: tombstones only need to tell room names apart. A collision only
+/// makes a room continue from a higher id.
+fn name_hash(room: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    room.hash(&mut h);
+    h.finish()
 }
 
 impl HistoryStore for MemoryStore {
     fn last_id(&mut self, room: &str) -> u64 {
-        self.rooms.get(room).map_or(0, |log| log.last_id)
+        self.rooms
+            .get(room)
+            .map_or_else(|| self.forgotten_last_id(room), |log| log.last_id)
     }
 
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
@@ -57,7 +91,14 @@ impl HistoryStore for MemoryStore {
         if !self.rooms.contains_key(room) {
             self.evict_if_full();
         }
-        let log = self.rooms.entry(room.to_string()).or_default();
+        let floor = self.forgotten_last_id(room);
+        let log = self
+            .rooms
+            .entry(room.to_string())
+            .or_insert_with(|| RoomLog {
+                last_id: floor,
+                ..RoomLog::default()
+            });
         log.last_id = log.last_id.max(msg.id);
         log.last_write = self.tickets;
         if self.per_room > 0 {
@@ -85,7 +126,7 @@ impl HistoryStore for MemoryStore {
                     .iter()
                     .rev()
                     .filter(|m| m.id < bound)
-                    .take(limit + 1)
+                    .take(limit.saturating_add(1))
                     .cloned();
                 page_from_desc(desc.collect(), limit)
             }
@@ -95,7 +136,7 @@ impl HistoryStore for MemoryStore {
                 page_from_asc(
                     log.messages
                         .range(start..)
-                        .take(limit + 1)
+                        .take(limit.saturating_add(1))
                         .cloned()
                         .collect(),
                     limit,
@@ -147,9 +188,25 @@ mod tests {
         assert_eq!(s.rooms.len(), MAX_ROOM_LOGS);
         assert_eq!(
             s.last_id("room0"),
-            0,
-            "the least recently written log went first"
+            1,
+            "room0 went first; its ids are not reused"
         );
         assert_eq!(s.last_id(&format!("room{}", MAX_ROOM_LOGS + 9)), 1);
+    }
+
+    #[test]
+    fn past_the_tombstones_new_rooms_start_above_every_forgotten_id() {
+        let mut s = MemoryStore::new(1);
+        s.append("busy", contract::msg(7));
+        for i in 0..MAX_ROOM_LOGS + MAX_TOMBSTONES + 1 {
+            s.append(&format!("room{i}"), contract::msg(1));
+        }
+        assert!(s.tombstones.len() <= MAX_TOMBSTONES);
+        assert_eq!(
+            s.last_id("busy"),
+            7,
+            "its tombstone was dropped, the floor remembers"
+        );
+        assert_eq!(s.last_id("never-seen"), 7);
     }
 }

@@ -93,7 +93,8 @@ impl SqliteStore {
     fn query(&self, sql: &str, room: &str, bound: u64, limit: usize) -> Vec<StoredMessage> {
         let run = || -> rusqlite::Result<Vec<StoredMessage>> {
             let mut stmt = self.reader.prepare_cached(sql)?;
-            let rows = stmt.query_map(params![room, bound as i64, limit as i64], |row| {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![room, bound as i64, limit], |row| {
                 let data: Option<String> = row.get(4)?;
                 Ok(StoredMessage {
                     id: row.get::<_, i64>(0)? as u64,
@@ -237,11 +238,17 @@ impl HistoryStore for SqliteStore {
                      WHERE room = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
                     room,
                     bound,
-                    limit + 1,
+                    limit.saturating_add(1),
                 );
                 let pending = self.pending.iter().filter(in_room).map(|(_, _, m)| m);
                 let all = merge(rows, pending.filter(|m| m.id < bound).cloned());
-                page_from_desc(all.into_values().rev().take(limit + 1).collect(), limit)
+                page_from_desc(
+                    all.into_values()
+                        .rev()
+                        .take(limit.saturating_add(1))
+                        .collect(),
+                    limit,
+                )
             }
             Query::After { after, limit } => {
                 let after = after.min(i64::MAX as u64);
@@ -250,11 +257,14 @@ impl HistoryStore for SqliteStore {
                      WHERE room = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3",
                     room,
                     after,
-                    limit + 1,
+                    limit.saturating_add(1),
                 );
                 let pending = self.pending.iter().filter(in_room).map(|(_, _, m)| m);
                 let all = merge(rows, pending.filter(|m| m.id > after).cloned());
-                page_from_asc(all.into_values().take(limit + 1).collect(), limit)
+                page_from_asc(
+                    all.into_values().take(limit.saturating_add(1)).collect(),
+                    limit,
+                )
             }
         }
     }
