@@ -135,6 +135,9 @@ settings! {
     rate_burst: u32 = 40, "rate-burst", "RATE_BURST";
     /// Rate-limited commands in a row after which the connection is closed with 1008.
     flood_close_after: u32 = 100, "flood-close-after", "FLOOD_CLOSE_AFTER";
+    /// Connections the kernel queues before they are accepted (capped by
+    /// `net.core.somaxconn`); too small a queue drops handshakes in a connect storm.
+    listen_backlog: u32 = 1024, "listen-backlog", "LISTEN_BACKLOG";
     /// Open connections in all; more are refused with 503.
     max_connections: usize = 10_000, "max-connections", "MAX_CONNECTIONS";
     /// Open connections per client IP; more are refused with 429.

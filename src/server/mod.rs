@@ -52,6 +52,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// status instead of a reset.
 const HANDSHAKE_SLACK: usize = 256;
 
+/// The capacity a connection's output buffer starts with when something is queued.
+const OUT_BUFFER_START: usize = 4096;
+
 /// The browser client, compiled in.
 const INDEX_HTML: &str = include_str!("../client/index.html");
 
@@ -114,6 +117,11 @@ impl Outbox for Sink<'_> {
             c.closing = true;
             return;
         }
+        if c.out.capacity() == 0 {
+            // Drained buffers are given back (idle connections hold none); a fresh one starts
+            // big enough for a burst, so it does not grow step by step.
+            c.out.reserve(OUT_BUFFER_START.max(payload.bytes().len()));
+        }
         c.out.extend_from_slice(payload.bytes());
         if !c.dirty {
             c.dirty = true;
@@ -131,6 +139,19 @@ fn now_of(mono: Instant) -> Now {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     Now { mono, unix_ms }
+}
+
+/// mio listens with a backlog of 128; a connect storm overflows that and the dropped SYNs wait
+/// a second for their retry. Calling `listen` again on a listening socket resizes its queue.
+fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    // SAFETY: `listen` only reads its arguments; the descriptor is valid for the listener's life.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn unix_secs() -> u64 {
@@ -155,6 +176,7 @@ impl Server {
         })?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
+        set_backlog(&listener, cfg.listen_backlog)?;
         let local = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
