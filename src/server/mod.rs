@@ -93,6 +93,8 @@ pub struct Server {
     ws_config: WebSocketConfig,
     started: Instant,
     shutdown_at: Option<Instant>,
+    /// Loop turns so far (starts at 1).
+    iteration: u64,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -213,6 +215,7 @@ impl Server {
             ws_config,
             started: Instant::now(),
             shutdown_at: None,
+            iteration: 1,
         })
     }
 
@@ -261,6 +264,7 @@ impl Server {
                 return Err(e);
             }
             let now = Instant::now();
+            self.iteration += 1;
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
@@ -706,7 +710,7 @@ impl Server {
                 continue;
             };
             c.dirty = false;
-            match c.flush() {
+            match c.flush(self.iteration) {
                 Flushed::Failed => {
                     self.drop_conn(id);
                     continue;
