@@ -172,7 +172,9 @@ fn a_connect_storm_with_slowloris_heads_neither_crashes_nor_wedges_the_server() 
                 for i in 0..400 {
                     let mut sock = TcpStream::connect(addr).expect("the listener keeps accepting");
                     match (w + i) % 4 {
-                        0 | 1 => sock.write_all(upgrade_request("/ws", "").as_bytes()).unwrap(),
+                        0 | 1 => sock
+                            .write_all(upgrade_request("/ws", "").as_bytes())
+                            .unwrap(),
                         2 => sock.write_all(b"GET /ws HTTP/1.1\r\nHost: slow").unwrap(),
                         _ => {}
                     }
@@ -182,7 +184,10 @@ fn a_connect_storm_with_slowloris_heads_neither_crashes_nor_wedges_the_server() 
             })
         })
         .collect();
-    let held: Vec<_> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let held: Vec<_> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
     // At the socket cap new sockets are dropped at accept; the head deadline frees the slots
     // that half-open heads hold, so the server answers again within it.
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -216,7 +221,11 @@ fn a_connect_storm_with_slowloris_heads_neither_crashes_nor_wedges_the_server() 
     }
     assert_eq!(upgraded + refused + dropped, 800);
     assert!(upgraded > 0 && upgraded <= 600, "{upgraded} members");
-    assert_eq!(s.get_json("/api/stats")["members"], upgraded, "every 101 is a member");
+    assert_eq!(
+        s.get_json("/api/stats")["members"],
+        upgraded,
+        "every 101 is a member"
+    );
     drop(held);
 
     // When the storm is gone, the slots are free again and chat works.
