@@ -44,6 +44,7 @@ pub struct SqliteStore {
 const SCHEMA: &str = "
     PRAGMA journal_mode = WAL;
     PRAGMA synchronous = FULL;
+    PRAGMA cache_size = -256;
     CREATE TABLE IF NOT EXISTS messages (
         room    TEXT    NOT NULL,
         id      INTEGER NOT NULL,
@@ -66,11 +67,16 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         reader.busy_timeout(Duration::from_secs(1))?;
+        // Pages are read by primary key and the OS caches the file: a small cache keeps an idle
+        // server small (256 KiB at most per connection).
+        reader.execute_batch("PRAGMA cache_size = -256;")?;
         let durable = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();
         let shared = durable.clone();
         let writer = thread::Builder::new()
             .name("history-writer".into())
+            // The writer only loops over SQLite calls; it needs nothing like the default 2 MiB.
+            .stack_size(256 * 1024)
             .spawn(move || write_loop(writer_conn, rx, shared, notify))
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         Ok(SqliteStore {
