@@ -150,19 +150,13 @@ impl HistoryStore for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::contract;
     use super::*;
-
-    #[test]
-    fn passes_the_store_contract() {
-        contract::run(&mut MemoryStore::new(100));
-    }
 
     #[test]
     fn ring_keeps_the_newest_and_ids_go_on() {
         let mut s = MemoryStore::new(3);
         for id in 1..=5 {
-            s.append("r", contract::msg(id));
+            s.append("r", super::super::test_message(id));
         }
         let p = s.page(
             "r",
@@ -183,7 +177,7 @@ mod tests {
     fn room_logs_are_bounded() {
         let mut s = MemoryStore::new(1);
         for i in 0..MAX_ROOM_LOGS + 10 {
-            s.append(&format!("room{i}"), contract::msg(1));
+            s.append(&format!("room{i}"), super::super::test_message(1));
         }
         assert_eq!(s.rooms.len(), MAX_ROOM_LOGS);
         assert_eq!(
@@ -197,9 +191,9 @@ mod tests {
     #[test]
     fn past_the_tombstones_new_rooms_start_above_every_forgotten_id() {
         let mut s = MemoryStore::new(1);
-        s.append("busy", contract::msg(7));
+        s.append("busy", super::super::test_message(7));
         for i in 0..MAX_ROOM_LOGS + MAX_TOMBSTONES + 1 {
-            s.append(&format!("room{i}"), contract::msg(1));
+            s.append(&format!("room{i}"), super::super::test_message(1));
         }
         assert!(s.tombstones.len() <= MAX_TOMBSTONES);
         assert_eq!(

@@ -122,111 +122,14 @@ pub fn open(
     }
 }
 
-/// One suite of behaviour every [`HistoryStore`] must show; each implementation's tests call it.
+/// A message for the stores' unit tests.
 #[cfg(test)]
-pub(crate) mod contract {
-    use super::*;
-
-    pub(crate) fn msg(id: u64) -> StoredMessage {
-        StoredMessage {
-            id,
-            member: "m".into(),
-            message: format!("text {id}"),
-            ts: 1000 + id,
-            data: (id % 2 == 0).then(|| serde_json::json!({"n": id, "nested": [1, {"a": null}]})),
-        }
-    }
-
-    fn ids(page: &Page) -> Vec<u64> {
-        page.messages.iter().map(|m| m.id).collect()
-    }
-
-    /// Appends, pages in both directions, keeps rooms apart, and flushes.
-    pub(crate) fn run(store: &mut dyn HistoryStore) {
-        assert_eq!(store.last_id("a"), 0);
-        assert_eq!(
-            store.page(
-                "a",
-                Query::Before {
-                    before: None,
-                    limit: 10
-                }
-            ),
-            Page::default()
-        );
-        let mut last_ticket = 0;
-        for id in 1..=10 {
-            let t = store.append("a", msg(id));
-            assert!(t > last_ticket, "tickets grow");
-            last_ticket = t;
-        }
-        store.append("b", msg(1));
-        assert_eq!(store.last_id("a"), 10);
-        assert_eq!(store.last_id("b"), 1);
-
-        let p = store.page(
-            "a",
-            Query::Before {
-                before: None,
-                limit: 3,
-            },
-        );
-        assert_eq!((ids(&p), p.more), (vec![8, 9, 10], true));
-        let p = store.page(
-            "a",
-            Query::Before {
-                before: Some(4),
-                limit: 3,
-            },
-        );
-        assert_eq!((ids(&p), p.more), (vec![1, 2, 3], false));
-        let p = store.page(
-            "a",
-            Query::Before {
-                before: Some(4),
-                limit: 5,
-            },
-        );
-        assert_eq!((ids(&p), p.more), (vec![1, 2, 3], false));
-        let p = store.page(
-            "a",
-            Query::After {
-                after: 7,
-                limit: 10,
-            },
-        );
-        assert_eq!((ids(&p), p.more), (vec![8, 9, 10], false));
-        let p = store.page("a", Query::After { after: 2, limit: 3 });
-        assert_eq!((ids(&p), p.more), (vec![3, 4, 5], true));
-        assert_eq!(
-            ids(&store.page(
-                "b",
-                Query::Before {
-                    before: None,
-                    limit: 9
-                }
-            )),
-            vec![1]
-        );
-        assert_eq!(p.messages[1], msg(4), "fields and data survive verbatim");
-
-        store.flush();
-        assert!(
-            store.durable() >= last_ticket,
-            "flush makes everything durable"
-        );
-        let p = store.page(
-            "a",
-            Query::Before {
-                before: None,
-                limit: 100,
-            },
-        );
-        assert_eq!(
-            ids(&p),
-            (1..=10).collect::<Vec<_>>(),
-            "no duplicates once durable"
-        );
-        assert_eq!(p.messages[9], msg(10));
+pub(crate) fn test_message(id: u64) -> StoredMessage {
+    StoredMessage {
+        id,
+        member: "m".into(),
+        message: format!("text {id}"),
+        ts: 1000 + id,
+        data: (id % 2 == 0).then(|| serde_json::json!({"n": id})),
     }
 }
