@@ -209,6 +209,9 @@ impl HistoryStore for SqliteStore {
     }
 
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
+        // Pruned here too: a stream of broadcasts without request_id never asks `durable()`,
+        // and `pending` must not keep what the disk already holds.
+        self.prune_pending();
         self.tickets += 1;
         let ticket = self.tickets;
         self.pending
@@ -358,5 +361,28 @@ mod tests {
         }
         let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
         assert_eq!(s.last_id("r"), 100);
+    }
+
+    #[test]
+    fn pending_is_pruned_by_appends_alone() {
+        let path = temp_db("prune");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        for id in 1..=1000 {
+            s.append("r", super::super::test_message(id));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.durable.load(Ordering::Acquire) < 1000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never caught up"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        s.append("r", super::super::test_message(1001));
+        assert!(
+            s.pending.len() <= 1,
+            "{} messages held after they were durable",
+            s.pending.len()
+        );
     }
 }
