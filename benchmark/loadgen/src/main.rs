@@ -6,7 +6,7 @@
 //! - `clock`: the shared monotonic clock, CPU time, /proc samples of the server.
 //! - `ws`: the client transport (mio, shared read buffer, frame codec, timerfd).
 //! - `proto`: payload stamps and the bits of chatterbox's event format we read.
-//! - `traffic`: `fanout` and `rooms`; `conns`: `idle` and `storm`.
+//! - `traffic`: `fanout` and `rooms`; `conns`: `idle` and `storm`; `soak`: the long run.
 //! - `coord`: worker processes and barriers; `report`: raw results and merging.
 
 mod args;
@@ -15,6 +15,7 @@ mod conns;
 mod coord;
 mod proto;
 mod report;
+mod soak;
 mod traffic;
 mod ws;
 
@@ -39,6 +40,8 @@ Scenarios
   idle     open --levels L1,L2,.. connections (or --conns N), sample the server at each
            level, hold --hold seconds
   storm    open --conns N connections as fast as possible, at most --concurrency in flight
+  soak     chatterbox only, one process: --seconds S of steady traffic to --rooms R rooms of
+           --room-size N stable members with churn, checking every per-room id (see below)
 
 Common
   --target ADDR          server address, loopback only (127.0.0.0/8)
@@ -63,6 +66,18 @@ Traffic (fanout, rooms)
   --room NAME            fanout room (default bench)
   --self-delivery B      raw proto: does the sender get its own frame (default true)
   --setup-timeout S      connect + join (default 120)
+Soak (defaults in brackets)
+  --seconds S            length of the traffic [600]
+  --rooms R              rooms [20]                    --room-size N  stable members each [25]
+  --senders-per-room K   steady senders per room [2]   --rate X       total steady msg/s [500]
+  --churners C           churning clients at once [50] --dwell S      mean connected time per
+                         churn cycle [10]              --churn-msgs M acked messages per cycle, 1..M [4]
+  --resume-every S       one reconnect-with-`since` check every S seconds [10]
+  --ack-timeout S        an ack later than this is missing [10]
+  --drain S              after the schedule, wait at most S for everything to arrive [30]
+  --bucket S             counters per S seconds in the result [60]
+  --seed N               RNG seed [1]                  --msg-size B   payload [64]
+  --setup-timeout S      connect + join of the stable members [120]
 Connections (idle, storm)
   --timeout S            one connection's welcome timeout (default 10)
   --hold S               idle: hold time at the top level (default 5)
@@ -587,6 +602,94 @@ fn summarize_storm(
     })
 }
 
+fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
+    if c.proto != Proto::Chatterbox {
+        return Err("soak needs --proto chatterbox (it checks rooms, ids and acks)".into());
+    }
+    if a.get("procs", 1u32)? != 1 {
+        return Err("soak runs in one process (--procs 1)".into());
+    }
+    let seconds: f64 = a.get("seconds", 600.0)?;
+    let rooms: u32 = a.get("rooms", 20)?;
+    let room_size: u32 = a.get("room-size", 25)?;
+    let rate: f64 = a.get("rate", 500.0)?;
+    if !(1.0..=7200.0).contains(&seconds) {
+        return Err("--seconds must be 1..7200".into());
+    }
+    if !(1..=1000).contains(&rooms)
+        || !(1..=1000).contains(&room_size)
+        || rooms * room_size > 15_000
+    {
+        return Err("--rooms and --room-size 1..1000, at most 15,000 stable members".into());
+    }
+    if !(rate > 0.0 && rate <= 100_000.0) {
+        return Err("--rate must be in (0, 100000]".into());
+    }
+    let max_seconds: f64 = a.get("max-seconds", seconds + 300.0)?;
+    let cfg = soak::SoakCfg {
+        target: c.target,
+        srcs: c.srcs.clone(),
+        path: c.path.clone(),
+        name_prefix: c.name_prefix.clone(),
+        concurrency: c.concurrency,
+        rooms,
+        room_size,
+        senders_per_room: a.get::<u32>("senders-per-room", 2)?.clamp(1, room_size),
+        rate,
+        seconds,
+        churners: a.get::<u32>("churners", 50)?.min(2000),
+        dwell: a.get::<f64>("dwell", 10.0)?.clamp(0.05, 600.0),
+        churn_msgs: a.get::<u32>("churn-msgs", 4)?.clamp(1, 100),
+        resume_every: a.get::<f64>("resume-every", 10.0)?.max(1.0),
+        ack_timeout: a.get::<f64>("ack-timeout", 10.0)?.clamp(0.1, 120.0),
+        drain: a.get::<f64>("drain", 30.0)?.clamp(1.0, 300.0),
+        msg_size: a.get::<usize>("msg-size", 64)?.clamp(40, 900),
+        bucket: a.get::<f64>("bucket", 60.0)?.clamp(1.0, 3600.0),
+        seed: a.get("seed", 1u64)?,
+        setup_timeout: a.get("setup-timeout", 120.0)?,
+        deadline: mono_ns() + (max_seconds.clamp(1.0, 8000.0) * 1e9) as u64,
+        quiet: a.flag("quiet"),
+    };
+    let out = a.opt_str("out");
+    let _: Vec<u32> = a.list("server-pid", &[])?;
+    a.finish()?;
+    let t_start = mono_ns();
+    let mut doc = json!({
+        "scenario": "soak",
+        "label": c.label,
+        "proto": "chatterbox",
+        "target": c.target.to_string(),
+        "params": cfg.params(),
+    });
+    let (code, problems) = match soak::run(&cfg) {
+        Ok((body, problems)) => {
+            if let (Value::Object(d), Value::Object(b)) = (&mut doc, body) {
+                d.extend(b);
+            }
+            let code = if problems.is_empty() { 0 } else { 2 };
+            (code, problems)
+        }
+        Err(e) => {
+            doc["error"] = json!(e);
+            (1, vec![e])
+        }
+    };
+    doc["wall_s"] = json!(clock::secs(mono_ns() - t_start));
+    doc["ok"] = json!(problems.is_empty());
+    doc["problems"] = json!(problems);
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    match out {
+        Some(path) => std::fs::write(&path, text + "\n").map_err(|e| format!("{path}: {e}"))?,
+        None => println!("{text}"),
+    }
+    if !cfg.quiet {
+        for p in &problems {
+            eprintln!("loadgen: PROBLEM: {p}");
+        }
+    }
+    Ok(code)
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     std::process::exit(match real_main(&argv) {
@@ -609,6 +712,9 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
         return Ok(0);
     }
     let common = parse_common(&a)?;
+    if scenario == "soak" {
+        return run_soak(&a, &common);
+    }
     let (plan, params) = parse_plan(&scenario, &a, &common)?;
     let procs: u32 = a.get("procs", 1)?;
     let shard = a.opt_str("shard");

@@ -316,6 +316,49 @@ impl<U> Net<U> {
         }
     }
 
+    /// Starts a clean close: sends a close frame (1000) and keeps the connection until the
+    /// server's close frame (reported as `Ev::Closed`) or EOF. Returns false when there is no
+    /// open connection in `slot`.
+    pub fn start_close(&mut self, slot: usize) -> bool {
+        match self.conns.get_mut(slot).and_then(|c| c.as_mut()) {
+            Some(c) if c.state == State::Open && !c.sent_close => {
+                c.sent_close = true;
+                c.send_frame(0x8, &1000u16.to_be_bytes());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops the connection without a close frame: the kernel sends a FIN, or with `reset`
+    /// (SO_LINGER 0) a RST, as a crashed or unplugged client would.
+    pub fn drop_conn(&mut self, slot: usize, reset: bool) {
+        if let Some(mut c) = self.conns.get_mut(slot).and_then(|c| c.take()) {
+            if reset {
+                use std::os::fd::AsRawFd;
+                let lg = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: setsockopt on the socket we own, with a pointer to a local linger.
+                unsafe {
+                    libc::setsockopt(
+                        c.stream.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&lg as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
+            }
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            if c.state != State::Closed {
+                self.live -= 1;
+            }
+            self.free.push(slot);
+        }
+    }
+
     pub fn close_all(&mut self) {
         for slot in 0..self.conns.len() {
             self.close(slot);
