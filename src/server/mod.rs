@@ -55,6 +55,9 @@ const HANDSHAKE_SLACK: usize = 256;
 /// The capacity a connection's output buffer starts with when something is queued.
 const OUT_BUFFER_START: usize = 4096;
 
+/// How soon after the traffic stops the output buffers kept for busy connections are freed.
+const BUFFER_RELEASE_DELAY: Duration = Duration::from_millis(100);
+
 /// The browser client, compiled in.
 const INDEX_HTML: &str = include_str!("../client/index.html");
 
@@ -95,6 +98,9 @@ pub struct Server {
     shutdown_at: Option<Instant>,
     /// Loop turns so far (starts at 1).
     iteration: u64,
+    /// Connections that kept their output buffer on the last turn, and on this one.
+    kept: Vec<usize>,
+    kept_now: Vec<usize>,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -153,6 +159,15 @@ fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Returns free heap memory to the system (glibc keeps it otherwise, fragmented by bursts).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -216,6 +231,8 @@ impl Server {
             started: Instant::now(),
             shutdown_at: None,
             iteration: 1,
+            kept: Vec::new(),
+            kept_now: Vec::new(),
         })
     }
 
@@ -728,6 +745,7 @@ impl Server {
                         continue;
                     }
                 }
+                Flushed::Done if c.out.capacity() > 0 => self.kept_now.push(id),
                 _ => {}
             }
             let wanted = c.wanted_interest();
@@ -738,6 +756,23 @@ impl Server {
                     .registry()
                     .reregister(&mut c.stream, Token(id), wanted);
             }
+        }
+        // A connection kept its buffer because it was busy; one that was not written on this
+        // turn is busy no more and gives it back.
+        let mut released = false;
+        for id in std::mem::take(&mut self.kept) {
+            if let Some(c) = self.conns.get_mut(id)
+                && c.drained_on != self.iteration
+                && c.pending() == 0
+            {
+                c.out = Vec::new();
+                released = true;
+            }
+        }
+        std::mem::swap(&mut self.kept, &mut self.kept_now);
+        if released && self.kept.is_empty() {
+            // The traffic stopped: hand the heap a burst left behind back to the system.
+            trim_heap();
         }
     }
 
@@ -764,7 +799,13 @@ impl Server {
     // ----- timers -----
 
     fn next_timeout(&mut self) -> Option<Duration> {
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let mut timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        if !self.kept.is_empty() {
+            // One more turn soon, so that buffers kept for busy connections are given back
+            // once the traffic stops (an idle server then sleeps with none).
+            let release = Instant::now() + BUFFER_RELEASE_DELAY;
+            timer = Some(timer.map_or(release, |t| t.min(release)));
+        }
         let next = match (timer, self.shutdown_at) {
             (Some(t), Some(s)) => t.min(s),
             (t, s) => t.or(s)?,
