@@ -65,6 +65,18 @@ impl T {
             },
         }
     }
+    /// Member `a` on connection 1 has sent ten messages to `general` (ids 1 to 10).
+    fn with_ten_messages(cfg: Config) -> T {
+        let mut t = T::with(Config {
+            rate_burst: 1000,
+            ..cfg
+        });
+        t.connect(1, Some("a"));
+        for i in 0..10 {
+            t.send(1, json!({"command":"broadcast","message":format!("{i}")}));
+        }
+        t
+    }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
         self.chat.connect(self.now, conn, name, None, &mut self.out);
     }
@@ -340,32 +352,20 @@ fn join_creates_rooms_and_sends_history() {
 
 #[test]
 fn resume_is_capped_and_says_more() {
-    let cfg = Config {
+    let mut t = T::with_ten_messages(Config {
         resume_cap: 3,
-        rate_burst: 1000,
         ..Config::default()
-    };
-    let mut t = T::with(cfg);
-    t.connect(1, Some("a"));
-    for i in 0..10 {
-        t.send(1, json!({"command":"broadcast","message":format!("{i}")}));
-    }
+    });
     let h = t.ask(1, json!({"command":"join","room":"general","since":2}));
     assert_eq!((ids(&h), h["more"].as_bool()), (vec![3, 4, 5], Some(true)));
 }
 
 #[test]
 fn history_pages_backwards_with_honest_more_and_a_cap() {
-    let cfg = Config {
+    let mut t = T::with_ten_messages(Config {
         history_page_cap: 4,
-        rate_burst: 1000,
         ..Config::default()
-    };
-    let mut t = T::with(cfg);
-    t.connect(1, Some("a"));
-    for i in 0..10 {
-        t.send(1, json!({"command":"broadcast","message":format!("{i}")}));
-    }
+    });
     let p = t.ask(1, json!({"command":"history","room":"general","limit":3}));
     assert_eq!((ids(&p), p["more"].as_bool()), (vec![8, 9, 10], Some(true)));
     let p = t.ask(

@@ -48,16 +48,8 @@ pub(crate) fn apply<O: Outbox>(
         if let Some(&first) = chat.dedup.get(&(room.to_string(), msg_id.clone())) {
             // A repeat: not delivered or stored again; the ack names the first id. The first
             // copy's ack may still be waiting for the disk, so this one waits behind it.
-            if let Some(request_id) = cx.request_id {
-                let json = Event::Ack {
-                    request_id,
-                    room,
-                    id: Some(first),
-                }
-                .to_json();
-                let ticket = chat.store.durable().max(chat.last_ticket);
-                chat.ack_when_durable(cx.conn, ticket, json);
-            }
+            let ticket = chat.last_ticket;
+            ack_when_durable(chat, cx, room, first, ticket);
             return Ok(());
         }
     }
@@ -101,6 +93,12 @@ pub(crate) fn apply<O: Outbox>(
     if let Some(msg_id) = args.msg_id {
         chat.remember_msg_id(cx.now.mono, room, &msg_id, id);
     }
+    ack_when_durable(chat, cx, room, id, ticket);
+    Ok(())
+}
+
+/// With a `request_id`, queues the `ack` naming `id`, sent once the store holds `ticket`.
+fn ack_when_durable<O: Outbox>(chat: &mut Chat, cx: &Cx<'_, O>, room: &str, id: u64, ticket: u64) {
     if let Some(request_id) = cx.request_id {
         let json = Event::Ack {
             request_id,
@@ -110,5 +108,4 @@ pub(crate) fn apply<O: Outbox>(
         .to_json();
         chat.ack_when_durable(cx.conn, ticket, json);
     }
-    Ok(())
 }
