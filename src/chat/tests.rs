@@ -77,6 +77,17 @@ impl T {
         }
         t
     }
+    /// A chat whose store is durable only up to the ticket the returned cell holds.
+    fn with_slow_store() -> (T, std::rc::Rc<std::cell::Cell<u64>>) {
+        let durable = std::rc::Rc::new(std::cell::Cell::new(0));
+        let store = SlowStore {
+            inner: MemoryStore::new(10),
+            durable: durable.clone(),
+        };
+        let mut t = T::new();
+        t.chat = Chat::new(Config::default(), Box::new(store));
+        (t, durable)
+    }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
         self.chat.connect(self.now, conn, name, None, &mut self.out);
     }
@@ -607,55 +618,37 @@ impl HistoryStore for SlowStore {
 
 #[test]
 fn ack_waits_for_the_store_but_delivery_does_not() {
-    let durable = std::rc::Rc::new(std::cell::Cell::new(0));
-    let store = SlowStore {
-        inner: MemoryStore::new(10),
-        durable: durable.clone(),
-    };
-    let mut chat = Chat::new(Config::default(), Box::new(store));
-    let mut out = Rec::default();
-    let now = Now {
-        mono: Instant::now(),
-        unix_ms: 1,
-    };
-    chat.connect(now, 1, Some("a"), None, &mut out);
-    chat.connect(now, 2, Some("b"), None, &mut out);
+    let (mut t, durable) = T::with_slow_store();
+    let (chat, out, now) = (&mut t.chat, &mut t.out, t.now);
+    chat.connect(now, 1, Some("a"), None, out);
+    chat.connect(now, 2, Some("b"), None, out);
     out.sent.clear();
     for r in ["r1", "r2"] {
         let cmd = json!({"command":"broadcast","message":"m","request_id":r}).to_string();
-        chat.handle_text(now, 1, &cmd, &mut out);
+        chat.handle_text(now, 1, &cmd, out);
     }
     assert_eq!(out.events(2, "broadcast").len(), 2, "delivered at once");
     assert!(out.events(1, "ack").is_empty(), "not durable, not acked");
     durable.set(1);
-    chat.release_acks(&mut out);
+    chat.release_acks(out);
     let acks = out.events(1, "ack");
     assert_eq!(acks.len(), 1);
     assert_eq!(acks[0]["request_id"], "r1");
-    chat.flush(&mut out);
+    chat.flush(out);
     assert_eq!(out.events(1, "ack")[0]["request_id"], "r2");
 }
 
 #[test]
 fn acks_are_not_sent_to_a_later_member_on_the_same_connection() {
-    let durable = std::rc::Rc::new(std::cell::Cell::new(0));
-    let store = SlowStore {
-        inner: MemoryStore::new(10),
-        durable: durable.clone(),
-    };
-    let mut chat = Chat::new(Config::default(), Box::new(store));
-    let mut out = Rec::default();
-    let now = Now {
-        mono: Instant::now(),
-        unix_ms: 1,
-    };
-    chat.connect(now, 1, Some("a"), None, &mut out);
+    let (mut t, durable) = T::with_slow_store();
+    let (chat, out, now) = (&mut t.chat, &mut t.out, t.now);
+    chat.connect(now, 1, Some("a"), None, out);
     let cmd = json!({"command":"broadcast","message":"m","request_id":"r"}).to_string();
-    chat.handle_text(now, 1, &cmd, &mut out);
-    chat.disconnect(1, &mut out);
-    chat.connect(now, 1, Some("z"), None, &mut out);
+    chat.handle_text(now, 1, &cmd, out);
+    chat.disconnect(1, out);
+    chat.connect(now, 1, Some("z"), None, out);
     out.sent.clear();
-    chat.flush(&mut out);
+    chat.flush(out);
     assert!(out.events(1, "ack").is_empty());
 }
 
