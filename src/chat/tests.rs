@@ -640,7 +640,7 @@ fn ack_waits_for_the_store_but_delivery_does_not() {
 
 #[test]
 fn acks_are_not_sent_to_a_later_member_on_the_same_connection() {
-    let (mut t, durable) = T::with_slow_store();
+    let (mut t, _durable) = T::with_slow_store();
     let (chat, out, now) = (&mut t.chat, &mut t.out, t.now);
     chat.connect(now, 1, Some("a"), None, out);
     let cmd = json!({"command":"broadcast","message":"m","request_id":"r"}).to_string();
