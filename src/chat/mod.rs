@@ -7,7 +7,7 @@
 //! through the [`HistoryStore`] trait. Every command lives in its own file under `commands/`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::info;
 use tungstenite::protocol::frame::Frame;
@@ -590,11 +590,6 @@ impl Chat {
     /// Rooms in memory now.
     pub fn room_count(&self) -> usize {
         self.rooms.len()
-    }
-
-    /// The dedup window, for tests of expiry.
-    pub fn dedup_window(&self) -> Duration {
-        self.cfg.dedup_window
     }
 }
 

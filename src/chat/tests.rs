@@ -526,7 +526,7 @@ fn msg_id_makes_broadcasts_idempotent_within_the_window() {
         (Some(1), Some(1))
     );
     assert_eq!(t.chat.stats().broadcasts, 1, "stored once");
-    t.advance(t.chat.dedup_window() + Duration::from_secs(1));
+    t.advance(t.chat.config().dedup_window + Duration::from_secs(1));
     t.out.sent.clear();
     t.send(1, cmd);
     assert_eq!(

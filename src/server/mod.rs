@@ -461,31 +461,27 @@ impl Server {
     }
 
     fn route(&mut self, id: usize, head: Head, now: Instant) {
+        let get = head.method == "GET";
         let response = match head.path.as_str() {
-            "/health" if head.method == "GET" => Response::text(200, "ok"),
-            "/health" | "/" => Response::method_not_allowed("GET"),
-            "/ws" if head.method == "GET" => match self.upgrade(id, &head, now) {
+            "/health" if get => Response::text(200, "ok"),
+            "/" if get => {
+                let mut r = Response::text(200, INDEX_HTML);
+                r.content_type = "text/html; charset=utf-8";
+                r
+            }
+            "/ws" if get => match self.upgrade(id, &head, now) {
                 Ok(()) => return,
                 Err(r) => r,
             },
-            "/ws" => Response::method_not_allowed("GET"),
+            "/health" | "/" | "/ws" => Response::method_not_allowed("GET"),
             _ => {
                 let t = api::TransportStats {
                     connections: self.conns.len(),
                     uptime_secs: self.started.elapsed().as_secs(),
                 };
-                match api::route(&mut self.chat, &head, t) {
-                    Some(r) => r,
-                    None => Response::text(404, "not found\n"),
-                }
+                api::route(&mut self.chat, &head, t)
+                    .unwrap_or_else(|| Response::text(404, "not found\n"))
             }
-        };
-        let response = if head.path == "/" && head.method == "GET" {
-            let mut r = Response::text(200, INDEX_HTML);
-            r.content_type = "text/html; charset=utf-8";
-            r
-        } else {
-            response
         };
         self.respond(id, response, now);
     }
@@ -559,7 +555,7 @@ impl Server {
                 .map_err(|r| Response::text(r.status, format!("{}\n", r.reason)))?;
         }
 
-        let cfg = self.chat.config().clone();
+        let ping_interval = self.chat.config().ping_interval;
         let Some(c) = self.conns.get_mut(id) else {
             return Ok(());
         };
@@ -577,7 +573,7 @@ impl Server {
         c.counted = true;
         c.last_frame = now;
         c.last_command = now;
-        c.next_ping = now + cfg.ping_interval;
+        c.next_ping = now + ping_interval;
         c.expires_at = identity
             .as_ref()
             .and_then(|i| i.exp)

@@ -181,7 +181,8 @@ fn commit(conn: &mut Connection, batch: &[(u64, String, StoredMessage)]) -> rusq
     tx.commit()
 }
 
-/// Merges committed rows and pending messages of one room, unique by id, in `order`.
+/// Merges committed rows and pending messages of one room into one map by id: a message both
+/// committed and still pending (pruning is lazy) appears once.
 fn merge(
     rows: Vec<StoredMessage>,
     pending: impl Iterator<Item = StoredMessage>,
