@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use chatterbox::chat::protocol::{Command, ErrorCode, decode};
-use chatterbox::chat::{Chat, ConnId, Now, Outbox, Payload};
+use chatterbox::chat::{Chat, ConnId, Now, Recorder};
 use chatterbox::config::Config;
 use chatterbox::server::http::{BadEscape, Parsed, parse, percent_decode};
 use chatterbox::store::memory::MemoryStore;
@@ -164,25 +164,9 @@ fn request_id_counts_characters_not_bytes() {
 
 // ----- the chat core: errors reach the sender only, and change nothing -----
 
-#[derive(Default)]
-struct Rec {
-    sent: Vec<(ConnId, Value)>,
-    closed: Vec<(ConnId, u16)>,
-}
-
-impl Outbox for Rec {
-    fn send(&mut self, to: ConnId, payload: &Payload) {
-        let v = serde_json::from_str(payload.json()).expect("events are JSON");
-        self.sent.push((to, v));
-    }
-    fn close(&mut self, to: ConnId, code: u16, _reason: &'static str) {
-        self.closed.push((to, code));
-    }
-}
-
 struct Session {
     chat: Chat,
-    out: Rec,
+    out: Recorder,
     now: Now,
 }
 
@@ -196,7 +180,7 @@ impl Session {
         let store = MemoryStore::new(cfg.memory_history_per_room);
         let mut s = Session {
             chat: Chat::new(cfg, Box::new(store)),
-            out: Rec::default(),
+            out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
                 unix_ms: 1_700_000_000_000,
@@ -433,7 +417,7 @@ fn caps_at_usize_max_do_not_overflow() {
         ..Config::default()
     };
     let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(100)));
-    let mut out = Rec::default();
+    let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),
         unix_ms: 1,
@@ -474,7 +458,7 @@ fn ids_are_not_reused_after_many_rooms() {
         ..Config::default()
     };
     let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(1)));
-    let mut out = Rec::default();
+    let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),
         unix_ms: 1,

@@ -17,8 +17,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
-use chatterbox::chat::protocol::{Command, decode};
-use chatterbox::chat::{Chat, ConnId, Now, Outbox, Payload};
+use chatterbox::chat::protocol::{COMMAND_NAMES, Command, decode};
+use chatterbox::chat::{Chat, ConnId, Now, Recorder};
 use chatterbox::config::Config;
 use chatterbox::store::memory::MemoryStore;
 use chatterbox::store::{HistoryStore, Page, Query, StoredMessage};
@@ -64,27 +64,6 @@ impl HistoryStore for RecStore {
     }
     fn flush(&mut self) {
         self.inner.flush();
-    }
-}
-
-#[derive(Default)]
-struct Rec {
-    sent: Vec<(ConnId, Value)>,
-    closed: Vec<(ConnId, u16)>,
-}
-
-impl Outbox for Rec {
-    fn send(&mut self, to: ConnId, payload: &Payload) {
-        assert_eq!(payload.bytes()[0], 0x81, "a final text frame");
-        let v: Value = serde_json::from_str(payload.json()).expect("events are JSON");
-        assert!(
-            v.get("event").and_then(Value::as_str).is_some(),
-            "event without a name: {v}"
-        );
-        self.sent.push((to, v));
-    }
-    fn close(&mut self, to: ConnId, code: u16, _reason: &'static str) {
-        self.closed.push((to, code));
     }
 }
 
@@ -190,20 +169,8 @@ struct Input {
     ops: Vec<Op>,
 }
 
-const COMMANDS: &[&str] = &[
-    "me",
-    "list",
-    "broadcast",
-    "join",
-    "leave",
-    "rooms",
-    "history",
-    "direct",
-    "ping",
-    "fly",
-    "",
-    "BROADCAST",
-];
+/// Names that are no command (unknown, empty, wrong case), besides the real ones.
+const NOT_COMMANDS: &[&str] = &["fly", "", "BROADCAST"];
 const KEYS: &[&str] = &[
     "room",
     "message",
@@ -276,11 +243,15 @@ fn val(v: &Val, chars: usize, depth: u32) -> Value {
 
 fn frame_text(f: &Frame, chars: usize) -> String {
     let mut map = Map::new();
-    match f.command as usize % (COMMANDS.len() + 2) {
-        n if n < COMMANDS.len() => {
-            map.insert("command".into(), COMMANDS[n].into());
+    let names = COMMAND_NAMES.len() + NOT_COMMANDS.len();
+    match f.command as usize % (names + 2) {
+        n if n < names => {
+            let name = COMMAND_NAMES
+                .get(n)
+                .unwrap_or_else(|| &NOT_COMMANDS[n - COMMAND_NAMES.len()]);
+            map.insert("command".into(), (*name).into());
         }
-        n if n == COMMANDS.len() => {
+        n if n == names => {
             map.insert("command".into(), 7.into());
         }
         _ => {}
@@ -392,7 +363,7 @@ struct Member {
 
 struct World {
     chat: Chat,
-    out: Rec,
+    out: Recorder,
     now: Now,
     appends: Appends,
     /// Appends already checked.
@@ -450,7 +421,7 @@ impl World {
         };
         World {
             chat: Chat::new(cfg.clone(), Box::new(store)),
-            out: Rec::default(),
+            out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
                 unix_ms: 1_700_000_000_000,
@@ -543,7 +514,9 @@ impl World {
             if Some(to) == actor {
                 outcome.to_actor += 1;
             }
-            let name = ev["event"].as_str().unwrap_or_default();
+            let name = ev["event"]
+                .as_str()
+                .unwrap_or_else(|| panic!("an event without a name: {ev}"));
             let for_actor_only = || {
                 assert_eq!(Some(to), actor, "{ev} went to someone else");
             };
@@ -655,7 +628,7 @@ impl World {
             assert!(left.is_empty(), "{room}#{id} never reached {left:?}");
         }
 
-        for (to, code) in std::mem::take(&mut self.out.closed) {
+        for (to, code, _) in std::mem::take(&mut self.out.closed) {
             assert_eq!(Some(to), actor, "closed a bystander");
             assert_eq!(code, 1008, "only flooding closes from the core");
             outcome.closed = true;

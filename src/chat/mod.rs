@@ -88,6 +88,46 @@ pub trait Outbox {
     fn room_published(&mut self, _room: &str, _payload: &Payload) {}
 }
 
+/// An [`Outbox`] that keeps every event as JSON and every close, by connection: for driving the
+/// core in memory (tests, fuzzing, or embedding the core without a transport).
+#[derive(Debug, Default)]
+pub struct Recorder {
+    /// Events in the order they were sent, with their connection.
+    pub sent: Vec<(ConnId, serde_json::Value)>,
+    /// Closes asked for: connection, close code, reason.
+    pub closed: Vec<(ConnId, u16, &'static str)>,
+}
+
+impl Outbox for Recorder {
+    fn send(&mut self, to: ConnId, payload: &Payload) {
+        // The core only frames JSON it serialized itself, so this always parses.
+        let event = serde_json::from_str(payload.json()).unwrap_or_default();
+        self.sent.push((to, event));
+    }
+    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
+        self.closed.push((to, code, reason));
+    }
+}
+
+impl Recorder {
+    /// Takes every event `conn` received so far, in order.
+    pub fn take(&mut self, conn: ConnId) -> Vec<serde_json::Value> {
+        let (mine, rest) = std::mem::take(&mut self.sent)
+            .into_iter()
+            .partition(|(c, _)| *c == conn);
+        self.sent = rest;
+        mine.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Takes what `conn` received so far and keeps the events named `event`.
+    pub fn events(&mut self, conn: ConnId, event: &str) -> Vec<serde_json::Value> {
+        self.take(conn)
+            .into_iter()
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+}
+
 /// Why a connection was refused before the upgrade: an HTTP status and a short text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {

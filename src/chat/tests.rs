@@ -8,45 +8,9 @@ use super::*;
 use crate::store::StoredMessage;
 use crate::store::memory::MemoryStore;
 
-/// Records what the core sends and closes.
-#[derive(Default)]
-struct Rec {
-    sent: Vec<(ConnId, Value)>,
-    closed: Vec<(ConnId, u16, &'static str)>,
-}
-
-impl Outbox for Rec {
-    fn send(&mut self, to: ConnId, payload: &Payload) {
-        self.sent.push((
-            to,
-            serde_json::from_str(payload.json()).expect("events are JSON"),
-        ));
-    }
-    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
-        self.closed.push((to, code, reason));
-    }
-}
-
-impl Rec {
-    /// Takes what `conn` received so far.
-    fn take(&mut self, conn: ConnId) -> Vec<Value> {
-        let (mine, rest) = std::mem::take(&mut self.sent)
-            .into_iter()
-            .partition(|(c, _)| *c == conn);
-        self.sent = rest;
-        mine.into_iter().map(|(_, v)| v).collect()
-    }
-    fn events(&mut self, conn: ConnId, event: &str) -> Vec<Value> {
-        self.take(conn)
-            .into_iter()
-            .filter(|v| v["event"] == event)
-            .collect()
-    }
-}
-
 struct T {
     chat: Chat,
-    out: Rec,
+    out: Recorder,
     now: Now,
 }
 
@@ -58,7 +22,7 @@ impl T {
         let per_room = cfg.memory_history_per_room;
         T {
             chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room))),
-            out: Rec::default(),
+            out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
                 unix_ms: 1_700_000_000_000,
@@ -130,6 +94,26 @@ fn ids(v: &Value) -> Vec<u64> {
         .iter()
         .map(|m| m["id"].as_u64().unwrap())
         .collect()
+}
+
+#[test]
+fn payloads_are_one_final_unmasked_text_frame() {
+    let p = Payload::new(r#"{"event":"pong","ts":1}"#);
+    assert_eq!(
+        &p.bytes()[..2],
+        &[0x81, 23],
+        "FIN + text, unmasked, 7-bit length"
+    );
+    assert_eq!(p.json(), r#"{"event":"pong","ts":1}"#);
+    let long = format!(r#"{{"event":"system","message":"{}"}}"#, "x".repeat(300));
+    let p = Payload::new(&long);
+    let len = (long.len() as u16).to_be_bytes();
+    assert_eq!(
+        &p.bytes()[..4],
+        &[0x81, 126, len[0], len[1]],
+        "16-bit length past 125 bytes"
+    );
+    assert_eq!(p.json(), long);
 }
 
 #[test]
