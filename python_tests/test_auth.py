@@ -49,6 +49,7 @@ async def test_token_gives_identity_and_never_reaches_the_logs(server_factory):
 
 async def test_without_a_secret_the_server_is_open(server):
     c = await Client.joined(server, "anyone")
+    assert c.name == "anyone" and c.id, "welcomed with the asked-for name and an id"
     await c.close()
 
 
