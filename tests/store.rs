@@ -11,7 +11,7 @@ fn msg(id: u64) -> StoredMessage {
         message: format!("text {id}"),
         ts: 1000 + id,
         data: (id % 2 == 0)
-            .then(|| json!({"n": id, "nested": [1, {"a": null}], "s": "é\u{1F600}"})),
+            .then(|| json!({"n": id, "nested": [1, {"a": null}], "s": "é\u{1F600}"}).into()),
     }
 }
 

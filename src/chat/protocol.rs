@@ -5,6 +5,7 @@
 //! (`bad_json`), its `command` must be known (`unknown_command`), its fields must fit (`invalid`).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::store::StoredMessage;
@@ -29,8 +30,9 @@ pub enum Command {
         message: String,
         /// Target room (default `general`).
         room: Option<String>,
-        /// Any JSON, relayed and stored verbatim.
-        data: Option<Value>,
+        /// Any JSON, relayed and stored as the bytes sent (filled in by [`decode`]).
+        #[serde(skip_deserializing)]
+        data: Option<RawJson>,
         /// Whether the sender gets its own message (default true).
         echo: Option<bool>,
         /// Idempotency key.
@@ -67,8 +69,9 @@ pub enum Command {
         to: String,
         /// The text.
         message: String,
-        /// Any JSON, relayed verbatim.
-        data: Option<Value>,
+        /// Any JSON, relayed as the bytes sent (filled in by [`decode`]).
+        #[serde(skip_deserializing)]
+        data: Option<RawJson>,
     },
     /// Liveness check.
     Ping,
@@ -156,10 +159,18 @@ pub fn decode(text: &str) -> Request {
         }
         Some(_) => return Request::error(None, ErrorCode::Invalid, "request_id must be a string"),
     };
+    let has_data = map.contains_key("data");
     let command = match map.get("command") {
         Some(Value::String(name)) if COMMAND_NAMES.contains(&name.as_str()) => {
             serde_json::from_value::<Command>(Value::Object(map))
                 .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))
+                .and_then(|c| {
+                    if has_data {
+                        with_raw_data(c, text)
+                    } else {
+                        Ok(c)
+                    }
+                })
         }
         Some(Value::String(name)) => Err(CommandError::new(
             ErrorCode::UnknownCommand,
@@ -177,6 +188,56 @@ pub fn decode(text: &str) -> Request {
     Request {
         request_id,
         command,
+    }
+}
+
+/// Reads `data` again from the frame's text, as the client wrote it. The parsed map above has
+/// already turned `-0` into `-0.0`, `1e-400` into `0.0` and long integers into floats, and an
+/// internally tagged enum cannot hold raw JSON, so the one field is read on its own.
+fn with_raw_data(mut command: Command, text: &str) -> Result<Command, CommandError> {
+    #[derive(Deserialize)]
+    struct DataOnly {
+        data: Option<RawJson>,
+    }
+    if let Command::Broadcast { data, .. } | Command::Direct { data, .. } = &mut command {
+        *data = serde_json::from_str::<DataOnly>(text)
+            .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))?
+            .data;
+    }
+    Ok(command)
+}
+
+/// A JSON value kept as the exact text the client sent it in (no whitespace around it, every
+/// byte inside as it came): `data` is relayed and stored verbatim, so numbers like `-0`,
+/// `1e-400` or `123456789012345678901234567890` and repeated keys come back unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// Checks that `text` is one JSON value and keeps it as it is; `None` when it is not JSON.
+    pub fn from_text(text: String) -> Option<Self> {
+        RawValue::from_string(text).ok().map(RawJson)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+/// Two raw values are equal when their bytes are.
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+/// Serializes a parsed value (compactly): for tests and tools that build `data` in code.
+impl From<Value> for RawJson {
+    fn from(v: Value) -> Self {
+        // A `Value` always serializes, and serializes to valid JSON.
+        RawJson(serde_json::value::to_raw_value(&v).expect("a Value serializes"))
     }
 }
 
@@ -251,7 +312,7 @@ pub enum Event<'a> {
         ts: Option<u64>,
         /// Attached JSON.
         #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<&'a Value>,
+        data: Option<&'a RawJson>,
         /// Who joined (join notices).
         #[serde(skip_serializing_if = "Option::is_none")]
         joined: Option<&'a str>,
@@ -302,7 +363,7 @@ pub enum Event<'a> {
         ts: u64,
         /// Attached JSON.
         #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<&'a Value>,
+        data: Option<&'a RawJson>,
         /// Echoed request id (the sender's copy only).
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
@@ -412,6 +473,41 @@ mod tests {
         assert_eq!(
             code(r#"{"command":"me","request_id":1}"#),
             ErrorCode::Invalid
+        );
+    }
+
+    #[test]
+    fn data_keeps_the_bytes_sent_and_is_still_checked() {
+        for raw in [
+            "-0",
+            "1e-400",
+            "123456789012345678901234567890",
+            r#"{"a":1,"a":2}"#,
+        ] {
+            let text = format!(r#"{{"command":"broadcast","message":"m","data":{raw}}}"#);
+            match decode(&text).command.unwrap() {
+                Command::Broadcast { data, .. } => assert_eq!(data.unwrap().get(), raw),
+                other => panic!("{other:?}"),
+            }
+            let text = format!(r#"{{"command":"direct","to":"b","message":"m","data":{raw}}}"#);
+            match decode(&text).command.unwrap() {
+                Command::Direct { data, .. } => assert_eq!(data.unwrap().get(), raw),
+                other => panic!("{other:?}"),
+            }
+        }
+        let absent = decode(r#"{"command":"broadcast","message":"m","data":null}"#);
+        assert!(matches!(
+            absent.command.unwrap(),
+            Command::Broadcast { data: None, .. }
+        ));
+        assert_eq!(
+            code(r#"{"command":"broadcast","message":"m","data":[1,}"#),
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            code(r#"{"command":"broadcast","message":"m","data":1,"data":2}"#),
+            ErrorCode::Invalid,
+            "a repeated data field is ambiguous"
         );
     }
 

@@ -7,7 +7,8 @@
 //! callback, so the event loop never waits for the disk.
 
 use serde::Serialize;
-use serde_json::Value;
+
+use crate::chat::protocol::RawJson;
 
 pub mod memory;
 #[cfg(feature = "sqlite")]
@@ -26,7 +27,7 @@ pub struct StoredMessage {
     pub ts: u64,
     /// The JSON the sender attached, verbatim.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
+    pub data: Option<RawJson>,
 }
 
 /// Which part of a room's history a page covers.
@@ -130,6 +131,6 @@ pub(crate) fn test_message(id: u64) -> StoredMessage {
         member: "m".into(),
         message: format!("text {id}"),
         ts: 1000 + id,
-        data: (id % 2 == 0).then(|| serde_json::json!({"n": id})),
+        data: (id % 2 == 0).then(|| serde_json::json!({"n": id}).into()),
     }
 }

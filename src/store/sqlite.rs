@@ -17,6 +17,7 @@ use log::{error, warn};
 use rusqlite::{Connection, OpenFlags, params};
 
 use super::{HistoryStore, Page, Query, StoredMessage, page_from_asc, page_from_desc};
+use crate::chat::protocol::RawJson;
 
 /// Most messages written in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -107,7 +108,7 @@ impl SqliteStore {
                     member: row.get(1)?,
                     message: row.get(2)?,
                     ts: row.get::<_, i64>(3)? as u64,
-                    data: data.and_then(|d| serde_json::from_str(&d).ok()),
+                    data: data.and_then(RawJson::from_text),
                 })
             })?;
             rows.collect()
@@ -167,7 +168,7 @@ fn commit(conn: &mut Connection, batch: &[(u64, String, StoredMessage)]) -> rusq
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for (_, room, m) in batch {
-            let data = m.data.as_ref().map(|d| d.to_string());
+            let data = m.data.as_ref().map(RawJson::get);
             stmt.execute(params![
                 room,
                 m.id as i64,

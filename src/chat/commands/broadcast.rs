@@ -4,9 +4,7 @@
 //! output, and appended to the history store. Delivery does not wait for the store; the `ack`
 //! does (see [`Chat::ack_when_durable`]).
 
-use serde_json::Value;
-
-use crate::chat::protocol::{CommandError, ErrorCode, Event};
+use crate::chat::protocol::{CommandError, ErrorCode, Event, RawJson};
 use crate::chat::{Chat, Cx, DEFAULT_ROOM, Outbox, Payload, validate};
 use crate::store::StoredMessage;
 
@@ -14,7 +12,7 @@ use crate::store::StoredMessage;
 pub(crate) struct Args {
     pub(crate) message: String,
     pub(crate) room: Option<String>,
-    pub(crate) data: Option<Value>,
+    pub(crate) data: Option<RawJson>,
     pub(crate) echo: bool,
     pub(crate) msg_id: Option<String>,
 }

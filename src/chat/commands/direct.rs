@@ -1,8 +1,6 @@
 //! `direct`: a message to one member by name, delivered to both ends, never stored.
 
-use serde_json::Value;
-
-use crate::chat::protocol::{CommandError, ErrorCode, Event};
+use crate::chat::protocol::{CommandError, ErrorCode, Event, RawJson};
 use crate::chat::{Chat, Cx, Outbox, validate};
 
 pub(crate) fn apply<O: Outbox>(
@@ -10,7 +8,7 @@ pub(crate) fn apply<O: Outbox>(
     cx: &mut Cx<'_, O>,
     to: &str,
     message: &str,
-    data: Option<&Value>,
+    data: Option<&RawJson>,
 ) -> Result<(), CommandError> {
     validate::message_text(message, chat.cfg.max_message_chars)?;
     let not_found = || CommandError::new(ErrorCode::NotFound, format!("no member named '{to}'"));
