@@ -167,6 +167,14 @@ settings! {
     jwt_secret: String = String::new(), "jwt-secret", "JWT_SECRET";
     /// Seconds a shutdown waits for clients to take their close frame before exiting.
     shutdown_grace: Duration = Duration::from_secs(2), "shutdown-grace", "SHUTDOWN_GRACE";
+    // ----- chat core: reply and state bounds (issue 9) -----
+    /// Bytes of JSON the messages of one history page may take (join, `history`, the REST
+    /// page); older (or, for `since`, newer) messages wait for the next page, `more` is true.
+    /// A page always holds one message. At most half of `--max-pending-output`.
+    max_page_bytes: usize = 64 * 1024, "max-page-bytes", "MAX_PAGE_BYTES";
+    /// `msg_id`s remembered for deduplication, in all rooms together (~400 bytes each); past
+    /// it the oldest are forgotten first, so a retry of those may be delivered again.
+    max_dedup_entries: usize = 100_000, "max-dedup-entries", "MAX_DEDUP_ENTRIES";
 }
 
 /// What the command line asked for.
@@ -251,6 +259,18 @@ impl Config {
                 return Err(format!("--{flag} must be at most {MAX_MESSAGES}"));
             }
         }
+        // A page must fit twice into the output bound, so that a page and the room traffic
+        // around it never close the member who asked for it.
+        let half = self.max_pending_output / 2;
+        if self.max_page_bytes == 0 || self.max_page_bytes > half {
+            return Err(format!(
+                "--max-page-bytes must be from 1 to half of --max-pending-output ({half})"
+            ));
+        }
+        const MAX_DEDUP: usize = 10_000_000;
+        if self.max_dedup_entries == 0 || self.max_dedup_entries > MAX_DEDUP {
+            return Err(format!("--max-dedup-entries must be from 1 to {MAX_DEDUP}"));
+        }
         Ok(())
     }
 
@@ -332,6 +352,30 @@ mod tests {
         assert!(run(&["--max-frame-size", "0"], &[]).is_err());
         assert!(run(&["--resume-cap", "18446744073709551615"], &[]).is_err());
         assert!(run(&[], &[("PORT", "-1")]).unwrap_err().starts_with("PORT"));
+    }
+
+    #[test]
+    fn page_bytes_and_dedup_entries_are_range_checked() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!((c.max_page_bytes, c.max_dedup_entries), (65_536, 100_000));
+        assert!(run(&["--max-page-bytes", "0"], &[]).is_err());
+        let e = run(&["--max-pending-output", "100000"], &[]).unwrap_err();
+        assert!(e.contains("--max-page-bytes"), "{e}");
+        assert!(
+            run(
+                &[
+                    "--max-pending-output",
+                    "100000",
+                    "--max-page-bytes",
+                    "50000"
+                ],
+                &[]
+            )
+            .is_ok()
+        );
+        assert!(run(&["--max-dedup-entries", "0"], &[]).is_err());
+        assert!(run(&["--max-dedup-entries", "10000001"], &[]).is_err());
+        assert!(run(&[], &[("MAX_DEDUP_ENTRIES", "5")]).is_ok());
     }
 
     #[test]

@@ -79,8 +79,14 @@ impl Payload {
 /// across processes: every room delivery passes through [`Outbox::send`] after
 /// [`Outbox::room_published`], and every stored message through the store.
 pub trait Outbox {
-    /// Queue a frame to one connection.
+    /// Queue a frame to one connection: room traffic and anything else it did not ask for.
     fn send(&mut self, to: ConnId, payload: &Payload);
+    /// Queue the answer to a connection's own command (or its welcome). The transport must not
+    /// close a connection for a reply that meets an output buffer within its bound, however big
+    /// the reply is: the server chose its size. Defaults to [`Outbox::send`].
+    fn reply(&mut self, to: ConnId, payload: &Payload) {
+        self.send(to, payload);
+    }
     /// Close a connection with a WebSocket close code. The core has already removed its member.
     fn close(&mut self, to: ConnId, code: u16, reason: &'static str);
     /// A member message was published to a room (after local delivery). Single-process servers
@@ -425,12 +431,19 @@ impl Chat {
 
     // ----- helpers shared by the commands -----
 
+    /// Sends an event to `to` as a reply: the answer to its own command, or its welcome.
     pub(crate) fn send_event(&mut self, to: ConnId, event: &Event<'_>, out: &mut impl Outbox) {
         self.send_json(to, &event.to_json(), out);
     }
 
-    /// Sends an event already serialized (when building it borrows the chat).
+    /// Sends a reply already serialized (when building it borrows the chat).
     pub(crate) fn send_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
+        self.stats.messages_out += 1;
+        out.reply(to, &Payload::new(json));
+    }
+
+    /// Sends an event `to` did not ask for (a direct message from someone else).
+    pub(crate) fn deliver_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
         self.stats.messages_out += 1;
         out.send(to, &Payload::new(json));
     }
@@ -530,9 +543,18 @@ impl Chat {
         }
     }
 
-    /// Remembers `msg_id` in `room` for the dedup window; forgets expired ones.
+    /// Remembers `msg_id` in `room` for the dedup window; forgets expired ones, and, at
+    /// `--max-dedup-entries`, the oldest ones: the map holds at most that many, whoever sent
+    /// them (one client at the rate limit could otherwise hold ~1 GB of them). A retry of a
+    /// forgotten `msg_id` is delivered again, as after the window. Each step is O(1).
     pub(crate) fn remember_msg_id(&mut self, now: Instant, room: &str, msg_id: &str, id: u64) {
         self.expire_dedup(now);
+        while self.dedup.len() >= self.cfg.max_dedup_entries {
+            let Some((_, oldest)) = self.dedup_expiry.pop_front() else {
+                break;
+            };
+            self.dedup.remove(&oldest);
+        }
         let key = (room.to_string(), msg_id.to_string());
         self.dedup.insert(key.clone(), id);
         self.dedup_expiry
@@ -602,7 +624,15 @@ impl Chat {
             return None;
         }
         let limit = self.page_limit(limit);
-        Some(self.store.page(room, Query::Before { before, limit }))
+        Some(self.read_page(room, Query::Before { before, limit }))
+    }
+
+    /// A page of `room` from the store, cut to `--max-page-bytes` (see [`cut_page`]).
+    pub(crate) fn read_page(&mut self, room: &str, query: Query) -> Page {
+        let mut page = self.store.page(room, query);
+        let backwards = matches!(query, Query::Before { .. });
+        cut_page(&mut page, self.cfg.max_page_bytes, backwards);
+        page
     }
 
     pub(crate) fn page_limit(&self, limit: Option<u64>) -> usize {
@@ -633,5 +663,59 @@ impl Chat {
     }
 }
 
+/// Cuts `page` so that its messages take at most `max_bytes` of JSON (a comma each included),
+/// keeping at least one message. A backward page keeps its newest messages, a forward one its
+/// oldest, so the next page (`before` the first id, `since` the last) continues at the cut.
+/// `more` becomes true when anything was cut.
+///
+/// Without it a page is bounded only by count: 50 messages of 1000 four-byte characters and
+/// 3.5 KB of `data` make a 380 KB join page, over the output bound, and every joiner is closed.
+pub(crate) fn cut_page(page: &mut Page, max_bytes: usize, backwards: bool) {
+    let n = page.messages.len();
+    let mut total = 0usize;
+    let mut keep = 0;
+    while keep < n {
+        let m = if backwards {
+            &page.messages[n - 1 - keep]
+        } else {
+            &page.messages[keep]
+        };
+        let size = json_len(m) + 1;
+        if keep > 0 && total + size > max_bytes {
+            break;
+        }
+        total += size;
+        keep += 1;
+    }
+    if keep < n {
+        page.more = true;
+        if backwards {
+            page.messages.drain(..n - keep);
+        } else {
+            page.messages.truncate(keep);
+        }
+    }
+}
+
+/// The length of `value`'s JSON, measured without building it.
+fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serializing a stored message cannot fail: every key is a string.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod tests;

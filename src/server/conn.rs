@@ -58,6 +58,9 @@ pub(crate) struct Conn {
     pub(crate) expires_at: Option<Instant>,
     /// The deadline this connection has in the timer heap, if any.
     pub(crate) timer_at: Option<Instant>,
+    /// The largest reply queued since the output last ran empty: the output may hold this much
+    /// beyond the bound, because replies do not count against it (see the transport's `Sink`).
+    pub(crate) reply_credit: usize,
 }
 
 /// A stream view for tungstenite: reads come from the socket, writes go to our output buffer
@@ -118,6 +121,7 @@ impl Conn {
             next_ping: now,
             expires_at: None,
             timer_at: None,
+            reply_credit: 0,
         }
     }
 

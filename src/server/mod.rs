@@ -113,18 +113,53 @@ struct Sink<'a> {
 
 impl Outbox for Sink<'_> {
     fn send(&mut self, to: ConnId, payload: &Payload) {
+        self.queue(to, payload, false);
+    }
+
+    fn reply(&mut self, to: ConnId, payload: &Payload) {
+        self.queue(to, payload, true);
+    }
+
+    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
+        self.closing.push((to, code, reason));
+    }
+}
+
+impl Sink<'_> {
+    /// Appends a frame to a connection's output, or closes it as a slow consumer.
+    ///
+    /// The bound is `max_pending` bytes queued, but replies (answers to the connection's own
+    /// command) do not count against it: their size is the server's choice, and a `list` of
+    /// 10,000 names is 350 KB. So the connection may hold the bound plus its credit, the largest
+    /// reply queued since its output last ran empty. A reply raises the credit to its own size
+    /// first, so it is queued whenever what is queued before it is within the bound (room
+    /// traffic and small replies behind it too); a client that asks for a second big reply
+    /// before reading the first one, or does not read room traffic, is a slow consumer. Memory
+    /// per connection stays at most the bound plus one reply.
+    fn queue(&mut self, to: ConnId, payload: &Payload, reply: bool) {
         let Some(c) = self.conns.get_mut(to) else {
             return;
         };
         if !c.can_send() {
             return;
         }
-        if c.pending() + payload.bytes().len() > self.max_pending {
+        let pending = c.pending();
+        let len = payload.bytes().len();
+        if pending == 0 {
+            c.reply_credit = 0;
+        }
+        let credit = if reply {
+            c.reply_credit.max(len)
+        } else {
+            c.reply_credit
+        };
+        if pending + len > self.max_pending + credit {
             // Backpressure: this client cannot keep up. It gets nothing more but its close.
             self.closing.push((to, 1008, "slow consumer"));
             c.closing = true;
             return;
         }
+        c.reply_credit = credit;
         if c.out.capacity() == 0 {
             // Drained buffers are given back (idle connections hold none); a fresh one starts
             // big enough for a burst, so it does not grow step by step.
@@ -135,10 +170,6 @@ impl Outbox for Sink<'_> {
             c.dirty = true;
             self.dirty.push(to);
         }
-    }
-
-    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
-        self.closing.push((to, code, reason));
     }
 }
 
@@ -926,3 +957,6 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod sink_tests;

@@ -32,7 +32,7 @@ pub(crate) fn apply<O: Outbox>(
     let to_sender = event(cx.request_id).to_json();
     let to_target = (target != cx.conn).then(|| event(None).to_json());
     if let Some(json) = to_target {
-        chat.send_json(target, &json, cx.out);
+        chat.deliver_json(target, &json, cx.out);
     }
     chat.send_json(cx.conn, &to_sender, cx.out);
     Ok(())

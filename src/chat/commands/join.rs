@@ -54,7 +54,7 @@ pub(crate) fn apply<O: Outbox>(
             }
         }
     };
-    let page = chat.store.page(room, query);
+    let page = chat.read_page(room, query);
     send_page(chat, cx, room, &page);
     Ok(())
 }
