@@ -30,6 +30,7 @@ fn roomy(cfg: Config) -> Config {
     }
 }
 
+#[cfg(feature = "sqlite")]
 fn temp_db(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("chatterbox-core-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -117,6 +118,7 @@ fn a_join_page_over_the_output_bound_is_cut_and_the_joiner_stays() {
     running.stop();
 }
 
+#[cfg(feature = "sqlite")]
 #[test]
 fn the_bombs_do_not_lock_joiners_out_after_a_restart() {
     let db = temp_db("bombs");

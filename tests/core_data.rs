@@ -3,11 +3,11 @@
 
 mod common;
 
-use chatterbox::config::Config;
 use common::{Client, Running};
 use serde_json::json;
 use tungstenite::Message;
 
+#[cfg(feature = "sqlite")]
 fn temp_db(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("chatterbox-data-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -90,12 +90,13 @@ fn data_is_relayed_and_stored_as_the_bytes_sent() {
     running.stop();
 }
 
+#[cfg(feature = "sqlite")]
 #[test]
 fn data_survives_a_restart_byte_for_byte() {
     let db = temp_db("verbatim");
-    let cfg = Config {
+    let cfg = chatterbox::config::Config {
         db_path: db,
-        ..Config::default()
+        ..Default::default()
     };
     let running = Running::start(cfg.clone());
     let mut c = running.client("writer");
