@@ -170,8 +170,9 @@ settings! {
     // ----- chat core: reply and state bounds (issue 9) -----
     /// Bytes of JSON the messages of one history page may take (join, `history`, the REST
     /// page); older (or, for `since`, newer) messages wait for the next page, `more` is true.
-    /// A page always holds one message. At most half of `--max-pending-output`.
-    max_page_bytes: usize = 64 * 1024, "max-page-bytes", "MAX_PAGE_BYTES";
+    /// A page always holds one message. At most half of `--max-pending-output`; 0: 64 KiB, or
+    /// half of `--max-pending-output` when that is smaller.
+    max_page_bytes: usize = 0, "max-page-bytes", "MAX_PAGE_BYTES";
     /// `msg_id`s remembered for deduplication, in all rooms together (~400 bytes each); past
     /// it the oldest are forgotten first, so a retry of those may be delivered again.
     max_dedup_entries: usize = 100_000, "max-dedup-entries", "MAX_DEDUP_ENTRIES";
@@ -187,6 +188,15 @@ pub enum Cli {
 }
 
 impl Config {
+    /// The byte bound of a history page in force: `max_page_bytes`, or when that is 0, 64 KiB
+    /// or half of `max_pending_output`, whichever is smaller (and at least 1).
+    pub fn page_bytes(&self) -> usize {
+        match self.max_page_bytes {
+            0 => (64 * 1024).min(self.max_pending_output / 2).max(1),
+            n => n,
+        }
+    }
+
     /// Builds the configuration from command-line arguments (without the program name) and an
     /// environment lookup. Flags are `--name value` or `--name=value`.
     pub fn from_args<I, E>(args: I, env: E) -> Result<Cli, String>
@@ -262,9 +272,9 @@ impl Config {
         // A page must fit twice into the output bound, so that a page and the room traffic
         // around it never close the member who asked for it.
         let half = self.max_pending_output / 2;
-        if self.max_page_bytes == 0 || self.max_page_bytes > half {
+        if self.max_page_bytes > half {
             return Err(format!(
-                "--max-page-bytes must be from 1 to half of --max-pending-output ({half})"
+                "--max-page-bytes must be at most half of --max-pending-output ({half}), or 0"
             ));
         }
         const MAX_DEDUP: usize = 10_000_000;
@@ -357,21 +367,36 @@ mod tests {
     #[test]
     fn page_bytes_and_dedup_entries_are_range_checked() {
         let c = run(&[], &[]).unwrap();
-        assert_eq!((c.max_page_bytes, c.max_dedup_entries), (65_536, 100_000));
-        assert!(run(&["--max-page-bytes", "0"], &[]).is_err());
-        let e = run(&["--max-pending-output", "100000"], &[]).unwrap_err();
-        assert!(e.contains("--max-page-bytes"), "{e}");
-        assert!(
-            run(
-                &[
-                    "--max-pending-output",
-                    "100000",
-                    "--max-page-bytes",
-                    "50000"
-                ],
-                &[]
-            )
-            .is_ok()
+        assert_eq!((c.page_bytes(), c.max_dedup_entries), (65_536, 100_000));
+        let small = run(&["--max-pending-output", "100000"], &[]).unwrap();
+        assert_eq!(
+            small.page_bytes(),
+            50_000,
+            "the default follows a small output bound"
+        );
+        let e = run(
+            &[
+                "--max-pending-output",
+                "100000",
+                "--max-page-bytes",
+                "50001",
+            ],
+            &[],
+        );
+        assert!(e.unwrap_err().contains("--max-page-bytes"));
+        let c = run(
+            &[
+                "--max-pending-output",
+                "100000",
+                "--max-page-bytes",
+                "50000",
+            ],
+            &[],
+        );
+        assert_eq!(c.unwrap().page_bytes(), 50_000);
+        assert_eq!(
+            run(&["--max-page-bytes", "100"], &[]).unwrap().page_bytes(),
+            100
         );
         assert!(run(&["--max-dedup-entries", "0"], &[]).is_err());
         assert!(run(&["--max-dedup-entries", "10000001"], &[]).is_err());

@@ -85,7 +85,7 @@ fn a_page_is_cut_by_bytes_at_the_end_the_next_page_continues_from() {
 #[test]
 fn the_issues_bombs_make_cut_pages_that_page_on_to_the_first() {
     let cfg = Config::default();
-    let max_page = cfg.max_page_bytes;
+    let max_page = cfg.page_bytes();
     let mut chat = chat(cfg);
     let mut out = Recorder::default();
     chat.connect(now(), 1, Some("sender"), None, &mut out);

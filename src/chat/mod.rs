@@ -631,7 +631,7 @@ impl Chat {
     pub(crate) fn read_page(&mut self, room: &str, query: Query) -> Page {
         let mut page = self.store.page(room, query);
         let backwards = matches!(query, Query::Before { .. });
-        cut_page(&mut page, self.cfg.max_page_bytes, backwards);
+        cut_page(&mut page, self.cfg.page_bytes(), backwards);
         page
     }
 
