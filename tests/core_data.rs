@@ -87,6 +87,17 @@ fn data_is_relayed_and_stored_as_the_bytes_sent() {
     let mut c = running.client("writer");
     send_fragile(&mut c);
     assert_history_verbatim(&running);
+    // A direct message carries its data the same way, to both ends.
+    let mut b = running.client("other");
+    for raw in FRAGILE {
+        let frame = format!(r#"{{"command":"direct","to":"other","message":"d","data":{raw}}}"#);
+        c.ws.send(Message::text(frame)).unwrap();
+        let want = format!(r#""data":{raw}}}"#);
+        for end in [&mut c, &mut b] {
+            let got = recv_text_until(end, "direct");
+            assert!(got.ends_with(&want), "{got}");
+        }
+    }
     running.stop();
 }
 

@@ -7,7 +7,8 @@
 //!   WebSocket upgrade, after which tungstenite parses its frames.
 //! - Everything the core sends in one iteration is appended to per-connection buffers and
 //!   written once at the end of the iteration ("corking"); `WRITABLE` interest is held only
-//!   while a buffer has bytes. A buffer over its bound closes the connection as a slow consumer.
+//!   while a buffer has bytes. A buffer over its bound closes the connection as a slow consumer
+//!   (replies to the connection's own commands do not count against it: see `Sink::queue`).
 //! - Timers (head deadline, pings, frame and idle timeouts, close deadlines) sit in one heap;
 //!   the poll timeout is the next deadline, so an idle server does not wake up.
 //! - SIGINT/SIGTERM arrive through a self-pipe; the store's writer thread and [`Stopper`] wake
