@@ -265,7 +265,9 @@ impl Config {
         Ok(Cli::Run(Box::new(cfg)))
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks every setting's range; the error names the flag (and, for the newer checks, the
+    /// variable). [`Config::from_args`] calls it; a `Config` built in code can call it too.
+    pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("max-frame-size", self.max_frame_size),
             ("max-message-chars", self.max_message_chars),
