@@ -60,6 +60,9 @@ pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// only the dedup window may reach [`MAX_DURATION`]).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// The shortest ping interval or timeout: 10 ms.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Durations are written in seconds; fractions are allowed (`0.5`); at most [`MAX_DURATION`].
 impl SettingValue for Duration {
     fn parse_setting(text: &str) -> Result<Self, String> {
@@ -192,7 +195,8 @@ settings! {
     /// Browser origins allowed to open `/ws`, comma-separated, matched exactly; empty: an
     /// `Origin` must name the request's own `Host`; `*`: any. Requests without `Origin` pass.
     allowed_origins: String = String::new(), "allowed-origins", "ALLOWED_ORIGINS";
-    /// HS256 secret; when set, `/ws` needs a JWT (`?token=` or `Authorization: Bearer`).
+    /// HS256 secret; when set, `/ws` and the REST API need a JWT (`?token=` or
+    /// `Authorization: Bearer`).
     /// Prefer the environment variable: flags show in the process list.
     jwt_secret: String = String::new(), "jwt-secret", "JWT_SECRET";
     /// Seconds a shutdown waits for clients to take their close frame before exiting.
@@ -316,6 +320,22 @@ impl Config {
                     "--{flag} ({}) must be at most {} seconds ({what})",
                     Self::env_of(flag),
                     max.as_secs()
+                ));
+            }
+        }
+        // A zero ping interval re-arms its timer at `now` for ever: the loop never leaves
+        // `fire_timers` once a member is connected. Zero timeouts would close everything at once.
+        for (flag, v) in [
+            ("ping-interval", self.ping_interval),
+            ("pong-timeout", self.pong_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("head-timeout", self.head_timeout),
+        ] {
+            if v < MIN_INTERVAL {
+                return Err(format!(
+                    "--{flag} ({}) must be at least {} seconds",
+                    Self::env_of(flag),
+                    MIN_INTERVAL.as_secs_f64()
                 ));
             }
         }
@@ -466,6 +486,24 @@ mod tests {
         assert!(run(&["--dedup-window", "604800"], &[]).is_ok());
         let e = run(&["--dedup-window", "604801"], &[]).unwrap_err();
         assert!(e.contains("--dedup-window"), "{e}");
+    }
+
+    #[test]
+    fn zero_intervals_and_timeouts_are_refused() {
+        // `--ping-interval 0` used to wedge the loop at the first member's upgrade.
+        for flag in [
+            "ping-interval",
+            "pong-timeout",
+            "idle-timeout",
+            "head-timeout",
+        ] {
+            for tiny in ["0", "0.001"] {
+                let e = run(&[&format!("--{flag}"), tiny], &[]).unwrap_err();
+                assert!(e.contains(&format!("--{flag} (")), "{flag} {tiny}: {e}");
+            }
+            assert!(run(&[&format!("--{flag}"), "0.01"], &[]).is_ok(), "{flag}");
+        }
+        assert!(run(&["--shutdown-grace", "0", "--dedup-window", "0"], &[]).is_ok());
     }
 
     #[test]
