@@ -58,3 +58,27 @@ async def test_browser_origin_must_match_the_host(server):
     ok = await ws_connect(server.ws_url(), origin=same, open_timeout=5, close_timeout=1)
     await ok.close()
     assert await connect_status(server, connect_kwargs={"origin": "http://evil.example"}) == 403
+
+
+async def test_with_a_secret_the_rest_api_needs_a_token_like_ws(server_factory):
+    server = server_factory(jwt_secret=SECRET)
+    writer = token({"sub": "w", "name": "writer", "exp": int(time.time()) + 600})
+    ws = await ws_connect(server.ws_url(token=writer), open_timeout=5, close_timeout=1)
+    c = Client(ws, server)
+    await c.welcome()
+    ack = await c.request({"command": "broadcast", "message": "for members only"})
+    assert ack["event"] == "ack", ack
+
+    reader = token({"sub": "r", "exp": int(time.time()) + 600})
+    for path in ("/api/rooms/general/messages", "/api/members", "/api/rooms", "/api/stats",
+                 "/metrics"):
+        r = server.get(path)
+        assert r.status == 401, (path, r)
+        assert r.json()["error"] == "unauthorized", r
+        assert b"for members only" not in r.body and b"writer" not in r.body
+        r = server.get(path, headers={"Authorization": f"Bearer {reader}"})
+        assert r.status == 200, (path, r)
+    r = server.get(f"/api/rooms/general/messages?token={reader}")
+    assert r.status == 200 and r.json()["messages"][-1]["message"] == "for members only", r
+    assert server.get("/health").status == 200
+    await c.close()

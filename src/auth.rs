@@ -1,16 +1,23 @@
-//! Optional authentication: HS256 JSON Web Tokens, checked before the upgrade.
+//! Optional authentication: HS256 JSON Web Tokens, checked before the upgrade and on every
+//! REST request.
 //!
 //! Only `HS256` is accepted; `none` and every other algorithm are refused, so a token cannot
 //! choose how it is checked. The signature is compared in constant time (`hmac`'s
 //! `verify_slice`). Claims used: `sub` (required, the member id), `name` (optional, the member
-//! name), `exp` (optional, Unix seconds; enforced at connect and during the session), `nbf`
-//! (optional, not before). Tokens are never logged.
+//! name), `exp` (Unix seconds; required unless `--jwt-require-exp false`; enforced at connect
+//! and during the session), `nbf` (optional, not before), `aud` and `iss` (checked when the
+//! settings name them). Times are compared as integers, never added to, so no value of a
+//! claim can overflow anything. Tokens are never logged.
+
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
+
+use crate::config::Config;
 
 /// Longest token accepted, in bytes: a guard against huge inputs before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 4096;
@@ -41,8 +48,14 @@ pub enum AuthError {
     Expired,
     /// `nbf` is in the future.
     NotYetValid,
-    /// `sub` missing or not a non-empty string, or `name`/`exp` of the wrong type.
+    /// `sub` missing or not a non-empty string, or `name`/`exp`/`aud`/`iss` of the wrong type.
     Claims,
+    /// No `exp`, and the settings require one.
+    NoExpiry,
+    /// `aud` does not name the configured audience.
+    Audience,
+    /// `iss` is not the configured issuer.
+    Issuer,
 }
 
 impl AuthError {
@@ -56,6 +69,44 @@ impl AuthError {
             AuthError::Expired => "the token has expired",
             AuthError::NotYetValid => "the token is not valid yet",
             AuthError::Claims => "the token's claims are invalid",
+            AuthError::NoExpiry => "the token has no expiry (exp)",
+            AuthError::Audience => "the token is not meant for this server (aud)",
+            AuthError::Issuer => "the token's issuer (iss) is not accepted",
+        }
+    }
+}
+
+/// How tokens are checked: the secret and the claim rules of the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// The HS256 key.
+    pub secret: &'a [u8],
+    /// Refuse tokens without `exp`.
+    pub require_exp: bool,
+    /// The `aud` a token must name; empty: not checked.
+    pub audience: &'a str,
+    /// The `iss` a token must carry; empty: not checked.
+    pub issuer: &'a str,
+}
+
+impl<'a> Policy<'a> {
+    /// The policy of `cfg`; `None` when auth is off (no `--jwt-secret`).
+    pub fn of(cfg: &'a Config) -> Option<Policy<'a>> {
+        (!cfg.jwt_secret.is_empty()).then(|| Policy {
+            secret: cfg.jwt_secret.as_bytes(),
+            require_exp: cfg.jwt_require_exp,
+            audience: &cfg.jwt_audience,
+            issuer: &cfg.jwt_issuer,
+        })
+    }
+
+    /// Only the signature and the times: no `exp` required, `aud`/`iss` not checked.
+    pub fn lenient(secret: &'a [u8]) -> Policy<'a> {
+        Policy {
+            secret,
+            require_exp: false,
+            audience: "",
+            issuer: "",
         }
     }
 }
@@ -65,16 +116,35 @@ struct Header {
     alg: String,
 }
 
+/// `aud` is a string or an array of strings (RFC 7519, 4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn names(&self, wanted: &str) -> bool {
+        match self {
+            Audience::One(a) => a == wanted,
+            Audience::Many(list) => list.iter().any(|a| a == wanted),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
     name: Option<String>,
     exp: Option<u64>,
     nbf: Option<u64>,
+    aud: Option<Audience>,
+    iss: Option<String>,
 }
 
-/// Checks `token` against `secret` at `now` (Unix seconds).
-pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<Identity, AuthError> {
+/// Checks `token` against `policy` at `now` (Unix seconds).
+pub fn verify(token: &str, policy: &Policy<'_>, now: u64) -> Result<Identity, AuthError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(AuthError::Malformed);
     }
@@ -90,7 +160,8 @@ pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<Identity, AuthErro
         return Err(AuthError::Algorithm);
     }
     let signature = decode(s64)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| AuthError::Signature)?;
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(policy.secret).map_err(|_| AuthError::Signature)?;
     mac.update(h64.as_bytes());
     mac.update(b".");
     mac.update(c64.as_bytes());
@@ -98,11 +169,19 @@ pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<Identity, AuthErro
         .map_err(|_| AuthError::Signature)?;
     // Only a signed payload is parsed further.
     let claims: Claims = serde_json::from_slice(&decode(c64)?).map_err(|_| AuthError::Claims)?;
-    if claims.exp.is_some_and(|exp| now >= exp) {
-        return Err(AuthError::Expired);
+    match claims.exp {
+        Some(exp) if now >= exp => return Err(AuthError::Expired),
+        None if policy.require_exp => return Err(AuthError::NoExpiry),
+        _ => {}
     }
     if claims.nbf.is_some_and(|nbf| now < nbf) {
         return Err(AuthError::NotYetValid);
+    }
+    if !policy.audience.is_empty() && !claims.aud.is_some_and(|a| a.names(policy.audience)) {
+        return Err(AuthError::Audience);
+    }
+    if !policy.issuer.is_empty() && claims.iss.as_deref() != Some(policy.issuer) {
+        return Err(AuthError::Issuer);
     }
     match claims.sub {
         Some(sub) if !sub.is_empty() && sub.len() <= 128 => Ok(Identity {
@@ -112,6 +191,14 @@ pub fn verify(token: &str, secret: &[u8], now: u64) -> Result<Identity, AuthErro
         }),
         _ => Err(AuthError::Claims),
     }
+}
+
+/// When a session whose token expires at `exp` (Unix seconds) must end, on the monotonic
+/// clock: `mono_now` plus what is left of the token at `unix_now`. `None` when that lies
+/// beyond what the clock can represent (`exp` near 2^63 and the like): such a session simply
+/// never expires while the process runs. Never panics, whatever `exp` says.
+pub fn session_deadline(exp: u64, unix_now: u64, mono_now: Instant) -> Option<Instant> {
+    mono_now.checked_add(Duration::from_secs(exp.saturating_sub(unix_now)))
 }
 
 /// Makes an HS256 token for `claims` (JSON). For tests and tools; the server only verifies.
@@ -130,6 +217,14 @@ mod tests {
     use serde_json::json;
 
     const KEY: &[u8] = b"s3cret";
+    /// Signature and times only, as before `exp` could be required: the older tests mint
+    /// tokens without it on purpose.
+    const LAX: Policy<'static> = Policy {
+        secret: KEY,
+        require_exp: false,
+        audience: "",
+        issuer: "",
+    };
 
     fn forge(header: &str, claims: &str, sig: &str) -> String {
         format!(
@@ -142,7 +237,7 @@ mod tests {
     #[test]
     fn a_valid_token_gives_its_identity() {
         let t = sign(&json!({"sub":"u-1","name":"alice","exp":2000}), KEY);
-        let id = verify(&t, KEY, 1000).unwrap();
+        let id = verify(&t, &LAX, 1000).unwrap();
         assert_eq!(
             id,
             Identity {
@@ -152,66 +247,157 @@ mod tests {
             }
         );
         let t = sign(&json!({"sub":"u-2"}), KEY);
-        assert_eq!(verify(&t, KEY, 1000).unwrap().name, None);
+        assert_eq!(verify(&t, &LAX, 1000).unwrap().name, None);
     }
 
     #[test]
     fn expiry_and_not_before_are_enforced() {
         let t = sign(&json!({"sub":"u","exp":1000}), KEY);
-        assert_eq!(verify(&t, KEY, 1000), Err(AuthError::Expired));
-        assert!(verify(&t, KEY, 999).is_ok());
+        assert_eq!(verify(&t, &LAX, 1000), Err(AuthError::Expired));
+        assert!(verify(&t, &LAX, 999).is_ok());
         let t = sign(&json!({"sub":"u","nbf":1000}), KEY);
-        assert_eq!(verify(&t, KEY, 999), Err(AuthError::NotYetValid));
+        assert_eq!(verify(&t, &LAX, 999), Err(AuthError::NotYetValid));
     }
 
     #[test]
     fn alg_none_and_other_algorithms_are_refused() {
         let none = forge(r#"{"alg":"none"}"#, r#"{"sub":"u"}"#, "");
-        assert_eq!(verify(&none, KEY, 0), Err(AuthError::Algorithm));
+        assert_eq!(verify(&none, &LAX, 0), Err(AuthError::Algorithm));
         let hs512 = forge(r#"{"alg":"HS512"}"#, r#"{"sub":"u"}"#, "AAAA");
-        assert_eq!(verify(&hs512, KEY, 0), Err(AuthError::Algorithm));
+        assert_eq!(verify(&hs512, &LAX, 0), Err(AuthError::Algorithm));
         let lower = forge(r#"{"alg":"hs256"}"#, r#"{"sub":"u"}"#, "AAAA");
-        assert_eq!(verify(&lower, KEY, 0), Err(AuthError::Algorithm));
+        assert_eq!(verify(&lower, &LAX, 0), Err(AuthError::Algorithm));
     }
 
     #[test]
     fn tampering_and_wrong_keys_are_refused() {
         let t = sign(&json!({"sub":"u","name":"alice"}), KEY);
-        assert_eq!(verify(&t, b"other", 0), Err(AuthError::Signature));
+        assert_eq!(
+            verify(&t, &Policy::lenient(b"other"), 0),
+            Err(AuthError::Signature)
+        );
         let parts: Vec<&str> = t.split('.').collect();
         let evil = URL_SAFE_NO_PAD.encode(r#"{"sub":"admin","name":"alice"}"#);
         let swapped = format!("{}.{evil}.{}", parts[0], parts[2]);
-        assert_eq!(verify(&swapped, KEY, 0), Err(AuthError::Signature));
+        assert_eq!(verify(&swapped, &LAX, 0), Err(AuthError::Signature));
         let cut = format!("{}.{}.{}", parts[0], parts[1], &parts[2][..12]);
-        assert_eq!(verify(&cut, KEY, 0), Err(AuthError::Signature));
+        assert_eq!(verify(&cut, &LAX, 0), Err(AuthError::Signature));
     }
 
     #[test]
     fn malformed_tokens_are_refused() {
         for bad in ["", "a", "a.b", "a.b.c.d", "!!.??.##", &"x".repeat(5000)] {
-            assert_eq!(verify(bad, KEY, 0), Err(AuthError::Malformed), "{bad}");
+            assert_eq!(verify(bad, &LAX, 0), Err(AuthError::Malformed), "{bad}");
         }
         let not_json = format!("{}.e30.AAAA", URL_SAFE_NO_PAD.encode("nope"));
-        assert_eq!(verify(&not_json, KEY, 0), Err(AuthError::Malformed));
+        assert_eq!(verify(&not_json, &LAX, 0), Err(AuthError::Malformed));
     }
 
     #[test]
     fn claims_must_name_a_subject() {
         assert_eq!(
-            verify(&sign(&json!({"name":"a"}), KEY), KEY, 0),
+            verify(&sign(&json!({"name":"a"}), KEY), &LAX, 0),
             Err(AuthError::Claims)
         );
         assert_eq!(
-            verify(&sign(&json!({"sub":""}), KEY), KEY, 0),
+            verify(&sign(&json!({"sub":""}), KEY), &LAX, 0),
             Err(AuthError::Claims)
         );
         assert_eq!(
-            verify(&sign(&json!({"sub":5}), KEY), KEY, 0),
+            verify(&sign(&json!({"sub":5}), KEY), &LAX, 0),
             Err(AuthError::Claims)
         );
         assert_eq!(
-            verify(&sign(&json!({"sub":"u","exp":"soon"}), KEY), KEY, 0),
+            verify(&sign(&json!({"sub":"u","exp":"soon"}), KEY), &LAX, 0),
             Err(AuthError::Claims)
         );
+    }
+
+    #[test]
+    fn exp_is_required_unless_the_settings_say_otherwise() {
+        let strict = Policy {
+            require_exp: true,
+            ..LAX
+        };
+        let t = sign(&json!({"sub":"u"}), KEY);
+        assert_eq!(verify(&t, &strict, 0), Err(AuthError::NoExpiry));
+        assert!(verify(&t, &LAX, 0).is_ok());
+        let t = sign(&json!({"sub":"u","exp":10}), KEY);
+        assert!(verify(&t, &strict, 9).is_ok());
+        let cfg = Config {
+            jwt_secret: "k".into(),
+            ..Config::default()
+        };
+        assert!(Policy::of(&cfg).unwrap().require_exp, "on by default");
+        assert!(
+            Policy::of(&Config::default()).is_none(),
+            "no secret: auth off"
+        );
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_named() {
+        let p = Policy {
+            audience: "chat",
+            issuer: "https://id.example",
+            ..LAX
+        };
+        let iss = "https://id.example";
+        for ok in [
+            json!({"sub":"u","aud":"chat","iss":iss}),
+            json!({"sub":"u","aud":["a","chat"],"iss":iss}),
+        ] {
+            assert!(verify(&sign(&ok, KEY), &p, 0).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            (json!({"sub":"u","iss":iss}), AuthError::Audience),
+            (
+                json!({"sub":"u","aud":"chats","iss":iss}),
+                AuthError::Audience,
+            ),
+            (json!({"sub":"u","aud":[],"iss":iss}), AuthError::Audience),
+            (
+                json!({"sub":"u","aud":"CHAT","iss":iss}),
+                AuthError::Audience,
+            ),
+            (json!({"sub":"u","aud":"chat"}), AuthError::Issuer),
+            (
+                json!({"sub":"u","aud":"chat","iss":"https://id.example/"}),
+                AuthError::Issuer,
+            ),
+            (json!({"sub":"u","aud":5,"iss":iss}), AuthError::Claims),
+        ] {
+            assert_eq!(verify(&sign(&bad, KEY), &p, 0), Err(why), "{bad}");
+        }
+        // Not named: not checked.
+        assert!(verify(&sign(&json!({"sub":"u","aud":"x","iss":"y"}), KEY), &LAX, 0).is_ok());
+    }
+
+    #[test]
+    fn absurd_times_neither_panic_nor_end_a_session_early() {
+        for exp in [u64::MAX, 1 << 63, u64::MAX - 1] {
+            let t = sign(&json!({"sub":"u","exp":exp,"nbf":0}), KEY);
+            assert_eq!(verify(&t, &LAX, 2_000_000_000).unwrap().exp, Some(exp));
+        }
+        let t = sign(&json!({"sub":"u","nbf":u64::MAX}), KEY);
+        assert_eq!(verify(&t, &LAX, u64::MAX - 1), Err(AuthError::NotYetValid));
+        let t = sign(&json!({"sub":"u","exp":1e30}), KEY);
+        assert_eq!(verify(&t, &LAX, 0), Err(AuthError::Claims), "not a u64");
+        let t = sign(&json!({"sub":"u","exp":-1}), KEY);
+        assert_eq!(verify(&t, &LAX, 0), Err(AuthError::Claims));
+
+        let mono = Instant::now();
+        // Used to be `mono + Duration::from_secs(exp - now)`: "overflow when adding duration
+        // to instant".
+        for exp in [u64::MAX, 1 << 63] {
+            if let Some(at) = session_deadline(exp, 1_000, mono) {
+                assert!(at > mono + Duration::from_secs(100 * 365 * 24 * 3600));
+            }
+        }
+        assert_eq!(
+            session_deadline(1_010, 1_000, mono),
+            Some(mono + Duration::from_secs(10))
+        );
+        assert_eq!(session_deadline(5, 1_000, mono), Some(mono), "already due");
     }
 }

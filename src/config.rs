@@ -29,6 +29,20 @@ macro_rules! int_setting {
 }
 int_setting!(u16, u32, u64, usize);
 
+/// `true`/`false`, also `1`/`0`, `yes`/`no`, `on`/`off` (any case).
+impl SettingValue for bool {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("'{text}' is not true or false")),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
 impl SettingValue for String {
     fn parse_setting(text: &str) -> Result<Self, String> {
         Ok(text.to_string())
@@ -38,14 +52,33 @@ impl SettingValue for String {
     }
 }
 
-/// Durations are written in seconds; fractions are allowed (`0.5`).
+/// The longest any duration setting may be: one week. Longer values are mistakes, and would
+/// overflow the clock arithmetic (`Instant + Duration`) that deadlines are made of.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest timeout, interval or grace period: one day ([`Config::validate`] checks it;
+/// only the dedup window may reach [`MAX_DURATION`]).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest ping interval or timeout: 10 ms.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Durations are written in seconds; fractions are allowed (`0.5`); at most [`MAX_DURATION`].
 impl SettingValue for Duration {
     fn parse_setting(text: &str) -> Result<Self, String> {
         let secs: f64 = text
             .trim()
             .parse()
             .map_err(|_| format!("'{text}' is not a number of seconds"))?;
-        Duration::try_from_secs_f64(secs).map_err(|_| format!("'{text}' is not a valid duration"))
+        let d = Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("'{text}' is not a valid duration"))?;
+        if d > MAX_DURATION {
+            return Err(format!(
+                "'{text}' is more than {} seconds (one week), the most a duration may be",
+                MAX_DURATION.as_secs()
+            ));
+        }
+        Ok(d)
     }
     fn show(&self) -> String {
         format!("{}s", self.as_secs_f64())
@@ -162,7 +195,8 @@ settings! {
     /// Browser origins allowed to open `/ws`, comma-separated, matched exactly; empty: an
     /// `Origin` must name the request's own `Host`; `*`: any. Requests without `Origin` pass.
     allowed_origins: String = String::new(), "allowed-origins", "ALLOWED_ORIGINS";
-    /// HS256 secret; when set, `/ws` needs a JWT (`?token=` or `Authorization: Bearer`).
+    /// HS256 secret; when set, `/ws` and the REST API need a JWT (`?token=` or
+    /// `Authorization: Bearer`).
     /// Prefer the environment variable: flags show in the process list.
     jwt_secret: String = String::new(), "jwt-secret", "JWT_SECRET";
     /// Seconds a shutdown waits for clients to take their close frame before exiting.
@@ -176,6 +210,20 @@ settings! {
     /// `msg_id`s remembered for deduplication, in all rooms together (~400 bytes each); past
     /// it the oldest are forgotten first, so a retry of those may be delivered again.
     max_dedup_entries: usize = 100_000, "max-dedup-entries", "MAX_DEDUP_ENTRIES";
+    // --- auth (issue 9): REST auth, JWT claim rules, Host allow-list ---
+    /// With `--jwt-secret`: whether `/metrics` is served without a token (the REST API never is).
+    metrics_public: bool = false, "metrics-public", "METRICS_PUBLIC";
+    /// With `--jwt-secret`: refuse tokens without an `exp` claim (they would never expire).
+    jwt_require_exp: bool = true, "jwt-require-exp", "JWT_REQUIRE_EXP";
+    /// With `--jwt-secret`: the `aud` a token must name (a string, or one entry of an array);
+    /// empty: `aud` is not checked.
+    jwt_audience: String = String::new(), "jwt-audience", "JWT_AUDIENCE";
+    /// With `--jwt-secret`: the `iss` a token must carry; empty: `iss` is not checked.
+    jwt_issuer: String = String::new(), "jwt-issuer", "JWT_ISSUER";
+    /// `Host` names the server answers to, comma-separated, each optionally with `:port`
+    /// (without one, any port); other hosts get 421 on every path but `/health`. Closes DNS
+    /// rebinding. Empty: any host.
+    allowed_hosts: String = String::new(), "allowed-hosts", "ALLOWED_HOSTS";
 }
 
 /// What the command line asked for.
@@ -239,7 +287,9 @@ impl Config {
         Ok(Cli::Run(Box::new(cfg)))
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks every setting's range; the error names the flag (and, for the newer checks, the
+    /// variable). [`Config::from_args`] calls it; a `Config` built in code can call it too.
+    pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("max-frame-size", self.max_frame_size),
             ("max-message-chars", self.max_message_chars),
@@ -281,7 +331,83 @@ impl Config {
         if self.max_dedup_entries == 0 || self.max_dedup_entries > MAX_DEDUP {
             return Err(format!("--max-dedup-entries must be from 1 to {MAX_DEDUP}"));
         }
+        // Every deadline is `now + setting`: bounded settings keep that from overflowing.
+        for (flag, v, max, what) in [
+            ("head-timeout", self.head_timeout, MAX_TIMEOUT, "one day"),
+            ("ping-interval", self.ping_interval, MAX_TIMEOUT, "one day"),
+            ("pong-timeout", self.pong_timeout, MAX_TIMEOUT, "one day"),
+            ("idle-timeout", self.idle_timeout, MAX_TIMEOUT, "one day"),
+            (
+                "shutdown-grace",
+                self.shutdown_grace,
+                MAX_TIMEOUT,
+                "one day",
+            ),
+            ("dedup-window", self.dedup_window, MAX_DURATION, "one week"),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "--{flag} ({}) must be at most {} seconds ({what})",
+                    Self::env_of(flag),
+                    max.as_secs()
+                ));
+            }
+        }
+        // A zero ping interval re-arms its timer at `now` for ever: the loop never leaves
+        // `fire_timers` once a member is connected. Zero timeouts would close everything at once.
+        for (flag, v) in [
+            ("ping-interval", self.ping_interval),
+            ("pong-timeout", self.pong_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("head-timeout", self.head_timeout),
+        ] {
+            if v < MIN_INTERVAL {
+                return Err(format!(
+                    "--{flag} ({}) must be at least {} seconds",
+                    Self::env_of(flag),
+                    MIN_INTERVAL.as_secs_f64()
+                ));
+            }
+        }
+        // An empty path would make SQLite open a private temporary database per connection:
+        // acks for messages that are never kept.
+        if self.db_path.trim().is_empty() {
+            return Err(
+                "--db-path (DB_PATH) must not be empty: name a file, or ':memory:' \
+                        to keep history in memory only"
+                    .into(),
+            );
+        }
+        for entry in self.allowed_hosts.split(',').map(str::trim) {
+            if entry.contains("://") || entry.contains('/') || entry.contains(char::is_whitespace) {
+                return Err(format!(
+                    "--allowed-hosts (ALLOWED_HOSTS): '{entry}' is not a host name with an \
+                     optional :port (no scheme, no path)"
+                ));
+            }
+        }
+        if self.jwt_secret.is_empty() {
+            for (flag, v) in [
+                ("jwt-audience", &self.jwt_audience),
+                ("jwt-issuer", &self.jwt_issuer),
+            ] {
+                if !v.is_empty() {
+                    return Err(format!(
+                        "--{flag} ({}) only has an effect with --jwt-secret (JWT_SECRET)",
+                        Self::env_of(flag)
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The environment variable of `flag`.
+    fn env_of(flag: &str) -> &'static str {
+        Self::TABLE
+            .iter()
+            .find(|(f, _, _)| *f == flag)
+            .map_or("", |(_, env, _)| env)
     }
 
     /// The `--help` text: every setting with its flag, variable and default.
@@ -401,6 +527,90 @@ mod tests {
         assert!(run(&["--max-dedup-entries", "0"], &[]).is_err());
         assert!(run(&["--max-dedup-entries", "10000001"], &[]).is_err());
         assert!(run(&[], &[("MAX_DEDUP_ENTRIES", "5")]).is_ok());
+    }
+
+    #[test]
+    fn durations_over_their_maximum_are_refused_naming_flag_and_variable() {
+        // These used to be accepted and abort the server on first use ("overflow when adding
+        // duration to instant").
+        for flag in [
+            "idle-timeout",
+            "head-timeout",
+            "dedup-window",
+            "shutdown-grace",
+            "ping-interval",
+            "pong-timeout",
+        ] {
+            for huge in ["1e19", "18446744073709551615", "604801"] {
+                let e = run(&[&format!("--{flag}"), huge], &[]).unwrap_err();
+                assert!(e.contains(&format!("--{flag}")), "{flag} {huge}: {e}");
+            }
+            let var = Config::env_of(flag);
+            let e = run(&[], &[(var, "1e19")]).unwrap_err();
+            assert!(e.starts_with(var), "{e}");
+        }
+        let e = run(&["--idle-timeout", "86401"], &[]).unwrap_err();
+        assert!(e.contains("--idle-timeout (IDLE_TIMEOUT)"), "{e}");
+        assert!(run(&["--idle-timeout", "86400"], &[]).is_ok());
+        assert!(run(&["--dedup-window", "604800"], &[]).is_ok());
+        let e = run(&["--dedup-window", "604801"], &[]).unwrap_err();
+        assert!(e.contains("--dedup-window"), "{e}");
+    }
+
+    #[test]
+    fn zero_intervals_and_timeouts_are_refused() {
+        // `--ping-interval 0` used to wedge the loop at the first member's upgrade.
+        for flag in [
+            "ping-interval",
+            "pong-timeout",
+            "idle-timeout",
+            "head-timeout",
+        ] {
+            for tiny in ["0", "0.001"] {
+                let e = run(&[&format!("--{flag}"), tiny], &[]).unwrap_err();
+                assert!(e.contains(&format!("--{flag} (")), "{flag} {tiny}: {e}");
+            }
+            assert!(run(&[&format!("--{flag}"), "0.01"], &[]).is_ok(), "{flag}");
+        }
+        assert!(run(&["--shutdown-grace", "0", "--dedup-window", "0"], &[]).is_ok());
+    }
+
+    #[test]
+    fn an_empty_db_path_is_refused() {
+        for path in ["", "  ", "\t"] {
+            let e = run(&["--db-path", path], &[]).unwrap_err();
+            assert!(e.contains("--db-path (DB_PATH)"), "{e}");
+            let e = run(&[], &[("DB_PATH", path)]).unwrap_err();
+            assert!(e.contains("--db-path (DB_PATH)"), "{e}");
+        }
+        assert!(run(&["--db-path", ":memory:"], &[]).is_ok());
+    }
+
+    #[test]
+    fn auth_settings_parse_and_are_checked() {
+        let c = run(&[], &[]).unwrap();
+        assert!(c.jwt_require_exp && !c.metrics_public);
+        assert_eq!(
+            (c.jwt_audience.as_str(), c.allowed_hosts.as_str()),
+            ("", "")
+        );
+        let c = run(
+            &["--metrics-public", "true", "--jwt-require-exp=off"],
+            &[("JWT_SECRET", "k"), ("JWT_AUDIENCE", "chat")],
+        )
+        .unwrap();
+        assert!(c.metrics_public && !c.jwt_require_exp);
+        assert_eq!(c.jwt_audience, "chat");
+        assert!(
+            run(&["--metrics-public", "maybe"], &[])
+                .unwrap_err()
+                .contains("--metrics-public")
+        );
+        let e = run(&["--jwt-issuer", "x"], &[]).unwrap_err();
+        assert!(e.contains("--jwt-secret"), "{e}");
+        let e = run(&["--allowed-hosts", "http://chat.example"], &[]).unwrap_err();
+        assert!(e.contains("--allowed-hosts"), "{e}");
+        assert!(run(&["--allowed-hosts", "chat.example, [::1]:8080,x:1"], &[]).is_ok());
     }
 
     #[test]

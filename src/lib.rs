@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`auth`] — optional HS256 JWT checks for `/ws`.
+//! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API.
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
+//! - [`logging`] — [`log_safe`], the escaping every client-chosen value gets in a log line.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
 //!   the transport feeds it inputs with the time and it answers through an [`chat::Outbox`].
 //!   [`chat::protocol`] holds the command and event enums; `chat/commands/` one file per command.
@@ -19,5 +20,8 @@
 pub mod auth;
 pub mod chat;
 pub mod config;
+pub mod logging;
 pub mod server;
 pub mod store;
+
+pub use logging::log_safe;

@@ -110,16 +110,18 @@ fn with_a_secret_only_valid_tokens_get_in() {
 #[test]
 fn a_session_ends_with_1008_when_its_token_expires() {
     let s = memory(|c| c.jwt_secret = SECRET.into());
-    let token = auth::sign(&json!({"sub":"u","exp":now_secs() + 1}), SECRET.as_bytes());
+    // Two seconds, not one: with one, a second boundary between minting and connecting (a
+    // loaded machine) made the token expired at connect, and the upgrade failed.
+    let token = auth::sign(&json!({"sub":"u","exp":now_secs() + 2}), SECRET.as_bytes());
     let url = format!("ws://{}/ws?token={token}", s.addr);
     let (ws, _) = tungstenite::connect(url).expect("upgrade");
     let mut c = common::Client { ws };
+    // Only the token can close it this soon (frame timeout 60 s, idle 300 s); the read
+    // timeout turns a missing close into a failure.
     if let tungstenite::stream::MaybeTlsStream::Plain(t) = c.ws.get_ref() {
-        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     }
-    let started = Instant::now();
     assert_eq!(c.close_code(), Some(1008));
-    assert!(started.elapsed() <= Duration::from_secs(3));
     s.stop();
 }
 

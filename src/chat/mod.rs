@@ -293,7 +293,7 @@ impl Chat {
         self.order.insert(serial, conn);
         self.members.insert(conn, member);
         self.stats.members_connected_total += 1;
-        info!("🔌 Member {name} connected");
+        info!("🔌 Member {} connected", crate::log_safe(&name));
         let mut cx = Cx {
             conn,
             now,
@@ -318,7 +318,7 @@ impl Chat {
             self.remove_from_room(conn, room);
             self.notice(room, &member.name, false, out);
         }
-        info!("🔌 Member {} disconnected", member.name);
+        info!("🔌 Member {} disconnected", crate::log_safe(&member.name));
     }
 
     /// One text frame from connection `conn`.

@@ -6,7 +6,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::http::{Head, Response};
+use crate::auth::{self, AuthError, Policy};
 use crate::chat::Chat;
+use crate::config::Config;
 use crate::store::StoredMessage;
 
 /// Gauges the transport knows and the core does not.
@@ -20,6 +22,33 @@ pub struct TransportStats {
 
 fn error(status: u16, code: &str, message: String) -> Response {
     Response::json(status, &json!({"error": code, "message": message}))
+}
+
+/// Whether the request may read the REST API (`/api`, `/api/...`) and `/metrics`: the one
+/// place that decides it. With auth off, anyone may; with `--jwt-secret`, a token valid under
+/// the same rules as for `/ws` (`Authorization: Bearer` or `?token=`) is needed, except for
+/// `/metrics` with `--metrics-public`. Other paths are not its business and pass. A refusal
+/// is the `401` to send. (An API key, when there is one, is accepted here too.)
+pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Response> {
+    let path = head.path.as_str();
+    let api = path == "/api" || path.starts_with("/api/");
+    let metrics = path == "/metrics";
+    if !(api || (metrics && !cfg.metrics_public)) {
+        return Ok(());
+    }
+    let Some(policy) = Policy::of(cfg) else {
+        return Ok(());
+    };
+    let refused = |e: AuthError| {
+        error(401, "unauthorized", e.text().to_string()).with_header("WWW-Authenticate", "Bearer")
+    };
+    let token = head
+        .token()
+        .map_err(|_| refused(AuthError::Malformed))?
+        .ok_or_else(|| refused(AuthError::Missing))?;
+    auth::verify(&token, &policy, unix_now)
+        .map(|_| ())
+        .map_err(refused)
 }
 
 /// Answers `/api/...` and `/metrics`; `None` when the path is not one of them.
@@ -65,6 +94,11 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str) -> Response {
     let Ok(name) = super::http::percent_decode(name) else {
         return error(400, "invalid", "the room name is badly escaped".into());
     };
+    if crate::chat::validate::room_name(&name).is_err() {
+        // No such room can exist, and the name goes no further (not to the store, whose
+        // errors are logged with the room).
+        return error(404, "not_found", format!("room '{name}' does not exist"));
+    }
     match tail {
         None => match chat.room_detail(&name) {
             Some((members, messages)) => Response::json(

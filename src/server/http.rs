@@ -54,6 +54,22 @@ impl Head {
     }
 }
 
+impl Head {
+    /// The token a request carries: `?token=`, else `Authorization: Bearer` (the scheme in any
+    /// case). `Err` when the query's token is badly escaped.
+    pub fn token(&self) -> Result<Option<String>, BadEscape> {
+        if let Some(t) = self.query_param("token")? {
+            return Ok(Some(t));
+        }
+        Ok(self.header("authorization").and_then(|a| {
+            let (scheme, rest) = a.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_string())
+        }))
+    }
+}
+
 /// A query string or path segment with a bad `%` escape or bytes that are not UTF-8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadEscape;
@@ -214,6 +230,7 @@ pub fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        421 => "Misdirected Request",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
@@ -242,6 +259,43 @@ pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &str) -> bool {
         return false;
     };
     host.is_some_and(|h| !h.is_empty() && h.eq_ignore_ascii_case(rest))
+}
+
+/// Whether a request's `Host` is one the server answers to. `allowed` is the setting: empty
+/// for any host; otherwise comma-separated host names, each with an optional `:port` (without
+/// one it matches any port). Names compare ignoring ASCII case, whole, never by substring; a
+/// missing or empty `Host` does not match a list. IPv6 literals are written `[::1]` or
+/// `[::1]:8080`.
+pub fn host_allowed(host: Option<&str>, allowed: &str) -> bool {
+    let mut entries = allowed.split(',').map(str::trim).filter(|e| !e.is_empty());
+    let Some(first) = entries.next() else {
+        return true;
+    };
+    let Some((name, port)) = host.map(str::trim).and_then(split_host) else {
+        return false;
+    };
+    std::iter::once(first).chain(entries).any(|entry| {
+        split_host(entry)
+            .is_some_and(|(n, p)| n.eq_ignore_ascii_case(name) && (p.is_none() || p == port))
+    })
+}
+
+/// `host[:port]` into its name and port; `None` when empty or the port is not a number.
+fn split_host(s: &str) -> Option<(&str, Option<&str>)> {
+    let (name, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        match after {
+            "" => (inside, None),
+            p => (inside, Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match s.split_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (!name.is_empty() && port_ok).then_some((name, port))
 }
 
 /// The `101` answer to a valid upgrade request with key `key`.
@@ -345,6 +399,52 @@ mod tests {
             "scheme counts"
         );
         assert!(origin_allowed("http://anything", None, "*"));
+    }
+
+    #[test]
+    fn hosts_match_whole_names_and_ports() {
+        let list = "chat.example, localhost:8080, [::1]";
+        for ok in [
+            "chat.example",
+            "Chat.Example:1234",
+            "localhost:8080",
+            "[::1]",
+            "[::1]:9",
+        ] {
+            assert!(host_allowed(Some(ok), list), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "chat.example.evil.io",
+            "evilchat.example",
+            "localhost",
+            "localhost:80",
+            "localhost:8080x",
+            "[::2]",
+            "",
+            "chat.example:",
+        ] {
+            assert!(!host_allowed(Some(bad), list), "{bad}");
+        }
+        assert!(!host_allowed(None, list));
+        assert!(host_allowed(None, ""), "no list: any host");
+        assert!(host_allowed(Some("anything"), " , "));
+    }
+
+    #[test]
+    fn tokens_come_from_the_query_or_a_bearer_header() {
+        let head = |raw: &str| match parse(raw.as_bytes()) {
+            Parsed::Complete(h) => h,
+            other => panic!("{other:?}"),
+        };
+        let h = head("GET /a?token=q%2Ex HTTP/1.1\r\nAuthorization: Bearer b\r\n\r\n");
+        assert_eq!(h.token(), Ok(Some("q.x".into())), "the query wins");
+        let h = head("GET /a HTTP/1.1\r\nAuthorization: bearer  b.c \r\n\r\n");
+        assert_eq!(h.token(), Ok(Some("b.c".into())));
+        let h = head("GET /a HTTP/1.1\r\nAuthorization: Basic Zm9v\r\n\r\n");
+        assert_eq!(h.token(), Ok(None));
+        let h = head("GET /a?token=%zz HTTP/1.1\r\n\r\n");
+        assert!(h.token().is_err());
     }
 
     #[test]

@@ -494,6 +494,14 @@ impl Server {
 
     fn route(&mut self, id: usize, head: Head, now: Instant) {
         let get = head.method == "GET";
+        // DNS rebinding: a page on evil.example whose name now resolves here sends
+        // `Host: evil.example`. Health checks often come by address, and tell nothing.
+        if head.path != "/health"
+            && !http::host_allowed(head.header("host"), &self.cfg().allowed_hosts)
+        {
+            let r = Response::text(421, "this server does not answer to that host\n");
+            return self.respond(id, r, now);
+        }
         let response = match head.path.as_str() {
             "/health" if get => Response::text(200, "ok"),
             "/" if get => {
@@ -506,14 +514,17 @@ impl Server {
                 Err(r) => r,
             },
             "/health" | "/" | "/ws" => Response::method_not_allowed("GET"),
-            _ => {
-                let t = api::TransportStats {
-                    connections: self.conns.len(),
-                    uptime_secs: self.started.elapsed().as_secs(),
-                };
-                api::route(&mut self.chat, &head, t)
-                    .unwrap_or_else(|| Response::text(404, "not found\n"))
-            }
+            _ => match api::authorize(self.cfg(), &head, unix_secs()) {
+                Err(refused) => refused,
+                Ok(()) => {
+                    let t = api::TransportStats {
+                        connections: self.conns.len(),
+                        uptime_secs: self.started.elapsed().as_secs(),
+                    };
+                    api::route(&mut self.chat, &head, t)
+                        .unwrap_or_else(|| Response::text(404, "not found\n"))
+                }
+            },
         };
         self.respond(id, response, now);
     }
@@ -545,21 +556,17 @@ impl Server {
                 return Err(Response::text(403, "origin not allowed\n"));
             }
         }
-        let identity = if cfg.jwt_secret.is_empty() {
-            None
-        } else {
-            let bearer = head
-                .header("authorization")
-                .and_then(|a| a.strip_prefix("Bearer "));
-            let token = match head.query_param("token") {
-                Ok(Some(t)) => Some(t),
-                Ok(None) => bearer.map(|b| b.trim().to_string()),
-                Err(_) => return Err(bad("the token is badly escaped")),
-            };
-            let token = token.ok_or(auth::AuthError::Missing);
-            match token.and_then(|t| auth::verify(&t, cfg.jwt_secret.as_bytes(), unix_secs())) {
-                Ok(identity) => Some(identity),
-                Err(e) => return Err(Response::text(401, format!("{}\n", e.text()))),
+        let identity = match auth::Policy::of(cfg) {
+            None => None,
+            Some(policy) => {
+                let token = head
+                    .token()
+                    .map_err(|_| bad("the token is badly escaped"))?
+                    .ok_or(auth::AuthError::Missing);
+                match token.and_then(|t| auth::verify(&t, &policy, unix_secs())) {
+                    Ok(identity) => Some(identity),
+                    Err(e) => return Err(Response::text(401, format!("{}\n", e.text()))),
+                }
             }
         };
         let name = match identity.as_ref().and_then(|i| i.name.clone()) {
@@ -609,7 +616,7 @@ impl Server {
         c.expires_at = identity
             .as_ref()
             .and_then(|i| i.exp)
-            .map(|exp| now + Duration::from_secs(exp.saturating_sub(unix_secs())));
+            .and_then(|exp| auth::session_deadline(exp, unix_secs(), now));
         c.timer_at = None;
         self.ws_count += 1;
         *self.per_ip.entry(ip).or_insert(0) += 1;

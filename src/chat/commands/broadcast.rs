@@ -76,7 +76,11 @@ pub(crate) fn apply<O: Outbox>(
     if alone {
         chat.send_event(cx.conn, &Event::System { message: ALONE }, cx.out);
     }
-    log::info!("📤 Broadcast from {sender}: {}", args.message);
+    log::info!(
+        "📤 Broadcast from {}: {}",
+        crate::log_safe(&sender),
+        crate::log_safe(&args.message)
+    );
 
     let stored = StoredMessage {
         id,
