@@ -166,9 +166,13 @@ async def test_full_disk_is_unavailable_bounded_and_recovers(server_factory, dis
     unacked = set(delivered) - set(acks_seen(a).values())
     assert 0 < len(unacked) <= max_unstored, "the backlog is bounded by --max-unstored"
     assert (await wait_health(srv, 503)).strip() == "store unavailable"
-    # Still refused, and nothing was used up by the refusal: the next id follows on.
-    again = await a.request({"command": "broadcast", "message": "still full"})
-    assert again["event"] == "error" and again["code"] == "unavailable", again
+    # Still refused, however many come: the backlog does not grow past the bound.
+    for i in range(1000):
+        await a.send({"command": "broadcast", "message": "still full", "request_id": f"x{i}"})
+    for i in range(1000):
+        again = await a.recv_until(lambda e: e.get("request_id") == f"x{i}")
+        assert again["event"] == "error" and again["code"] == "unavailable", again
+    assert not [e for e in a.seen if e.get("message") == "still full"], "refused, not delivered"
 
     filler.unlink()
     # Every delivered message gets its ack once the writer gets through.
@@ -257,3 +261,43 @@ async def test_ids_are_never_reused_after_kill_in_the_fsync_window(server_factor
     ev = await c.request({"command": "broadcast", "message": "last"})
     assert ev["id"] > highest
     await c.close()
+
+
+async def test_a_corrupt_data_page_gives_unavailable_and_sigterm_still_ends(server_factory,
+                                                                           tmp_path):
+    """The database opens (its first page is fine) but the messages table is garbage: nothing is
+    acked that is not stored, broadcasts end up `unavailable`, and SIGTERM still ends."""
+    db = tmp_path / "chat.db"
+    srv = server_factory(db_path=db, max_unstored=50, shutdown_grace=1, **FAST)
+    a = await Client.joined(srv, name="a")
+    for i in range(200):
+        await a.send({"command": "broadcast", "message": f"{i} " + "x" * 800})
+    await a.request({"command": "broadcast", "message": "last"})
+    await a.close()
+    assert srv.stop() == 0
+    con = sqlite3.connect(db)
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    with open(db, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(os.urandom(page_size))
+
+    srv.start()
+    a = await Client.joined(srv, name="a")
+    refused = None
+    for i in range(1000):
+        ev = await a.request({"command": "broadcast", "message": f"after {i}"}, timeout=10)
+        if ev["event"] == "error":
+            refused = ev
+            break
+        assert ev["event"] == "ack", ev
+        got = srv.get_json(f"/api/rooms/general/messages?limit=1&before={ev['id'] + 1}")
+        assert [m["message"] for m in got["messages"]] == [f"after {i}"], "acked, not stored"
+    assert refused is not None and refused["code"] == "unavailable", refused
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = await asyncio.to_thread(srv.proc.wait, 1 + 5 + 4)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("SIGTERM did not end a server on a corrupt database") from None
+    assert rc in (0, 1)

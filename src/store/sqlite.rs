@@ -12,7 +12,7 @@
 //! change of state. Nothing is acked before it is committed.
 //!
 //! Ids: the table `rooms(room, reserved)` holds a per-room high-water mark written by the writer
-//! ahead of delivery, [`ID_BLOCK`] ids at a time and renewed when half is used, so delivery does
+//! ahead of delivery, [`ID_BLOCK`] ids ahead and renewed every quarter block, so delivery does
 //! not wait for the disk. An id above the durable mark is not handed out. A restart continues
 //! above the mark, so ids may jump after a crash but never repeat; a clean shutdown gives the
 //! unused part of the block back.
@@ -524,8 +524,9 @@ impl HistoryStore for SqliteStore {
         let Some(r) = map.get_mut(room) else {
             return Err(StoreError("reservation lost".into()));
         };
-        // Renewed while half a block is left, so that delivery does not wait for the disk.
-        if id.saturating_add(ID_BLOCK / 2) > r.asked {
+        // Renewed once a quarter of the block is used (a small upsert in the next commit), so
+        // that a busy room does not run out while the writer is in the middle of a commit.
+        if id.saturating_add(ID_BLOCK * 3 / 4) > r.asked {
             let upto = id.saturating_add(ID_BLOCK - 1);
             r.asked = upto;
             let job = Job::Reserve {
