@@ -263,12 +263,36 @@ async def test_ids_are_never_reused_after_kill_in_the_fsync_window(server_factor
     await c.close()
 
 
-async def test_a_corrupt_data_page_gives_unavailable_and_sigterm_still_ends(server_factory,
-                                                                           tmp_path):
+class UnhealthyServer(Server):
+    """A server expected to start with `/health` at 503: any HTTP answer means it is up."""
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_text()
+            try:
+                http_request(self.port, "/health", timeout=1.0)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"no answer on /health:\n{self.log_text()}")
+
+
+async def test_a_corrupt_data_page_gives_unavailable_and_sigterm_still_ends(tmp_path):
     """The database opens (its first page is fine) but the messages table is garbage: nothing is
-    acked that is not stored, broadcasts end up `unavailable`, and SIGTERM still ends."""
+    acked that is not stored, broadcasts end up `unavailable`, `/health` says so, and SIGTERM
+    still ends."""
     db = tmp_path / "chat.db"
-    srv = server_factory(db_path=db, max_unstored=50, shutdown_grace=1, **FAST)
+    srv = UnhealthyServer(tmp_path / "srv", dict(db_path=db, max_unstored=50, shutdown_grace=1,
+                                                 **FAST))
+    try:
+        await corrupt_page_scenario(srv, db)
+    finally:
+        srv.kill()
+
+
+async def corrupt_page_scenario(srv: Server, db: Path) -> None:
+    srv.start()
     a = await Client.joined(srv, name="a")
     for i in range(200):
         await a.send({"command": "broadcast", "message": f"{i} " + "x" * 800})
@@ -295,6 +319,7 @@ async def test_a_corrupt_data_page_gives_unavailable_and_sigterm_still_ends(serv
         got = srv.get_json(f"/api/rooms/general/messages?limit=1&before={ev['id'] + 1}")
         assert [m["message"] for m in got["messages"]] == [f"after {i}"], "acked, not stored"
     assert refused is not None and refused["code"] == "unavailable", refused
+    assert (await wait_health(srv, 503)).strip() == "store unavailable"
     srv.proc.send_signal(signal.SIGTERM)
     try:
         rc = await asyncio.to_thread(srv.proc.wait, 1 + 5 + 4)

@@ -98,7 +98,8 @@ pub trait HistoryStore {
     fn reserve(&mut self, _room: &str, _id: u64) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Whether the store can write now; `false` while writes fail (full disk, I/O error).
+    /// Whether the store can take messages now; `false` while writes fail (full disk, I/O
+    /// error) or the last read of a room's last id failed.
     fn writable(&self) -> bool {
         true
     }

@@ -98,6 +98,9 @@ pub struct SqliteStore {
     tickets: u64,
     /// Appended, not yet known to be committed: `(ticket, room, message)` in append order.
     pending: VecDeque<(u64, String, StoredMessage)>,
+    /// The last read of a room's last id failed (a corrupt page): broadcasts cannot be
+    /// numbered, so the store does not count as available until a read works again.
+    read_failed: bool,
 }
 
 const SCHEMA: &str = "
@@ -179,6 +182,7 @@ impl SqliteStore {
             shared,
             tickets: 0,
             pending: VecDeque::new(),
+            read_failed: false,
         })
     }
 
@@ -213,6 +217,29 @@ impl SqliteStore {
             error!("history read failed for room '{room}': {e}");
             Vec::new()
         })
+    }
+
+    /// The highest id that may have been handed out in `room`: queued, stored or reserved.
+    fn read_last_id(&mut self, room: &str) -> Result<u64, StoreError> {
+        self.prune_pending();
+        let queued = self
+            .pending
+            .iter()
+            .rev()
+            .find(|(_, r, _)| r == room)
+            .map_or(0, |(_, _, m)| m.id);
+        let stored = self
+            .reader
+            .query_row(
+                "SELECT MAX(id) FROM messages WHERE room = ?1",
+                [room],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.unwrap_or(0).max(0) as u64)
+            .map_err(|e| read_error(room, e))?;
+        let reserved = self.stored_reservation(room)?;
+        let cached = self.shared.reserved().get(room).map_or(0, |r| r.durable);
+        Ok(queued.max(stored).max(reserved).max(cached))
     }
 
     /// The committed high-water mark of `room`, 0 when it has none.
@@ -462,25 +489,9 @@ fn merge(
 
 impl HistoryStore for SqliteStore {
     fn last_id(&mut self, room: &str) -> Result<u64, StoreError> {
-        self.prune_pending();
-        let queued = self
-            .pending
-            .iter()
-            .rev()
-            .find(|(_, r, _)| r == room)
-            .map_or(0, |(_, _, m)| m.id);
-        let stored = self
-            .reader
-            .query_row(
-                "SELECT MAX(id) FROM messages WHERE room = ?1",
-                [room],
-                |row| row.get::<_, Option<i64>>(0),
-            )
-            .map(|v| v.unwrap_or(0).max(0) as u64)
-            .map_err(|e| read_error(room, e))?;
-        let reserved = self.stored_reservation(room)?;
-        let cached = self.shared.reserved().get(room).map_or(0, |r| r.durable);
-        Ok(queued.max(stored).max(reserved).max(cached))
+        let result = self.read_last_id(room);
+        self.read_failed = result.is_err();
+        result
     }
 
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
@@ -558,7 +569,7 @@ impl HistoryStore for SqliteStore {
     }
 
     fn writable(&self) -> bool {
-        self.shared.writable.load(Ordering::Acquire)
+        self.shared.writable.load(Ordering::Acquire) && !self.read_failed
     }
 
     fn page(&mut self, room: &str, query: Query) -> Page {
@@ -767,6 +778,10 @@ mod tests {
         assert!(
             s.last_id("r").is_err(),
             "a read error must not look like an empty room (ids would start again at 1)"
+        );
+        assert!(
+            !s.writable(),
+            "a store that cannot number messages is not available"
         );
     }
 
