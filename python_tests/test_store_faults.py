@@ -326,3 +326,18 @@ async def corrupt_page_scenario(srv: Server, db: Path) -> None:
     except subprocess.TimeoutExpired:
         raise AssertionError("SIGTERM did not end a server on a corrupt database") from None
     assert rc in (0, 1)
+
+
+async def test_a_room_that_empties_and_comes_back_has_no_gap(server_factory, tmp_path):
+    """Ids are reserved far ahead; that must not show as a gap in a healthy run."""
+    srv = server_factory(db_path=tmp_path / "chat.db")
+    a = await Client.joined(srv, name="a")
+    ids = []
+    for round_ in range(3):
+        await a.send({"command": "join", "room": "dev"})
+        await a.recv_event("history", room="dev")
+        ev = await a.request({"command": "broadcast", "room": "dev", "message": f"{round_}"})
+        ids.append(ev["id"])
+        assert (await a.request({"command": "leave", "room": "dev"}))["event"] == "ack"
+    assert ids == [1, 2, 3]
+    await a.close()

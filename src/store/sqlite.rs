@@ -68,6 +68,9 @@ struct Reservation {
     durable: u64,
     /// Ids up to this one were asked for.
     asked: u64,
+    /// The mark before this run raised it: every id of earlier runs is at or below it, and
+    /// every id this run handed out is queued or stored.
+    floor: u64,
 }
 
 /// What the loop thread and the writer share.
@@ -237,9 +240,14 @@ impl SqliteStore {
             )
             .map(|v| v.unwrap_or(0).max(0) as u64)
             .map_err(|e| read_error(room, e))?;
-        let reserved = self.stored_reservation(room)?;
-        let cached = self.shared.reserved().get(room).map_or(0, |r| r.durable);
-        Ok(queued.max(stored).max(reserved).max(cached))
+        // A room this run reserved for continues right after its last message (no gap when it
+        // comes back into memory); any other continues above its stored mark.
+        let cached = self.shared.reserved().get(room).map(|r| r.floor);
+        let reserved = match cached {
+            Some(floor) => floor,
+            None => self.stored_reservation(room)?,
+        };
+        Ok(queued.max(stored).max(reserved))
     }
 
     /// The committed high-water mark of `room`, 0 when it has none.
@@ -530,6 +538,7 @@ impl HistoryStore for SqliteStore {
             map.entry(room.to_string()).or_insert(Reservation {
                 durable: stored,
                 asked: stored,
+                floor: stored,
             });
         }
         let Some(r) = map.get_mut(room) else {
@@ -782,6 +791,23 @@ mod tests {
         assert!(
             !s.writable(),
             "a store that cannot number messages is not available"
+        );
+    }
+
+    #[test]
+    fn a_room_back_in_memory_continues_without_a_gap() {
+        let path = temp_db("nogap");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        for id in 1..=5 {
+            s.reserve("r", id).unwrap();
+            s.append("r", super::super::test_message(id));
+        }
+        assert_eq!(s.last_id("r"), Ok(5), "queued");
+        s.flush();
+        assert_eq!(
+            s.last_id("r"),
+            Ok(5),
+            "stored, with ids reserved far beyond"
         );
     }
 
