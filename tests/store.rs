@@ -116,6 +116,14 @@ fn contract(store: &mut dyn HistoryStore) {
         "a huge limit neither overflows nor loses messages"
     );
 
+    assert!(store.writable(), "a healthy store takes messages");
+    assert_eq!(
+        store.reserve("a", 11),
+        Ok(()),
+        "the next id may be handed out"
+    );
+    assert_eq!(store.last_id("a"), Ok(10), "a reservation is not a message");
+
     store.flush();
     assert!(
         store.durable() >= last_ticket,
