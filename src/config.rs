@@ -224,6 +224,10 @@ settings! {
     /// (without one, any port); other hosts get 421 on every path but `/health`. Closes DNS
     /// rebinding. Empty: any host.
     allowed_hosts: String = String::new(), "allowed-hosts", "ALLOWED_HOSTS";
+    // --- history store under failure (issue 9) ---
+    /// Broadcasts appended but not yet durable, server-wide; beyond it broadcasts get
+    /// `unavailable` until the store catches up (a healthy disk never gets near it).
+    max_unstored: usize = 10_000, "max-unstored", "MAX_UNSTORED";
 }
 
 /// What the command line asked for.
@@ -300,6 +304,7 @@ impl Config {
             ("max-pending-output", self.max_pending_output),
             ("read-buffer-size", self.read_buffer_size),
             ("rate-burst", self.rate_burst as usize),
+            ("max-unstored", self.max_unstored),
         ];
         for (flag, v) in positive {
             if v == 0 {
@@ -314,6 +319,7 @@ impl Config {
             ("history-page-cap", self.history_page_cap),
             ("resume-cap", self.resume_cap),
             ("memory-history-per-room", self.memory_history_per_room),
+            ("max-unstored", self.max_unstored),
         ] {
             if v > MAX_MESSAGES {
                 return Err(format!("--{flag} must be at most {MAX_MESSAGES}"));
@@ -486,6 +492,9 @@ mod tests {
         );
         assert!(run(&["--port"], &[]).unwrap_err().contains("needs a value"));
         assert!(run(&["--max-frame-size", "0"], &[]).is_err());
+        assert!(run(&["--max-unstored", "0"], &[]).is_err());
+        assert!(run(&["--max-unstored", "1000001"], &[]).is_err());
+        assert_eq!(run(&[], &[]).unwrap().max_unstored, 10_000);
         assert!(run(&["--resume-cap", "18446744073709551615"], &[]).is_err());
         assert!(run(&[], &[("PORT", "-1")]).unwrap_err().starts_with("PORT"));
     }

@@ -21,7 +21,7 @@ fn ids(page: &Page) -> Vec<u64> {
 
 /// Appends, pages in both directions, keeps rooms apart, keeps fields verbatim, flushes.
 fn contract(store: &mut dyn HistoryStore) {
-    assert_eq!(store.last_id("a"), 0);
+    assert_eq!(store.last_id("a"), Ok(0));
     assert_eq!(
         store.page(
             "a",
@@ -39,8 +39,8 @@ fn contract(store: &mut dyn HistoryStore) {
         last_ticket = t;
     }
     store.append("b", msg(1));
-    assert_eq!(store.last_id("a"), 10);
-    assert_eq!(store.last_id("b"), 1);
+    assert_eq!(store.last_id("a"), Ok(10));
+    assert_eq!(store.last_id("b"), Ok(1));
 
     let p = store.page(
         "a",
@@ -115,6 +115,14 @@ fn contract(store: &mut dyn HistoryStore) {
         10,
         "a huge limit neither overflows nor loses messages"
     );
+
+    assert!(store.writable(), "a healthy store takes messages");
+    assert_eq!(
+        store.reserve("a", 11),
+        Ok(()),
+        "the next id may be handed out"
+    );
+    assert_eq!(store.last_id("a"), Ok(10), "a reservation is not a message");
 
     store.flush();
     assert!(

@@ -40,7 +40,7 @@ struct RecStore {
 }
 
 impl HistoryStore for RecStore {
-    fn last_id(&mut self, room: &str) -> u64 {
+    fn last_id(&mut self, room: &str) -> Result<u64, chatterbox::store::StoreError> {
         self.inner.last_id(room)
     }
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {

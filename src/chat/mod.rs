@@ -175,7 +175,8 @@ pub(crate) struct Member {
 pub(crate) struct Room {
     /// Connections in join order.
     pub(crate) members: Vec<ConnId>,
-    /// The id the next message gets.
+    /// The id the next message gets; 0 while unknown (the store could not be read when the
+    /// room was created: the next broadcast asks again).
     pub(crate) next_id: u64,
 }
 
@@ -423,10 +424,29 @@ impl Chat {
         }
     }
 
-    /// Flushes the history store (shutdown), then sends every remaining ack.
+    /// Flushes the history store, then sends every remaining ack.
     pub fn flush(&mut self, out: &mut impl Outbox) {
         self.store.flush();
         self.release_acks(out);
+    }
+
+    /// Shutdown: waits for the store until `deadline` at most, sends the acks that became due,
+    /// and stops the store. Returns how many broadcasts were not stored.
+    pub fn close_store(&mut self, deadline: Instant, out: &mut impl Outbox) -> u64 {
+        let unstored = self.store.close(deadline);
+        self.release_acks(out);
+        unstored
+    }
+
+    /// Broadcasts appended to the store and not yet durable.
+    pub fn unstored(&mut self) -> u64 {
+        self.last_ticket.saturating_sub(self.store.durable())
+    }
+
+    /// Whether broadcasts are taken now: the store can write and its backlog has room.
+    /// `/health` answers 503 while this is false.
+    pub fn store_available(&mut self) -> bool {
+        self.store.writable() && self.unstored() < self.cfg.max_unstored as u64
     }
 
     // ----- helpers shared by the commands -----
@@ -514,10 +534,11 @@ impl Chat {
         self.fan_out(room, &payload, None, out);
     }
 
-    /// Creates `room` in memory if needed; its ids continue from the store.
+    /// Creates `room` in memory if needed; its ids continue from the store (or are asked for
+    /// again at the next broadcast when the store cannot be read now).
     pub(crate) fn ensure_room(&mut self, room: &str) -> &mut Room {
         if !self.rooms.contains_key(room) {
-            let next_id = self.store.last_id(room) + 1;
+            let next_id = self.store.last_id(room).map_or(0, |last| last + 1);
             self.rooms.insert(
                 room.to_string(),
                 Room {
@@ -595,7 +616,7 @@ impl Chat {
         let mut rooms: Vec<_> = self
             .rooms
             .iter()
-            .map(|(name, r)| (name.as_str(), r.members.len(), r.next_id - 1))
+            .map(|(name, r)| (name.as_str(), r.members.len(), r.next_id.saturating_sub(1)))
             .collect();
         rooms.sort_unstable_by_key(|(name, _, _)| *name);
         rooms
@@ -609,7 +630,7 @@ impl Chat {
             .iter()
             .filter_map(|c| self.members.get(c))
             .map(|m| m.name.as_str());
-        Some((names.collect(), r.next_id - 1))
+        Some((names.collect(), r.next_id.saturating_sub(1)))
     }
 
     /// A page of `room`'s history: `limit` (capped) messages older than `before`.
@@ -620,7 +641,7 @@ impl Chat {
         before: Option<u64>,
         limit: Option<u64>,
     ) -> Option<Page> {
-        if !self.rooms.contains_key(room) && self.store.last_id(room) == 0 {
+        if !self.rooms.contains_key(room) && self.store.last_id(room).unwrap_or(0) == 0 {
             return None;
         }
         let limit = self.page_limit(limit);

@@ -108,6 +108,9 @@ pub enum ErrorCode {
     RateLimited,
     /// Too many rooms, room full.
     LimitReached,
+    /// The history store cannot take the message now (its backlog is full, or it cannot make
+    /// the message's id durable); nothing changed, retry later.
+    Unavailable,
 }
 
 /// A command that could not be carried out: its code and a sentence for people.

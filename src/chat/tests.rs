@@ -583,7 +583,7 @@ struct SlowStore {
 }
 
 impl HistoryStore for SlowStore {
-    fn last_id(&mut self, room: &str) -> u64 {
+    fn last_id(&mut self, room: &str) -> Result<u64, crate::store::StoreError> {
         self.inner.last_id(room)
     }
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
@@ -645,4 +645,141 @@ fn me_lists_rooms_in_join_order() {
     assert_eq!(me["rooms"], json!(["general", "zeta"]));
     assert_eq!(me["member"], "a");
     assert_eq!(me["request_id"], "m");
+}
+
+// ----- the store under failure (issue 9) -----
+
+/// A store that the test can make fail: durability stops, writes fail, reservations fail.
+struct FaultyStore {
+    inner: MemoryStore,
+    durable: std::rc::Rc<std::cell::Cell<u64>>,
+    failing: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl HistoryStore for FaultyStore {
+    fn last_id(&mut self, room: &str) -> Result<u64, crate::store::StoreError> {
+        if self.failing.get() {
+            return Err(crate::store::StoreError("read failed".into()));
+        }
+        self.inner.last_id(room)
+    }
+    fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
+        self.inner.append(room, msg)
+    }
+    fn durable(&mut self) -> u64 {
+        self.durable.get()
+    }
+    fn page(&mut self, room: &str, q: crate::store::Query) -> crate::store::Page {
+        self.inner.page(room, q)
+    }
+    fn flush(&mut self) {}
+    fn reserve(&mut self, _room: &str, _id: u64) -> Result<(), crate::store::StoreError> {
+        if self.failing.get() {
+            return Err(crate::store::StoreError("cannot write".into()));
+        }
+        Ok(())
+    }
+    fn writable(&self) -> bool {
+        !self.failing.get()
+    }
+}
+
+type Cells = (
+    std::rc::Rc<std::cell::Cell<u64>>,
+    std::rc::Rc<std::cell::Cell<bool>>,
+);
+
+fn with_faulty_store(max_unstored: usize) -> (T, Cells) {
+    let durable = std::rc::Rc::new(std::cell::Cell::new(0));
+    let failing = std::rc::Rc::new(std::cell::Cell::new(false));
+    let store = FaultyStore {
+        inner: MemoryStore::new(100),
+        durable: durable.clone(),
+        failing: failing.clone(),
+    };
+    let cfg = Config {
+        max_unstored,
+        rate_burst: 1000,
+        ..Config::default()
+    };
+    let mut t = T::new();
+    t.chat = Chat::new(cfg, Box::new(store));
+    (t, (durable, failing))
+}
+
+#[test]
+fn a_full_backlog_refuses_broadcasts_until_the_store_catches_up() {
+    let (mut t, (durable, _)) = with_faulty_store(3);
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.out.sent.clear();
+    for i in 0..3 {
+        let ack =
+            json!({"command":"broadcast","message":format!("m{i}"),"request_id":format!("r{i}")});
+        t.send(1, ack);
+    }
+    assert_eq!(t.out.events(2, "broadcast").len(), 3);
+    assert!(!t.chat.store_available(), "the backlog is full");
+    t.send(
+        1,
+        json!({"command":"broadcast","message":"over","request_id":"over"}),
+    );
+    let errors = t.out.events(1, "error");
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["code"], "unavailable");
+    assert_eq!(errors[0]["request_id"], "over");
+    assert!(
+        t.out.take(2).is_empty(),
+        "a refused broadcast is not delivered"
+    );
+
+    durable.set(3);
+    t.chat.release_acks(&mut t.out);
+    assert_eq!(t.out.events(1, "ack").len(), 3);
+    assert!(t.chat.store_available());
+    t.send(
+        1,
+        json!({"command":"broadcast","message":"again","request_id":"again"}),
+    );
+    let b = t.out.events(2, "broadcast");
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0]["id"], 4, "the refusal used no id");
+}
+
+#[test]
+fn an_id_the_store_cannot_reserve_is_not_handed_out() {
+    let (mut t, (durable, failing)) = with_faulty_store(100);
+    t.connect(1, Some("a"));
+    t.connect(2, Some("b"));
+    t.send(1, json!({"command":"broadcast","message":"one"}));
+    durable.set(1);
+    failing.set(true);
+    t.out.sent.clear();
+    assert!(
+        !t.chat.store_available(),
+        "a store that cannot write is not available"
+    );
+    let e = t.ask(
+        1,
+        json!({"command":"broadcast","message":"two","request_id":"x"}),
+    );
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+    assert!(t.out.events(2, "broadcast").is_empty());
+    // A room created while the store cannot be read gets its id later, not a guessed one.
+    t.send(1, json!({"command":"join","room":"new"}));
+    t.send(2, json!({"command":"join","room":"new"}));
+    let e = t.ask(
+        1,
+        json!({"command":"broadcast","room":"new","message":"n","request_id":"n"}),
+    );
+    assert_eq!(e["code"], "unavailable");
+    failing.set(false);
+    t.out.sent.clear();
+    t.send(1, json!({"command":"broadcast","message":"three"}));
+    assert_eq!(t.out.events(2, "broadcast")[0]["id"], 2);
+    t.send(1, json!({"command":"broadcast","room":"new","message":"n"}));
+    assert_eq!(t.out.events(2, "broadcast")[0]["id"], 1);
 }

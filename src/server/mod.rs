@@ -53,6 +53,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// status instead of a reset.
 const HANDSHAKE_SLACK: usize = 256;
 
+/// How long after the shutdown grace the history store may take to write what it holds (the
+/// writer then gets half a second more to stop): a shutdown ends within grace + 5 s.
+const STORE_CLOSE_SLACK: Duration = Duration::from_secs(4);
+
 /// The capacity a connection's output buffer starts with when something is queued.
 const OUT_BUFFER_START: usize = 4096;
 
@@ -352,7 +356,16 @@ impl Server {
                 }
             }
         }
-        self.core(|chat, sink| chat.flush(sink));
+        // The store gets until grace + STORE_CLOSE_SLACK after the shutdown began, whatever
+        // the disk does; what it could not write by then is counted, and the exit says so.
+        let deadline = self.shutdown_at.unwrap_or_else(Instant::now) + STORE_CLOSE_SLACK;
+        let unstored = self.core(|chat, sink| chat.close_store(deadline, sink));
+        self.flush_dirty();
+        if unstored > 0 {
+            return Err(io::Error::other(format!(
+                "{unstored} messages were not stored: the history store could not write them"
+            )));
+        }
         info!("chatterbox stopped");
         Ok(())
     }
@@ -503,7 +516,7 @@ impl Server {
             return self.respond(id, r, now);
         }
         let response = match head.path.as_str() {
-            "/health" if get => Response::text(200, "ok"),
+            "/health" if get => self.health(),
             "/" if get => {
                 let mut r = Response::text(200, INDEX_HTML);
                 r.content_type = "text/html; charset=utf-8";
@@ -527,6 +540,15 @@ impl Server {
             },
         };
         self.respond(id, response, now);
+    }
+
+    /// `200 ok`, or `503` while the history store cannot write or its backlog is full.
+    fn health(&mut self) -> Response {
+        if self.chat.store_available() {
+            Response::text(200, "ok")
+        } else {
+            Response::text(503, "store unavailable")
+        }
     }
 
     /// Checks an upgrade request and, when it passes, switches the connection to WebSocket and

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{HistoryStore, Page, Query, StoredMessage, page_from_asc, page_from_desc};
+use super::{HistoryStore, Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
 
 /// How many room logs are kept at most: a fixed cap so that a client creating and leaving rooms
 /// forever cannot grow memory. The least recently written log goes.
@@ -80,10 +80,11 @@ fn name_hash(room: &str) -> u64 {
 }
 
 impl HistoryStore for MemoryStore {
-    fn last_id(&mut self, room: &str) -> u64 {
-        self.rooms
+    fn last_id(&mut self, room: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .rooms
             .get(room)
-            .map_or_else(|| self.forgotten_last_id(room), |log| log.last_id)
+            .map_or_else(|| self.forgotten_last_id(room), |log| log.last_id))
     }
 
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
@@ -170,7 +171,7 @@ mod tests {
             vec![3, 4, 5]
         );
         assert!(!p.more, "nothing older is held, so more is false");
-        assert_eq!(s.last_id("r"), 5);
+        assert_eq!(s.last_id("r").unwrap(), 5);
     }
 
     #[test]
@@ -181,11 +182,11 @@ mod tests {
         }
         assert_eq!(s.rooms.len(), MAX_ROOM_LOGS);
         assert_eq!(
-            s.last_id("room0"),
+            s.last_id("room0").unwrap(),
             1,
             "room0 went first; its ids are not reused"
         );
-        assert_eq!(s.last_id(&format!("room{}", MAX_ROOM_LOGS + 9)), 1);
+        assert_eq!(s.last_id(&format!("room{}", MAX_ROOM_LOGS + 9)).unwrap(), 1);
     }
 
     #[test]
@@ -197,10 +198,10 @@ mod tests {
         }
         assert!(s.tombstones.len() <= MAX_TOMBSTONES);
         assert_eq!(
-            s.last_id("busy"),
+            s.last_id("busy").unwrap(),
             7,
             "its tombstone was dropped, the floor remembers"
         );
-        assert_eq!(s.last_id("never-seen"), 7);
+        assert_eq!(s.last_id("never-seen").unwrap(), 7);
     }
 }

@@ -5,6 +5,15 @@
 //! and only then does the core send its `ack`. The in-memory store is durable at once; the SQLite
 //! store commits in batches on a writer thread (group commit) and reports progress through a
 //! callback, so the event loop never waits for the disk.
+//!
+//! A store that cannot write (full disk, read-only file, I/O error) says so through
+//! [`HistoryStore::writable`]; the core then stops taking broadcasts once its backlog is full.
+//! Ids are never handed out twice, even across a crash: before the core delivers id N it asks
+//! [`HistoryStore::reserve`], and the SQLite store keeps a durable per-room high-water mark
+//! ahead of delivery (see `docs/PROTOCOL.md`).
+
+use std::fmt;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -59,18 +68,48 @@ pub struct Page {
     pub more: bool,
 }
 
+/// The store could not answer (a read failed, or it cannot write now): the caller must not guess.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
 /// Where room history lives. One implementation per backend; the core holds a `Box<dyn _>`.
 pub trait HistoryStore {
-    /// The highest id ever stored for `room`, 0 when none.
-    fn last_id(&mut self, room: &str) -> u64;
+    /// The highest id that may already have been handed out in `room` (stored, queued, or
+    /// reserved), 0 when none. The next message gets one more. A read error is an error.
+    fn last_id(&mut self, room: &str) -> Result<u64, StoreError>;
     /// Queues `msg` for storage in `room` and returns its ticket (tickets grow by one per append).
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64;
     /// The highest ticket known to be durable; every smaller ticket is durable too.
     fn durable(&mut self) -> u64;
     /// A page of `room`'s history, including messages appended but not yet durable.
     fn page(&mut self, room: &str, query: Query) -> Page;
-    /// Blocks until every appended message is durable (used at shutdown).
+    /// Blocks until every appended message is durable.
     fn flush(&mut self);
+    /// Makes sure `id` may be handed out in `room`: it must be above every id a restart could
+    /// start from. `Err` when that cannot be made durable now (the store cannot write); then
+    /// the id must not be used. Stores whose ids cannot outlive the process accept every id.
+    fn reserve(&mut self, _room: &str, _id: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether the store can take messages now; `false` while writes fail (full disk, I/O
+    /// error) or the last read of a room's last id failed.
+    fn writable(&self) -> bool {
+        true
+    }
+    /// Shutdown: waits until every appended message is durable or `deadline` passes, then stops
+    /// the store's writer. Returns how many appended messages were not stored.
+    fn close(&mut self, _deadline: Instant) -> u64 {
+        self.flush();
+        0
+    }
 }
 
 /// Cuts a descending-by-id candidate list down to a page: keeps `limit`, notes whether more

@@ -2,7 +2,8 @@
 //!
 //! The message gets the room's next id, is serialized and framed once, copied to each member's
 //! output, and appended to the history store. Delivery does not wait for the store; the `ack`
-//! does (see [`Chat::ack_when_durable`]).
+//! does (see [`Chat::ack_when_durable`]). When the store's backlog is full, or the id cannot be
+//! reserved durably, the broadcast is refused with `unavailable` before anything happens.
 
 use crate::chat::protocol::{CommandError, ErrorCode, Event, RawJson};
 use crate::chat::{Chat, Cx, DEFAULT_ROOM, Outbox, Payload, validate};
@@ -52,11 +53,17 @@ pub(crate) fn apply<O: Outbox>(
         }
     }
 
+    if chat.unstored() >= chat.cfg.max_unstored as u64 {
+        return Err(CommandError::new(
+            ErrorCode::Unavailable,
+            "the history store is not keeping up; nothing was sent, retry later",
+        ));
+    }
+    let id = next_id(chat, room)?;
     let Some(r) = chat.rooms.get_mut(room) else {
         return Ok(());
     };
-    let id = r.next_id;
-    r.next_id += 1;
+    r.next_id = id + 1;
     let alone = r.members.len() == 1;
     let ts = cx.now.unix_ms;
     let event = Event::Broadcast {
@@ -97,6 +104,25 @@ pub(crate) fn apply<O: Outbox>(
     }
     ack_when_durable(chat, cx, room, id, ticket);
     Ok(())
+}
+
+/// The id the room's next message gets, reserved in the store: an id a restart could hand out
+/// again is never used.
+fn next_id(chat: &mut Chat, room: &str) -> Result<u64, CommandError> {
+    let unavailable = |e: crate::store::StoreError| {
+        CommandError::new(
+            ErrorCode::Unavailable,
+            format!("the history store cannot take messages now ({e}); retry later"),
+        )
+    };
+    let known = chat.rooms.get(room).map_or(0, |r| r.next_id);
+    let id = if known == 0 {
+        chat.store.last_id(room).map_err(unavailable)? + 1
+    } else {
+        known
+    };
+    chat.store.reserve(room, id).map_err(unavailable)?;
+    Ok(id)
 }
 
 /// With a `request_id`, queues the `ack` naming `id`, sent once the store holds `ticket`.
