@@ -25,7 +25,7 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
-use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message};
 
 use crate::auth;
@@ -35,9 +35,11 @@ use crate::config::Config;
 pub mod api;
 mod conn;
 pub mod http;
+pub mod wire;
 
-use conn::{Conn, Flushed, Phase};
+use conn::{Conn, Drained, Flushed, Phase};
 use http::{Head, Parsed, Response};
+use wire::{Next, ReadLimits, Wire};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -94,6 +96,7 @@ pub struct Server {
     backlog: Vec<usize>,
     closing: Vec<(usize, u16, &'static str)>,
     ws_config: WebSocketConfig,
+    read_limits: ReadLimits,
     started: Instant,
     shutdown_at: Option<Instant>,
     /// Loop turns so far (starts at 1).
@@ -212,7 +215,12 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(cfg.max_frame_size))
             .max_frame_size(Some(cfg.max_frame_size));
+        let read_limits = ReadLimits {
+            budget_bytes: cfg.read_budget_bytes,
+            max_fragments: cfg.max_fragments,
+        };
         Ok(Server {
+            read_limits,
             poll,
             listener: Some(listener),
             local,
@@ -380,10 +388,15 @@ impl Server {
     }
 
     fn readable(&mut self, id: usize, now: Instant) {
+        let budget = self.cfg().read_budget_bytes;
         if let Some(c) = self.conns.get_mut(id) {
-            if c.write_closed {
-                if c.drain() {
-                    self.drop_conn(id);
+            if c.close_by.is_some() {
+                // On its way out: input is read (within the budget) and discarded.
+                match c.drain(budget) {
+                    // Once the output is written; until then the close deadline bounds it.
+                    Drained::Closed if c.pending() == 0 => self.drop_conn(id),
+                    Drained::More => self.defer(id),
+                    Drained::Closed | Drained::Empty => {}
                 }
                 return;
             }
@@ -564,11 +577,7 @@ impl Server {
         };
         let rest = bytes.split_off(head.len);
         c.out.extend_from_slice(&http::switching_protocols(&key));
-        c.phase = Phase::Ws(Box::new(WebSocketContext::from_partially_read(
-            rest,
-            Role::Server,
-            Some(self.ws_config),
-        )));
+        c.phase = Phase::Ws(Box::new(Wire::new(rest, self.ws_config, self.read_limits)));
         c.member = true;
         c.counted = true;
         c.last_frame = now;
@@ -593,30 +602,31 @@ impl Server {
 
     fn read_frames(&mut self, id: usize, now: Instant) {
         let cfg_now = now_of(now);
+        let max_pending = self.cfg().max_pending_output;
         for _ in 0..READ_BUDGET {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
             };
-            let msg = c.read_message();
-            if !matches!(&msg, Err(WsError::Io(e)) if would_block(e)) {
+            let next = c.read_message(self.iteration, max_pending);
+            if !matches!(next, Next::Blocked) {
                 c.last_frame = now;
             }
             // Whatever tungstenite queued (pongs, close replies) must go out.
             if c.pending() > 0 {
                 self.mark_dirty(id);
             }
-            match msg {
-                Ok(Message::Text(text)) => {
+            match next {
+                Next::Message(Message::Text(text)) => {
                     if let Some(c) = self.conns.get_mut(id) {
                         c.last_command = now;
                     }
                     self.core(|chat, sink| chat.handle_text(cfg_now, id, text.as_str(), sink));
                 }
-                Ok(Message::Binary(_)) => {
+                Next::Message(Message::Binary(_)) => {
                     self.core(|chat, sink| chat.handle_binary(cfg_now, id, sink));
                 }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-                Ok(Message::Close(_)) => {
+                Next::Message(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Next::Message(Message::Close(_)) => {
                     // tungstenite queued the reply inside itself: move it to the output, then
                     // let the connection go once it is written.
                     self.end_member(id);
@@ -629,15 +639,33 @@ impl Server {
                     self.mark_dirty(id);
                     return;
                 }
-                Err(WsError::Io(e)) if would_block(&e) => return,
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Next::Blocked => return,
+                Next::Spent => break,
+                Next::OverBound => {
+                    // Pongs and close replies count against the bound like everything else.
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.closing = true;
+                    }
+                    self.closing.push((id, 1008, "slow consumer"));
+                    return;
+                }
+                Next::TooManyFragments => {
+                    debug!("closing connection {id}: too many fragments");
+                    self.closing.push((id, 1008, "too many fragments"));
+                    return;
+                }
+                Next::Failed(e) => {
                     self.protocol_error(id, e, now);
                     return;
                 }
             }
         }
         // Budget spent with data possibly left: come back next iteration.
+        self.defer(id);
+    }
+
+    /// Puts a connection whose read budget ran out on the backlog for the next turn.
+    fn defer(&mut self, id: usize) {
         if self.conns.contains(id) && !self.backlog.contains(&id) {
             self.backlog.push(id);
         }
@@ -736,9 +764,17 @@ impl Server {
                         c.write_closed = true;
                         let _ = c.stream.shutdown(std::net::Shutdown::Write);
                     }
-                    if c.drain() {
-                        self.drop_conn(id);
-                        continue;
+                    match c.drain(self.read_limits.budget_bytes) {
+                        Drained::Closed => {
+                            self.drop_conn(id);
+                            continue;
+                        }
+                        Drained::More => {
+                            if !self.backlog.contains(&id) {
+                                self.backlog.push(id);
+                            }
+                        }
+                        Drained::Empty => {}
                     }
                 }
                 Flushed::Done if c.out.capacity() > 0 => self.kept_now.push(id),
