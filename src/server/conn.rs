@@ -47,7 +47,8 @@ pub(crate) struct Conn {
     pub(crate) write_closed: bool,
     /// Whether the chat core knows this connection as a member.
     pub(crate) member: bool,
-    /// Whether the connection counts against the WebSocket caps.
+    /// Whether the connection counts against the member cap (it does against its address
+    /// from accept on).
     pub(crate) counted: bool,
     pub(crate) last_frame: Instant,
     pub(crate) last_command: Instant,

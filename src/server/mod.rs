@@ -370,6 +370,17 @@ impl Server {
                 debug!("dropping connection from {addr}: socket cap reached");
                 continue;
             }
+            // A socket counts against its address from here, whatever it turns out to be: a
+            // head still being read holds a slot as much as a member does. Past the cap it is
+            // answered 429; past twice the cap (that many refusals still being answered) it is
+            // closed at once, so one address never holds more than that of the table.
+            let ip = addr.ip();
+            let per_ip_cap = self.cfg().max_connections_per_ip;
+            let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+            if from_ip >= per_ip_cap.saturating_mul(2) {
+                debug!("dropping connection from {addr}: per-address cap reached");
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let entry = self.conns.vacant_entry();
             let id = entry.key();
@@ -382,8 +393,14 @@ impl Server {
                 continue;
             }
             let deadline = now + self.chat.config().head_timeout;
-            entry.insert(Conn::new(stream, addr.ip(), now, deadline));
-            self.schedule(id, deadline);
+            entry.insert(Conn::new(stream, ip, now, deadline));
+            *self.per_ip.entry(ip).or_insert(0) += 1;
+            if from_ip >= per_ip_cap {
+                let refusal = Response::text(429, "too many connections from your address\n");
+                self.respond(id, refusal, now);
+            } else {
+                self.schedule(id, deadline);
+            }
         }
     }
 
@@ -550,18 +567,13 @@ impl Server {
                 .map_err(|_| bad("the name is badly escaped"))?,
         };
         let name = name.filter(|n| !n.is_empty());
-        let Some(ip) = self.conns.get(id).map(|c| c.ip) else {
+        if !self.conns.contains(id) {
             return Ok(());
-        };
+        }
         if self.ws_count >= cfg.max_connections {
             return Err(Response::text(503, "server is full\n"));
         }
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= cfg.max_connections_per_ip {
-            return Err(Response::text(
-                429,
-                "too many connections from your address\n",
-            ));
-        }
+        // The per-address cap was applied at accept.
         if let Some(n) = &name {
             self.chat
                 .check_name(n)
@@ -589,7 +601,6 @@ impl Server {
             .map(|exp| now + Duration::from_secs(exp.saturating_sub(unix_secs())));
         c.timer_at = None;
         self.ws_count += 1;
-        *self.per_ip.entry(ip).or_insert(0) += 1;
         self.mark_dirty(id);
         let member_id = identity.map(|i| i.sub);
         self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
@@ -818,11 +829,11 @@ impl Server {
         let _ = self.poll.registry().deregister(&mut c.stream);
         if c.counted {
             self.ws_count -= 1;
-            if let Some(n) = self.per_ip.get_mut(&c.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_ip.remove(&c.ip);
-                }
+        }
+        if let Some(n) = self.per_ip.get_mut(&c.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&c.ip);
             }
         }
         self.backlog.retain(|&b| b != id);
