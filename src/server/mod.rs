@@ -54,6 +54,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// status instead of a reset.
 const HANDSHAKE_SLACK: usize = 256;
 
+/// How long to wait before accepting again after `accept` failed for want of descriptors or
+/// memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// The capacity a connection's output buffer starts with when something is queued.
 const OUT_BUFFER_START: usize = 4096;
 
@@ -104,6 +108,8 @@ pub struct Server {
     /// Connections that kept their output buffer on the last turn, and on this one.
     kept: Vec<usize>,
     kept_now: Vec<usize>,
+    /// When to accept again after `accept` failed (out of descriptors).
+    accept_retry_at: Option<Instant>,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -241,6 +247,7 @@ impl Server {
             iteration: 1,
             kept: Vec::new(),
             kept_now: Vec::new(),
+            accept_retry_at: None,
         })
     }
 
@@ -319,6 +326,9 @@ impl Server {
             for id in std::mem::take(&mut self.backlog) {
                 self.readable(id, now);
             }
+            if self.accept_retry_at.is_some_and(|at| now >= at) {
+                self.accept(now);
+            }
             self.fire_timers(now);
             self.process_closing(now);
             self.flush_dirty();
@@ -354,18 +364,30 @@ impl Server {
     fn accept(&mut self, now: Instant) {
         loop {
             let Some(listener) = &self.listener else {
+                self.accept_retry_at = None;
                 return;
             };
             let (mut stream, addr) = match listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if would_block(&e) => return,
+                Err(e) if would_block(&e) => {
+                    self.accept_retry_at = None;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The peer gave up before we took it: the next one may be fine.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // Out of file descriptors or similar: leave the rest in the backlog.
-                    warn!("accept failed: {e}");
+                    // Out of file descriptors or memory: the rest wait in the kernel's queue.
+                    // The listener is edge-triggered, so no event comes for them when
+                    // descriptors free up: try again after a short back-off.
+                    if self.accept_retry_at.is_none() {
+                        warn!("accept failed: {e}; retrying every {ACCEPT_RETRY:?}");
+                    }
+                    self.accept_retry_at = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
+            self.accept_retry_at = None;
             if self.conns.len() >= self.cfg().max_connections + HANDSHAKE_SLACK {
                 debug!("dropping connection from {addr}: socket cap reached");
                 continue;
@@ -848,6 +870,9 @@ impl Server {
             // once the traffic stops (an idle server then sleeps with none).
             let release = Instant::now() + BUFFER_RELEASE_DELAY;
             timer = Some(timer.map_or(release, |t| t.min(release)));
+        }
+        if let Some(at) = self.accept_retry_at {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
         }
         let next = match (timer, self.shutdown_at) {
             (Some(t), Some(s)) => t.min(s),
