@@ -88,6 +88,8 @@ fn pongs_count_against_the_output_bound() {
     let s = Running::start(Config {
         db_path: ":memory:".into(),
         max_pending_output: 64 * 1024,
+        // Far less than the bound per turn: only pongs that pile up unread can pass it.
+        read_budget_bytes: 4096,
         ..Config::default()
     });
     // Pings as fast as possible, never a read: the pongs pile up on the server.
@@ -112,6 +114,54 @@ fn pongs_count_against_the_output_bound() {
     );
     let stats = s.get_json("/api/stats");
     assert_eq!(stats["slow_consumers_closed"], 1, "{stats}");
+    drop(flooder);
+    s.stop();
+}
+
+#[test]
+fn a_close_frame_the_client_never_takes_is_counted() {
+    let s = Running::start(Config {
+        db_path: ":memory:".into(),
+        max_pending_output: 16 * 1024,
+        read_budget_bytes: 4096,
+        ..Config::default()
+    });
+    // A client that never reads is closed as a slow consumer; its close frame stays queued.
+    // A small receive buffer keeps the kernel from taking it in on the client's behalf.
+    let flooder = raw_member(s.addr, "pinger");
+    let size: libc::c_int = 4096;
+    // SAFETY: setsockopt reads `size` for the duration of the call on a socket we own.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&flooder),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    let mut burst = Vec::new();
+    for _ in 0..512 {
+        burst.extend(frame(true, 0x9, &[b'p'; 125]));
+    }
+    while (&flooder).write_all(&burst).is_ok() {}
+    // The socket is dropped at the end of the grace time (2 s); the deadline only turns a
+    // missing count into a failure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = s.get_json("/api/stats");
+        if stats["close_frames_lost"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never counted: {stats}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = s.http("GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        metrics.contains("chatterbox_close_frames_lost_total 1"),
+        "{metrics}"
+    );
     drop(flooder);
     s.stop();
 }

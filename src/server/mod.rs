@@ -110,6 +110,8 @@ pub struct Server {
     kept_now: Vec<usize>,
     /// When to accept again after `accept` failed (out of descriptors).
     accept_retry_at: Option<Instant>,
+    /// Close frames still unwritten when their grace time ran out.
+    close_frames_lost: u64,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -248,6 +250,7 @@ impl Server {
             kept: Vec::new(),
             kept_now: Vec::new(),
             accept_retry_at: None,
+            close_frames_lost: 0,
         })
     }
 
@@ -530,6 +533,7 @@ impl Server {
                 let t = api::TransportStats {
                     connections: self.conns.len(),
                     uptime_secs: self.started.elapsed().as_secs(),
+                    close_frames_lost: self.close_frames_lost,
                 };
                 api::route(&mut self.chat, &head, t)
                     .unwrap_or_else(|| Response::text(404, "not found\n"))
@@ -931,6 +935,12 @@ impl Server {
         };
         if let Some(by) = c.close_by {
             if now >= by {
+                if c.pending() > 0 && matches!(c.phase, Phase::Ws(_)) {
+                    // A client that does not read (a slow consumer, typically) never gets its
+                    // close frame. Nothing more can be done for it; count it.
+                    self.close_frames_lost += 1;
+                    debug!("connection {id}: close frame not taken within the grace time");
+                }
                 self.drop_conn(id);
             } else {
                 self.schedule(id, by);
