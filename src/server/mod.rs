@@ -54,6 +54,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// status instead of a reset.
 const HANDSHAKE_SLACK: usize = 256;
 
+/// How soon after connections go the heap is trimmed, so that a mass disconnect gives its
+/// memory back without waiting for traffic to resume.
+const IDLE_TRIM_DELAY: Duration = Duration::from_millis(500);
+/// Connections dropped (or the last one) that make a trim worth its walk over the heap.
+const TRIM_AFTER_DROPS: usize = 64;
+
 /// How long to wait before accepting again after `accept` failed for want of descriptors or
 /// memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -112,6 +118,9 @@ pub struct Server {
     accept_retry_at: Option<Instant>,
     /// Close frames still unwritten when their grace time ran out.
     close_frames_lost: u64,
+    /// Connections dropped since the last heap trim, and when the next one is due.
+    dropped_since_trim: usize,
+    trim_at: Option<Instant>,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -251,6 +260,8 @@ impl Server {
             kept_now: Vec::new(),
             accept_retry_at: None,
             close_frames_lost: 0,
+            dropped_since_trim: 0,
+            trim_at: None,
         })
     }
 
@@ -335,6 +346,9 @@ impl Server {
             self.fire_timers(now);
             self.process_closing(now);
             self.flush_dirty();
+            if self.trim_at.is_some_and(|at| now >= at) {
+                self.trim_idle();
+            }
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() || now >= at {
                     break;
@@ -863,6 +877,26 @@ impl Server {
             }
         }
         self.backlog.retain(|&b| b != id);
+        self.dropped_since_trim += 1;
+        if self.trim_at.is_none()
+            && (self.dropped_since_trim >= TRIM_AFTER_DROPS || self.conns.is_empty())
+        {
+            self.trim_at = Some(Instant::now() + IDLE_TRIM_DELAY);
+        }
+    }
+
+    /// Gives memory back after connections went: the loop's own tables when none are left,
+    /// and the allocator's free pages.
+    fn trim_idle(&mut self) {
+        self.trim_at = None;
+        self.dropped_since_trim = 0;
+        if self.conns.is_empty() {
+            self.conns.shrink_to_fit();
+            self.per_ip.shrink_to_fit();
+            self.backlog.shrink_to_fit();
+            self.dirty.shrink_to_fit();
+        }
+        trim_heap();
     }
 
     // ----- timers -----
@@ -874,6 +908,9 @@ impl Server {
             // once the traffic stops (an idle server then sleeps with none).
             let release = Instant::now() + BUFFER_RELEASE_DELAY;
             timer = Some(timer.map_or(release, |t| t.min(release)));
+        }
+        if let Some(at) = self.trim_at {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
         }
         if let Some(at) = self.accept_retry_at {
             timer = Some(timer.map_or(at, |t| t.min(at)));
