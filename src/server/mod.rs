@@ -227,15 +227,8 @@ impl Server {
             }),
         )
         .map_err(io::Error::other)?;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(cfg.read_buffer_size)
-            .write_buffer_size(0)
-            .max_message_size(Some(cfg.max_frame_size))
-            .max_frame_size(Some(cfg.max_frame_size));
-        let read_limits = ReadLimits {
-            budget_bytes: cfg.read_budget_bytes,
-            max_fragments: cfg.max_fragments,
-        };
+        let ws_config = wire::websocket_config(&cfg);
+        let read_limits = ReadLimits::from_config(&cfg);
         Ok(Server {
             read_limits,
             poll,

@@ -11,6 +11,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::config::Config;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
@@ -26,6 +27,26 @@ pub struct ReadLimits {
     pub budget_bytes: usize,
     /// Frames one message may have (its first frame and its continuations).
     pub max_fragments: usize,
+}
+
+impl ReadLimits {
+    /// The limits the settings name.
+    pub fn from_config(cfg: &Config) -> ReadLimits {
+        ReadLimits {
+            budget_bytes: cfg.read_budget_bytes,
+            max_fragments: cfg.max_fragments,
+        }
+    }
+}
+
+/// tungstenite's configuration for the server's connections: frames and messages bounded by
+/// `max_frame_size`, a small read buffer, no write buffering (our output buffer does that).
+pub fn websocket_config(cfg: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(cfg.read_buffer_size)
+        .write_buffer_size(0)
+        .max_message_size(Some(cfg.max_frame_size))
+        .max_frame_size(Some(cfg.max_frame_size))
 }
 
 /// What one [`Wire::read`] call gave.
@@ -230,8 +251,11 @@ impl Wire {
         sent: usize,
         max_pending: usize,
     ) -> Next {
+        if self.refused {
+            // Even frames already buffered (they came with the request head) stay unread.
+            return Next::TooManyFragments;
+        }
         let mut spent = false;
-        let refused_before = self.refused;
         let r = self.ctx.read(&mut Src {
             inner: src,
             out: &mut *out,
@@ -246,7 +270,7 @@ impl Wire {
         }
         match r {
             Ok(m) => Next::Message(m),
-            Err(_) if self.refused && !refused_before => Next::TooManyFragments,
+            Err(_) if self.refused => Next::TooManyFragments,
             Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 if spent {
                     Next::Spent
@@ -254,7 +278,6 @@ impl Wire {
                     Next::Blocked
                 }
             }
-            Err(_) if self.refused => Next::TooManyFragments,
             Err(e) => Next::Failed(e),
         }
     }
@@ -387,6 +410,23 @@ mod tests {
         ));
         w.close(&mut out, 1008, "too many fragments");
         assert!(!w.can_write());
+    }
+
+    #[test]
+    fn frames_that_came_with_the_head_are_held_to_the_cap() {
+        let mut msg = frame(false, 1, b"a");
+        msg.extend(frame(false, 0, b"b"));
+        msg.extend(frame(true, 0, b"c"));
+        let limits = ReadLimits {
+            budget_bytes: 1 << 20,
+            max_fragments: 2,
+        };
+        let mut w = Wire::new(msg, WebSocketConfig::default(), limits);
+        let (mut src, mut out) = (io::Cursor::new(Vec::new()), Vec::new());
+        assert!(matches!(
+            w.read(&mut src, &mut out, 0, 1024),
+            Next::TooManyFragments
+        ));
     }
 
     #[test]
