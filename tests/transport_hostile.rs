@@ -241,3 +241,29 @@ fn a_message_of_too_many_fragments_is_closed_with_1008() {
     assert_eq!(s.get_json("/api/members"), json!(["four"]));
     s.stop();
 }
+
+#[test]
+fn the_new_limits_are_range_checked_at_start() {
+    use chatterbox::config::Cli;
+    let run = |args: &[&str]| {
+        Config::from_args(args.iter().map(|a| a.to_string()), |_| None).map(|c| match c {
+            Cli::Run(c) => (c.read_budget_bytes, c.max_fragments),
+            Cli::Print(_) => unreachable!(),
+        })
+    };
+    assert_eq!(run(&[]), Ok((64 * 1024, 256)));
+    assert_eq!(
+        run(&["--read-budget-bytes", "512", "--max-fragments", "1"]),
+        Ok((512, 1))
+    );
+    for bad in [
+        ["--read-budget-bytes", "511"],
+        ["--read-budget-bytes", "67108865"],
+        ["--max-fragments", "0"],
+    ] {
+        let e = run(&bad).unwrap_err();
+        assert!(e.contains(bad[0]), "{e}");
+    }
+    let help = Config::help();
+    assert!(help.contains("--read-budget-bytes") && help.contains("MAX_FRAGMENTS"));
+}
