@@ -228,6 +228,13 @@ settings! {
     /// Broadcasts appended but not yet durable, server-wide; beyond it broadcasts get
     /// `unavailable` until the store catches up (a healthy disk never gets near it).
     max_unstored: usize = 10_000, "max-unstored", "MAX_UNSTORED";
+    // transport: reading under hostile clients
+    /// Bytes read from one connection per loop turn (frames and fragments included); the rest
+    /// waits for the next turn, so one client cannot hold the loop. 512 to 67108864.
+    read_budget_bytes: usize = 64 * 1024, "read-budget-bytes", "READ_BUDGET_BYTES";
+    /// Frames one WebSocket message may have (its first frame and continuations); more closes
+    /// with 1008 "too many fragments". At least 1.
+    max_fragments: usize = 256, "max-fragments", "MAX_FRAGMENTS";
 }
 
 /// What the command line asked for.
@@ -310,6 +317,12 @@ impl Config {
             if v == 0 {
                 return Err(format!("--{flag} must be at least 1"));
             }
+        }
+        if !(512..=64 << 20).contains(&self.read_budget_bytes) {
+            return Err("--read-budget-bytes must be between 512 and 67108864".into());
+        }
+        if self.max_fragments == 0 {
+            return Err("--max-fragments must be at least 1".into());
         }
         // Counts of messages held or sent at once: beyond this they are mistakes, and huge
         // values would overflow page arithmetic.

@@ -12,7 +12,9 @@
 //!   commit on a writer thread (cargo feature `sqlite`, on by default).
 //! - [`server`] — the transport: the `mio` loop, the `Slab` of connections, HTTP heads with
 //!   `httparse`, the WebSocket handshake and framing with `tungstenite`, bounded write buffers,
-//!   timers and signals. [`server::api`] answers the REST endpoints from the core's views.
+//!   timers and signals. [`server::api`] answers the REST endpoints from the core's views;
+//!   [`server::wire`] is the WebSocket read path without a socket (read budget, fragment cap,
+//!   output bound), which the `connection` fuzz target drives.
 //!
 //! The binary (`src/main.rs`) only reads the settings, sets up logging and calls
 //! [`server::Server::run`].

@@ -18,6 +18,8 @@ pub struct TransportStats {
     pub connections: usize,
     /// Seconds since start.
     pub uptime_secs: u64,
+    /// Close frames never delivered: the client did not read them within the grace time.
+    pub close_frames_lost: u64,
 }
 
 fn error(status: u16, code: &str, message: String) -> Response {
@@ -167,12 +169,13 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "flood_closed": s.flood_closed,
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
+        "close_frames_lost": t.close_frames_lost,
     })
 }
 
 fn metrics(chat: &Chat, t: TransportStats) -> String {
     let s = chat.stats();
-    let rows: [(&str, &str, &str, u64); 11] = [
+    let rows: [(&str, &str, &str, u64); 12] = [
         (
             "chatterbox_members",
             "gauge",
@@ -238,6 +241,12 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             "gauge",
             "Seconds since the server started.",
             t.uptime_secs,
+        ),
+        (
+            "chatterbox_close_frames_lost_total",
+            "counter",
+            "Close frames a client did not take within the grace time.",
+            t.close_frames_lost,
         ),
     ];
     let mut out = String::with_capacity(1024);

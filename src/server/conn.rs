@@ -1,7 +1,7 @@
 //! One connection: its socket, its phase (HTTP head, WebSocket, closing) and its bounded output.
 //!
 //! Output is one `Vec<u8>` per connection. Every frame queued during a loop iteration is
-//! appended to it (tungstenite's own control frames too, through [`Io`]) and the transport
+//! appended to it (tungstenite's own control frames too, through [`Wire`]) and the transport
 //! writes it out once per iteration: many frames, one `write`. Its length is what backpressure
 //! bounds.
 
@@ -11,10 +11,8 @@ use std::time::Instant;
 
 use mio::Interest;
 use mio::net::TcpStream;
-use tungstenite::Message;
-use tungstenite::protocol::WebSocketContext;
-use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
+
+use super::wire::{Next, Wire};
 
 /// The largest output buffer a busy connection keeps between turns.
 const MAX_KEPT_OUT: usize = 64 * 1024;
@@ -24,7 +22,7 @@ pub(crate) enum Phase {
     /// Reading the request head until this deadline.
     Http { head: Vec<u8>, deadline: Instant },
     /// Speaking WebSocket.
-    Ws(Box<WebSocketContext>),
+    Ws(Box<Wire>),
 }
 
 /// One connection in the slab.
@@ -49,7 +47,8 @@ pub(crate) struct Conn {
     pub(crate) write_closed: bool,
     /// Whether the chat core knows this connection as a member.
     pub(crate) member: bool,
-    /// Whether the connection counts against the WebSocket caps.
+    /// Whether the connection counts against the member cap (it does against its address
+    /// from accept on).
     pub(crate) counted: bool,
     pub(crate) last_frame: Instant,
     pub(crate) last_command: Instant,
@@ -61,29 +60,19 @@ pub(crate) struct Conn {
     /// The largest reply queued since the output last ran empty: the output may hold this much
     /// beyond the bound, because replies do not count against it (see the transport's `Sink`).
     pub(crate) reply_credit: usize,
+    /// The loop turn whose read budget the connection is spending.
+    pub(crate) read_turn: u64,
 }
 
-/// A stream view for tungstenite: reads come from the socket, writes go to our output buffer
-/// and never block.
-pub(crate) struct Io<'a> {
-    pub(crate) stream: &'a mut TcpStream,
-    pub(crate) out: &'a mut Vec<u8>,
-}
-
-impl Read for Io<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
-    }
-}
-
-impl Write for Io<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+/// What discarding input gave.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// The peer has closed, or the socket failed.
+    Closed,
+    /// Nothing more to read for now.
+    Empty,
+    /// The limit was reached with input possibly left.
+    More,
 }
 
 /// What writing the output gave.
@@ -122,6 +111,7 @@ impl Conn {
             expires_at: None,
             timer_at: None,
             reply_credit: 0,
+            read_turn: 0,
         }
     }
 
@@ -135,68 +125,57 @@ impl Conn {
         !self.closing && matches!(&self.phase, Phase::Ws(ctx) if ctx.can_write())
     }
 
-    /// Reads the next WebSocket message, if the connection speaks WebSocket.
-    pub(crate) fn read_message(&mut self) -> tungstenite::Result<Message> {
+    /// Reads the next WebSocket message, if the connection speaks WebSocket, within the byte
+    /// budget of loop turn `iteration` and the output bound `max_pending`.
+    pub(crate) fn read_message(&mut self, iteration: u64, max_pending: usize) -> Next {
         match &mut self.phase {
-            Phase::Ws(ctx) => ctx.read(&mut Io {
-                stream: &mut self.stream,
-                out: &mut self.out,
-            }),
-            Phase::Http { .. } => Err(tungstenite::Error::AlreadyClosed),
+            Phase::Ws(wire) => {
+                if self.read_turn != iteration {
+                    self.read_turn = iteration;
+                    wire.start_turn();
+                }
+                wire.read(&mut self.stream, &mut self.out, self.sent, max_pending)
+            }
+            Phase::Http { .. } => Next::Failed(tungstenite::Error::AlreadyClosed),
         }
     }
 
     /// Queues a ping.
     pub(crate) fn ping(&mut self) {
-        if let Phase::Ws(ctx) = &mut self.phase {
-            let mut io = Io {
-                stream: &mut self.stream,
-                out: &mut self.out,
-            };
-            let _ = ctx.write(&mut io, Message::Ping(Default::default()));
-            let _ = ctx.flush(&mut io);
+        if let Phase::Ws(wire) = &mut self.phase {
+            wire.ping(&mut self.out);
         }
     }
 
     /// Moves frames tungstenite queued by itself (a close reply) into the output.
     pub(crate) fn flush_protocol(&mut self) {
-        if let Phase::Ws(ctx) = &mut self.phase {
-            let _ = ctx.flush(&mut Io {
-                stream: &mut self.stream,
-                out: &mut self.out,
-            });
+        if let Phase::Ws(wire) = &mut self.phase {
+            wire.flush(&mut self.out);
         }
     }
 
-    /// Reads and discards input; `true` once the peer has closed (or the socket failed).
-    pub(crate) fn drain(&mut self) -> bool {
+    /// Reads and discards at most `limit` bytes of input.
+    pub(crate) fn drain(&mut self, limit: usize) -> Drained {
         let mut scratch = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut scratch) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+        let mut left = limit;
+        while left > 0 {
+            let len = scratch.len().min(left);
+            match self.stream.read(&mut scratch[..len]) {
+                Ok(0) => return Drained::Closed,
+                Ok(n) => left -= n.min(left),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
+                Err(_) => return Drained::Closed,
             }
         }
+        Drained::More
     }
 
     /// Queues a close frame (WebSocket) and marks the connection closing; it is dropped when
     /// its output is written or at `close_by`.
     pub(crate) fn start_close(&mut self, code: u16, reason: &str, close_by: Instant) {
-        if let Phase::Ws(ctx) = &mut self.phase {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ = ctx.close(
-                &mut Io {
-                    stream: &mut self.stream,
-                    out: &mut self.out,
-                },
-                Some(frame),
-            );
+        if let Phase::Ws(wire) = &mut self.phase {
+            wire.close(&mut self.out, code, reason);
         }
         self.closing = true;
         self.close_by = Some(self.close_by.map_or(close_by, |t| t.min(close_by)));

@@ -26,7 +26,7 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
-use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message};
 
 use crate::auth;
@@ -36,9 +36,11 @@ use crate::config::Config;
 pub mod api;
 mod conn;
 pub mod http;
+pub mod wire;
 
-use conn::{Conn, Flushed, Phase};
+use conn::{Conn, Drained, Flushed, Phase};
 use http::{Head, Parsed, Response};
+use wire::{Next, ReadLimits, Wire};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -56,6 +58,16 @@ const HANDSHAKE_SLACK: usize = 256;
 /// How long after the shutdown grace the history store may take to write what it holds (the
 /// writer then gets half a second more to stop): a shutdown ends within grace + 5 s.
 const STORE_CLOSE_SLACK: Duration = Duration::from_secs(4);
+
+/// How soon after connections go the heap is trimmed, so that a mass disconnect gives its
+/// memory back without waiting for traffic to resume.
+const IDLE_TRIM_DELAY: Duration = Duration::from_millis(500);
+/// Connections dropped (or the last one) that make a trim worth its walk over the heap.
+const TRIM_AFTER_DROPS: usize = 64;
+
+/// How long to wait before accepting again after `accept` failed for want of descriptors or
+/// memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// The capacity a connection's output buffer starts with when something is queued.
 const OUT_BUFFER_START: usize = 4096;
@@ -99,6 +111,7 @@ pub struct Server {
     backlog: Vec<usize>,
     closing: Vec<(usize, u16, &'static str)>,
     ws_config: WebSocketConfig,
+    read_limits: ReadLimits,
     started: Instant,
     shutdown_at: Option<Instant>,
     /// Loop turns so far (starts at 1).
@@ -106,6 +119,13 @@ pub struct Server {
     /// Connections that kept their output buffer on the last turn, and on this one.
     kept: Vec<usize>,
     kept_now: Vec<usize>,
+    /// When to accept again after `accept` failed (out of descriptors).
+    accept_retry_at: Option<Instant>,
+    /// Close frames still unwritten when their grace time ran out.
+    close_frames_lost: u64,
+    /// Connections dropped since the last heap trim, and when the next one is due.
+    dropped_since_trim: usize,
+    trim_at: Option<Instant>,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -243,12 +263,10 @@ impl Server {
             }),
         )
         .map_err(io::Error::other)?;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(cfg.read_buffer_size)
-            .write_buffer_size(0)
-            .max_message_size(Some(cfg.max_frame_size))
-            .max_frame_size(Some(cfg.max_frame_size));
+        let ws_config = wire::websocket_config(&cfg);
+        let read_limits = ReadLimits::from_config(&cfg);
         Ok(Server {
+            read_limits,
             poll,
             listener: Some(listener),
             local,
@@ -269,6 +287,10 @@ impl Server {
             iteration: 1,
             kept: Vec::new(),
             kept_now: Vec::new(),
+            accept_retry_at: None,
+            close_frames_lost: 0,
+            dropped_since_trim: 0,
+            trim_at: None,
         })
     }
 
@@ -347,9 +369,15 @@ impl Server {
             for id in std::mem::take(&mut self.backlog) {
                 self.readable(id, now);
             }
+            if self.accept_retry_at.is_some_and(|at| now >= at) {
+                self.accept(now);
+            }
             self.fire_timers(now);
             self.process_closing(now);
             self.flush_dirty();
+            if self.trim_at.is_some_and(|at| now >= at) {
+                self.trim_idle();
+            }
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() || now >= at {
                     break;
@@ -391,20 +419,43 @@ impl Server {
     fn accept(&mut self, now: Instant) {
         loop {
             let Some(listener) = &self.listener else {
+                self.accept_retry_at = None;
                 return;
             };
             let (mut stream, addr) = match listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if would_block(&e) => return,
+                Err(e) if would_block(&e) => {
+                    self.accept_retry_at = None;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The peer gave up before we took it: the next one may be fine.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // Out of file descriptors or similar: leave the rest in the backlog.
-                    warn!("accept failed: {e}");
+                    // Out of file descriptors or memory: the rest wait in the kernel's queue.
+                    // The listener is edge-triggered, so no event comes for them when
+                    // descriptors free up: try again after a short back-off.
+                    if self.accept_retry_at.is_none() {
+                        warn!("accept failed: {e}; retrying every {ACCEPT_RETRY:?}");
+                    }
+                    self.accept_retry_at = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
+            self.accept_retry_at = None;
             if self.conns.len() >= self.cfg().max_connections + HANDSHAKE_SLACK {
                 debug!("dropping connection from {addr}: socket cap reached");
+                continue;
+            }
+            // A socket counts against its address from here, whatever it turns out to be: a
+            // head still being read holds a slot as much as a member does. Past the cap it is
+            // answered 429; past twice the cap (that many refusals still being answered) it is
+            // closed at once, so one address never holds more than that of the table.
+            let ip = addr.ip();
+            let per_ip_cap = self.cfg().max_connections_per_ip;
+            let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+            if from_ip >= per_ip_cap.saturating_mul(2) {
+                debug!("dropping connection from {addr}: per-address cap reached");
                 continue;
             }
             let _ = stream.set_nodelay(true);
@@ -419,16 +470,27 @@ impl Server {
                 continue;
             }
             let deadline = now + self.chat.config().head_timeout;
-            entry.insert(Conn::new(stream, addr.ip(), now, deadline));
-            self.schedule(id, deadline);
+            entry.insert(Conn::new(stream, ip, now, deadline));
+            *self.per_ip.entry(ip).or_insert(0) += 1;
+            if from_ip >= per_ip_cap {
+                let refusal = Response::text(429, "too many connections from your address\n");
+                self.respond(id, refusal, now);
+            } else {
+                self.schedule(id, deadline);
+            }
         }
     }
 
     fn readable(&mut self, id: usize, now: Instant) {
+        let budget = self.cfg().read_budget_bytes;
         if let Some(c) = self.conns.get_mut(id) {
-            if c.write_closed {
-                if c.drain() {
-                    self.drop_conn(id);
+            if c.close_by.is_some() {
+                // On its way out: input is read (within the budget) and discarded.
+                match c.drain(budget) {
+                    // Once the output is written; until then the close deadline bounds it.
+                    Drained::Closed if c.pending() == 0 => self.drop_conn(id),
+                    Drained::More => self.defer(id),
+                    Drained::Closed | Drained::Empty => {}
                 }
                 return;
             }
@@ -533,6 +595,7 @@ impl Server {
                     let t = api::TransportStats {
                         connections: self.conns.len(),
                         uptime_secs: self.started.elapsed().as_secs(),
+                        close_frames_lost: self.close_frames_lost,
                     };
                     api::route(&mut self.chat, &head, t)
                         .unwrap_or_else(|| Response::text(404, "not found\n"))
@@ -598,18 +661,13 @@ impl Server {
                 .map_err(|_| bad("the name is badly escaped"))?,
         };
         let name = name.filter(|n| !n.is_empty());
-        let Some(ip) = self.conns.get(id).map(|c| c.ip) else {
+        if !self.conns.contains(id) {
             return Ok(());
-        };
+        }
         if self.ws_count >= cfg.max_connections {
             return Err(Response::text(503, "server is full\n"));
         }
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= cfg.max_connections_per_ip {
-            return Err(Response::text(
-                429,
-                "too many connections from your address\n",
-            ));
-        }
+        // The per-address cap was applied at accept.
         if let Some(n) = &name {
             self.chat
                 .check_name(n)
@@ -625,11 +683,7 @@ impl Server {
         };
         let rest = bytes.split_off(head.len);
         c.out.extend_from_slice(&http::switching_protocols(&key));
-        c.phase = Phase::Ws(Box::new(WebSocketContext::from_partially_read(
-            rest,
-            Role::Server,
-            Some(self.ws_config),
-        )));
+        c.phase = Phase::Ws(Box::new(Wire::new(rest, self.ws_config, self.read_limits)));
         c.member = true;
         c.counted = true;
         c.last_frame = now;
@@ -641,7 +695,6 @@ impl Server {
             .and_then(|exp| auth::session_deadline(exp, unix_secs(), now));
         c.timer_at = None;
         self.ws_count += 1;
-        *self.per_ip.entry(ip).or_insert(0) += 1;
         self.mark_dirty(id);
         let member_id = identity.map(|i| i.sub);
         self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
@@ -654,30 +707,31 @@ impl Server {
 
     fn read_frames(&mut self, id: usize, now: Instant) {
         let cfg_now = now_of(now);
+        let max_pending = self.cfg().max_pending_output;
         for _ in 0..READ_BUDGET {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
             };
-            let msg = c.read_message();
-            if !matches!(&msg, Err(WsError::Io(e)) if would_block(e)) {
+            let next = c.read_message(self.iteration, max_pending);
+            if !matches!(next, Next::Blocked) {
                 c.last_frame = now;
             }
             // Whatever tungstenite queued (pongs, close replies) must go out.
             if c.pending() > 0 {
                 self.mark_dirty(id);
             }
-            match msg {
-                Ok(Message::Text(text)) => {
+            match next {
+                Next::Message(Message::Text(text)) => {
                     if let Some(c) = self.conns.get_mut(id) {
                         c.last_command = now;
                     }
                     self.core(|chat, sink| chat.handle_text(cfg_now, id, text.as_str(), sink));
                 }
-                Ok(Message::Binary(_)) => {
+                Next::Message(Message::Binary(_)) => {
                     self.core(|chat, sink| chat.handle_binary(cfg_now, id, sink));
                 }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-                Ok(Message::Close(_)) => {
+                Next::Message(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Next::Message(Message::Close(_)) => {
                     // tungstenite queued the reply inside itself: move it to the output, then
                     // let the connection go once it is written.
                     self.end_member(id);
@@ -690,15 +744,33 @@ impl Server {
                     self.mark_dirty(id);
                     return;
                 }
-                Err(WsError::Io(e)) if would_block(&e) => return,
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Next::Blocked => return,
+                Next::Spent => break,
+                Next::OverBound => {
+                    // Pongs and close replies count against the bound like everything else.
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.closing = true;
+                    }
+                    self.closing.push((id, 1008, "slow consumer"));
+                    return;
+                }
+                Next::TooManyFragments => {
+                    debug!("closing connection {id}: too many fragments");
+                    self.closing.push((id, 1008, "too many fragments"));
+                    return;
+                }
+                Next::Failed(e) => {
                     self.protocol_error(id, e, now);
                     return;
                 }
             }
         }
         // Budget spent with data possibly left: come back next iteration.
+        self.defer(id);
+    }
+
+    /// Puts a connection whose read budget ran out on the backlog for the next turn.
+    fn defer(&mut self, id: usize) {
         if self.conns.contains(id) && !self.backlog.contains(&id) {
             self.backlog.push(id);
         }
@@ -797,9 +869,17 @@ impl Server {
                         c.write_closed = true;
                         let _ = c.stream.shutdown(std::net::Shutdown::Write);
                     }
-                    if c.drain() {
-                        self.drop_conn(id);
-                        continue;
+                    match c.drain(self.read_limits.budget_bytes) {
+                        Drained::Closed => {
+                            self.drop_conn(id);
+                            continue;
+                        }
+                        Drained::More => {
+                            if !self.backlog.contains(&id) {
+                                self.backlog.push(id);
+                            }
+                        }
+                        Drained::Empty => {}
                     }
                 }
                 Flushed::Done if c.out.capacity() > 0 => self.kept_now.push(id),
@@ -843,14 +923,34 @@ impl Server {
         let _ = self.poll.registry().deregister(&mut c.stream);
         if c.counted {
             self.ws_count -= 1;
-            if let Some(n) = self.per_ip.get_mut(&c.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_ip.remove(&c.ip);
-                }
+        }
+        if let Some(n) = self.per_ip.get_mut(&c.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&c.ip);
             }
         }
         self.backlog.retain(|&b| b != id);
+        self.dropped_since_trim += 1;
+        if self.trim_at.is_none()
+            && (self.dropped_since_trim >= TRIM_AFTER_DROPS || self.conns.is_empty())
+        {
+            self.trim_at = Some(Instant::now() + IDLE_TRIM_DELAY);
+        }
+    }
+
+    /// Gives memory back after connections went: the loop's own tables when none are left,
+    /// and the allocator's free pages.
+    fn trim_idle(&mut self) {
+        self.trim_at = None;
+        self.dropped_since_trim = 0;
+        if self.conns.is_empty() {
+            self.conns.shrink_to_fit();
+            self.per_ip.shrink_to_fit();
+            self.backlog.shrink_to_fit();
+            self.dirty.shrink_to_fit();
+        }
+        trim_heap();
     }
 
     // ----- timers -----
@@ -862,6 +962,12 @@ impl Server {
             // once the traffic stops (an idle server then sleeps with none).
             let release = Instant::now() + BUFFER_RELEASE_DELAY;
             timer = Some(timer.map_or(release, |t| t.min(release)));
+        }
+        if let Some(at) = self.trim_at {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
+        }
+        if let Some(at) = self.accept_retry_at {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
         }
         let next = match (timer, self.shutdown_at) {
             (Some(t), Some(s)) => t.min(s),
@@ -920,6 +1026,12 @@ impl Server {
         };
         if let Some(by) = c.close_by {
             if now >= by {
+                if c.pending() > 0 && matches!(c.phase, Phase::Ws(_)) {
+                    // A client that does not read (a slow consumer, typically) never gets its
+                    // close frame. Nothing more can be done for it; count it.
+                    self.close_frames_lost += 1;
+                    debug!("connection {id}: close frame not taken within the grace time");
+                }
                 self.drop_conn(id);
             } else {
                 self.schedule(id, by);

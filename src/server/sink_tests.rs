@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 use slab::Slab;
-use tungstenite::protocol::{Role, WebSocketContext};
+use tungstenite::protocol::WebSocketConfig;
 
 use super::Sink;
 use super::conn::{Conn, Phase};
+use super::wire::{ReadLimits, Wire};
 use crate::chat::{Outbox, Payload};
 
 const BOUND: usize = 1000;
@@ -26,7 +27,12 @@ fn conns(n: usize) -> (Slab<Conn>, Vec<StdStream>) {
         stream.set_nonblocking(true).unwrap();
         let now = Instant::now();
         let mut c = Conn::new(TcpStream::from_std(stream), addr.ip(), now, now);
-        c.phase = Phase::Ws(Box::new(WebSocketContext::new(Role::Server, None)));
+        let limits = ReadLimits::from_config(&crate::config::Config::default());
+        c.phase = Phase::Ws(Box::new(Wire::new(
+            Vec::new(),
+            WebSocketConfig::default(),
+            limits,
+        )));
         slab.insert(c);
     }
     (slab, peers)
