@@ -134,7 +134,10 @@ impl Conn {
                     self.read_turn = iteration;
                     wire.start_turn();
                 }
-                wire.read(&mut self.stream, &mut self.out, self.sent, max_pending)
+                // Replies may hold the output past the bound by their credit (see the `Sink`);
+                // what tungstenite adds on top of that counts like anything else.
+                let bound = max_pending.saturating_add(self.reply_credit);
+                wire.read(&mut self.stream, &mut self.out, self.sent, bound)
             }
             Phase::Http { .. } => Next::Failed(tungstenite::Error::AlreadyClosed),
         }
