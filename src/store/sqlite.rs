@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::engine::{Reply, Request, RequestToken};
 use super::{HistoryStore, Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
@@ -622,7 +622,12 @@ impl Writer {
         reserve: &HashMap<String, u64>,
         landed: &mut Vec<(String, Reservation)>,
     ) -> rusqlite::Result<()> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE takes the write lock first, through the busy timeout: a deferred
+        // transaction that read first and then finds the lock held elsewhere (a backup tool)
+        // fails at once without waiting, and the store would turn unavailable for nothing.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (room, &upto) in reserve {
             let before: Option<i64> = tx
                 .query_row("SELECT reserved FROM rooms WHERE room = ?1", [room], |r| {
@@ -1338,5 +1343,129 @@ mod tests {
             last + 1,
             "a clean stop leaves no gap"
         );
+    }
+
+    fn set_read_gate(s: &SqliteStore, open: bool) {
+        let (gate, cv) = &s.shared.read_gate;
+        *gate.lock().unwrap() = open;
+        cv.notify_all();
+    }
+
+    fn engine_replies(s: &mut SqliteStore) -> Vec<Reply> {
+        std::iter::from_fn(|| super::super::engine::Engine::poll(s))
+            .filter(|r| !matches!(r, Reply::DurableUpTo(_)))
+            .collect()
+    }
+
+    #[test]
+    fn engine_pages_are_read_off_the_calling_thread() {
+        use super::super::engine::Engine;
+        let path = temp_db("offthread");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        set_read_gate(&s, false);
+        s.request(Request::Append {
+            room: "r".into(),
+            msg: super::super::test_message(1),
+        });
+        s.request(Request::Page {
+            token: 1,
+            room: "r".into(),
+            query: Query::Before {
+                before: None,
+                limit: 5,
+            },
+        });
+        s.request(Request::LastId {
+            token: 2,
+            room: "r".into(),
+        });
+        // The reader thread is held: had `request` read on this thread, the answers would be
+        // here already.
+        assert_eq!(engine_replies(&mut s), vec![], "read on the calling thread");
+        set_read_gate(&s, true);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            assert!(Instant::now() < deadline, "the reader never answered");
+            got.extend(engine_replies(&mut s));
+            thread::yield_now();
+        }
+        assert_eq!(
+            got,
+            vec![
+                Reply::PageReady {
+                    token: 1,
+                    room: "r".into(),
+                    page: Page {
+                        messages: vec![super::super::test_message(1)],
+                        more: false
+                    }
+                },
+                Reply::LastId {
+                    token: 2,
+                    room: "r".into(),
+                    last_id: 1
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn closing_answers_a_read_the_reader_is_stuck_on() {
+        use super::super::engine::Engine;
+        let path = temp_db("stuckread");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        set_read_gate(&s, false);
+        s.request(Request::Page {
+            token: 7,
+            room: "r".into(),
+            query: Query::After { after: 0, limit: 5 },
+        });
+        assert_eq!(Engine::close(&mut s, Instant::now()), 0);
+        let got = engine_replies(&mut s);
+        assert!(
+            matches!(&got[..], [Reply::Unavailable { token: 7, .. }]),
+            "{got:?}"
+        );
+        // Let the thread that was left behind end.
+        set_read_gate(&s, true);
+    }
+
+    #[test]
+    fn the_writer_waits_for_a_lock_held_elsewhere_instead_of_failing_at_once() {
+        static WAITED: AtomicBool = AtomicBool::new(false);
+        fn give_up(_attempt: i32) -> bool {
+            WAITED.store(true, Ordering::SeqCst);
+            false
+        }
+        let path = temp_db("lockwait");
+        drop(SqliteStore::open(&path, Box::new(|| {})).unwrap());
+        let mut conn = Connection::open(&path).unwrap();
+        conn.busy_handler(Some(give_up)).unwrap();
+        let shared = Arc::new(Shared {
+            durable: AtomicU64::new(0),
+            writable: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            reserved: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            read_gate: (Mutex::new(true), Condvar::new()),
+        });
+        let mut writer = Writer::new(conn, shared, Arc::new(|| {}));
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+        let reserve = HashMap::from([("r".to_string(), 999)]);
+        let batch = vec![(1, "r".to_string(), super::super::test_message(1))];
+        assert!(
+            writer.commit(&batch, &reserve, &mut Vec::new()).is_err(),
+            "the lock is held"
+        );
+        assert!(
+            WAITED.load(Ordering::SeqCst),
+            "a lock held elsewhere failed the commit without waiting (busy_timeout unused)"
+        );
+        other.execute_batch("COMMIT;").unwrap();
+        writer
+            .commit(&batch, &reserve, &mut Vec::new())
+            .expect("commits once the lock is free");
     }
 }
