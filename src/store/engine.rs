@@ -119,14 +119,27 @@
 //! durable, stops and joins the engine's threads, and answers every outstanding request with
 //! `Unavailable`; the core polls once more after it to release the last acks.
 //!
+//! **REST.** `GET /api/rooms/{name}/messages` sends `Page` (and `LastId` for a room not in
+//! memory, to tell an empty room from an unknown one: `404` when the page is empty and the last
+//! id is 0) and writes the HTTP response when the replies come; the connection waits, the loop
+//! does not.
+//!
 //! # Until the core is wired
 //!
-//! The core still calls the synchronous [`HistoryStore`](super::HistoryStore) methods. The
-//! wiring step replaces them with this trait and then removes: `HistoryStore::last_id`, `page`,
-//! `reserve`, `durable` (and the loop-thread read connection of the SQLite store behind them),
-//! keeping the trait only as the building block of [`Immediate`]. Until then both work side by
-//! side on one store: `SqliteStore` implements both traits, and [`Immediate`] turns any
-//! synchronous store (the memory store, a test double) into an engine.
+//! The core still calls the synchronous [`HistoryStore`] methods, each of
+//! which may read SQLite on the loop thread or (`reserve`) wait up to a second for a commit.
+//! The wiring step makes the core hold a `Box<dyn Engine>` (from
+//! [`open_engine`](super::open_engine) instead of [`open`](super::open)) and removes:
+//!
+//! - the core's calls to `HistoryStore::last_id`, `page`, `reserve`, `durable`, `flush` and
+//!   `close` (in `Chat::ensure_room`, `read_page`, `history_page`, `release_acks`, `flush`,
+//!   `close_store`, `unstored`, and `broadcast::next_id`), replaced by requests and replies;
+//! - `impl HistoryStore for SqliteStore`, with its loop-thread read connection and the
+//!   blocking wait of its `reserve` (`RESERVE_WAIT`), and `store::open`.
+//!
+//! `HistoryStore` itself stays, as the building block of [`Immediate`]: the memory store and the
+//! core's test doubles are synchronous stores turned into engines. Until the wiring both paths
+//! work side by side on one store: `SqliteStore` implements both traits.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -297,8 +310,8 @@ impl<S: HistoryStore> Engine for Immediate<S> {
         }
         let reply = match req {
             Request::Append { room, msg } => {
+                // Reported by `poll`, once per round however many appends came.
                 self.store.append(&room, msg);
-                self.report_durable();
                 return;
             }
             Request::Page { token, room, query } => {
@@ -393,7 +406,6 @@ mod tests {
         assert_eq!(
             replies,
             vec![
-                Reply::DurableUpTo(1),
                 Reply::PageReady {
                     token: 7,
                     room: "r".into(),
@@ -412,6 +424,7 @@ mod tests {
                     room: "r".into(),
                     last_id: 1
                 },
+                Reply::DurableUpTo(1),
             ]
         );
         assert_eq!(e.poll(), None, "nothing new: no second DurableUpTo");
@@ -426,16 +439,16 @@ mod tests {
                 msg: test_message(id),
             });
         }
-        let replies = drain(&mut e);
-        let marks: Vec<u64> = replies
-            .iter()
-            .map(|r| match r {
-                Reply::DurableUpTo(t) => *t,
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        assert!(marks.windows(2).all(|w| w[0] < w[1]), "{marks:?}");
-        assert_eq!(marks.last(), Some(&3));
+        assert_eq!(
+            drain(&mut e),
+            vec![Reply::DurableUpTo(3)],
+            "one for all three"
+        );
+        e.request(Request::Append {
+            room: "r".into(),
+            msg: test_message(4),
+        });
+        assert_eq!(drain(&mut e), vec![Reply::DurableUpTo(4)]);
     }
 
     #[test]

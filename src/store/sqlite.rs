@@ -879,7 +879,13 @@ impl SqliteStore {
                 self.asking.remove(&room);
                 (&mut r.asked, r.durable)
             }
-            None => (self.asking.entry(room.clone()).or_insert(0), 0),
+            None => {
+                if self.asking.len() >= MAX_CACHED_ROOMS {
+                    // Only costs asking the writer again.
+                    self.asking.clear();
+                }
+                (self.asking.entry(room.clone()).or_insert(0), 0)
+            }
         };
         // Renewed once a quarter of the block is used, as the synchronous path does.
         let mut job = None;
@@ -970,6 +976,13 @@ impl SqliteStore {
     fn resolve_waiting(&mut self, stopping: bool) {
         if self.waiting.is_empty() {
             return;
+        }
+        if matches!(
+            self.writer_done.try_recv(),
+            Err(mpsc::TryRecvError::Disconnected)
+        ) {
+            // The writer thread ended (a panic, or a stop): nothing it was sent will land.
+            self.writer_gone = true;
         }
         let failing = stopping
             || self.writer_gone
