@@ -106,8 +106,8 @@
 //! numbers them from `last_id + 1` once it comes. For every id it is about to hand out it sends
 //! `Reserve { room, id }`. If its last `IdsReserved` for the room already covers the id, the
 //! broadcast goes out at once (the common case: engines reserve ahead, the SQLite one a block
-//! of [`ID_BLOCK`](super::sqlite::ID_BLOCK) ids renewed every quarter block, so a busy room
-//! never waits). Otherwise the core **holds that room's broadcasts** — delivery, storage and
+//! of 1000 ids, `sqlite::ID_BLOCK`, renewed every quarter block, so a busy room never waits).
+//! Otherwise the core **holds that room's broadcasts** — delivery, storage and
 //! ack, in order — until an `IdsReserved` covers them, and refuses them with `unavailable` on
 //! `Unavailable`. Today a room's first broadcast after start blocks the loop for up to a
 //! second waiting for that commit; through this boundary only that room's broadcasts wait.
