@@ -107,10 +107,12 @@
 //! `Reserve { room, id }`. If its last `IdsReserved` for the room already covers the id, the
 //! broadcast goes out at once (the common case: engines reserve ahead, the SQLite one a block
 //! of 1000 ids, `sqlite::ID_BLOCK`, renewed every quarter block, so a busy room never waits).
-//! Otherwise the core **holds that room's broadcasts** — delivery, storage and
-//! ack, in order — until an `IdsReserved` covers them, and refuses them with `unavailable` on
-//! `Unavailable`. Today a room's first broadcast after start blocks the loop for up to a
-//! second waiting for that commit; through this boundary only that room's broadcasts wait.
+//! Otherwise the core **holds that room's broadcasts** — delivery, storage and ack, in order —
+//! until an `IdsReserved` covers them, and refuses them with `unavailable` on `Unavailable`
+//! (as a failed reservation is refused today). Held broadcasts count against `--max-unstored`,
+//! so the hold is bounded; they are delivered to the room's members as they are when released.
+//! Today a room's first broadcast after start blocks the loop for up to a second waiting for
+//! that commit; through this boundary only that room's broadcasts wait.
 //!
 //! **Appends.** After delivering a numbered broadcast the core sends `Append`, counts the
 //! ticket, and queues the `ack` until `DurableUpTo` reaches it (as `release_acks` does today).
@@ -126,8 +128,8 @@
 //!
 //! # Until the core is wired
 //!
-//! The core still calls the synchronous [`HistoryStore`] methods, each of
-//! which may read SQLite on the loop thread or (`reserve`) wait up to a second for a commit.
+//! The core still calls the synchronous [`HistoryStore`] methods, each of which may read SQLite
+//! on the loop thread or (`reserve`) wait up to a second for a commit.
 //! The wiring step makes the core hold a `Box<dyn Engine>` (from
 //! [`open_engine`](super::open_engine) instead of [`open`](super::open)) and removes:
 //!
