@@ -472,4 +472,57 @@ mod tests {
         ));
         assert_eq!(e.poll(), None);
     }
+
+    /// Fails every read and reservation: the shape of the core's test doubles.
+    struct Broken;
+
+    impl HistoryStore for Broken {
+        fn last_id(&mut self, _room: &str) -> Result<u64, StoreError> {
+            Err(StoreError("read failed".into()))
+        }
+        fn append(&mut self, _room: &str, _msg: StoredMessage) -> u64 {
+            1
+        }
+        fn durable(&mut self) -> u64 {
+            0
+        }
+        fn page(&mut self, _room: &str, _query: Query) -> Page {
+            Page::default()
+        }
+        fn flush(&mut self) {}
+        fn reserve(&mut self, _room: &str, _id: u64) -> Result<(), StoreError> {
+            Err(StoreError("cannot write".into()))
+        }
+        fn writable(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_boxed_store_keeps_its_own_answers_behind_the_engine() {
+        let boxed: Box<dyn HistoryStore> = Box::new(Broken);
+        let mut e = Immediate::new(boxed);
+        assert!(!e.writable(), "not the trait's default");
+        e.request(Request::Reserve {
+            token: 1,
+            room: "r".into(),
+            id: 1,
+        });
+        e.request(Request::LastId {
+            token: 2,
+            room: "r".into(),
+        });
+        e.request(Request::Append {
+            room: "r".into(),
+            msg: test_message(1),
+        });
+        let replies = drain(&mut e);
+        assert!(
+            matches!(&replies[..], [
+                Reply::Unavailable { token: 1, error, .. },
+                Reply::Unavailable { token: 2, .. },
+            ] if error.0 == "cannot write"),
+            "a failing store answers Unavailable, and nothing is durable: {replies:?}"
+        );
+    }
 }

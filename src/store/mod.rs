@@ -118,6 +118,35 @@ pub trait HistoryStore {
     }
 }
 
+/// A boxed store is a store: the core's `Box<dyn HistoryStore>` (and its test doubles) can be
+/// wrapped in [`engine::Immediate`] as they are. Every method forwards, the defaults included.
+impl<S: HistoryStore + ?Sized> HistoryStore for Box<S> {
+    fn last_id(&mut self, room: &str) -> Result<u64, StoreError> {
+        (**self).last_id(room)
+    }
+    fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
+        (**self).append(room, msg)
+    }
+    fn durable(&mut self) -> u64 {
+        (**self).durable()
+    }
+    fn page(&mut self, room: &str, query: Query) -> Page {
+        (**self).page(room, query)
+    }
+    fn flush(&mut self) {
+        (**self).flush();
+    }
+    fn reserve(&mut self, room: &str, id: u64) -> Result<(), StoreError> {
+        (**self).reserve(room, id)
+    }
+    fn writable(&self) -> bool {
+        (**self).writable()
+    }
+    fn close(&mut self, deadline: Instant) -> u64 {
+        (**self).close(deadline)
+    }
+}
+
 /// Cuts a descending-by-id candidate list down to a page: keeps `limit`, notes whether more
 /// existed, and returns it ascending.
 pub(crate) fn page_from_desc(mut desc: Vec<StoredMessage>, limit: usize) -> Page {

@@ -1524,4 +1524,72 @@ mod tests {
             assert!(s.stored_reservation(&room).unwrap() >= 1, "{room}");
         }
     }
+
+    /// The core's join procedure from the engine docs, against a page that comes late: the
+    /// joiner sees history, then live messages, without a gap or a duplicate.
+    #[test]
+    fn a_late_page_and_the_joiners_buffer_give_no_gap_and_no_duplicate() {
+        use super::super::engine::Engine;
+        for query in [
+            Query::Before {
+                before: None,
+                limit: 20,
+            },
+            Query::After {
+                after: 30,
+                limit: 1000,
+            },
+        ] {
+            let path = temp_db("joiner");
+            let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+            for id in 1..=50 {
+                HistoryStore::append(&mut s, "r", super::super::test_message(id));
+            }
+            HistoryStore::flush(&mut s);
+            for id in 51..=55 {
+                HistoryStore::append(&mut s, "r", super::super::test_message(id));
+            }
+            // The member joins: the page is asked for, and the reader is slow.
+            set_read_gate(&s, false);
+            s.request(Request::Page {
+                token: 1,
+                room: "r".into(),
+                query,
+            });
+            // Several turns of live traffic: delivered to the joiner's buffer, and committed
+            // before the page is read.
+            let mut buffer = Vec::new();
+            for id in 56..=70 {
+                s.request(Request::Append {
+                    room: "r".into(),
+                    msg: super::super::test_message(id),
+                });
+                buffer.push(id);
+                assert_eq!(engine_replies(&mut s), vec![], "the page is held");
+            }
+            HistoryStore::flush(&mut s);
+            set_read_gate(&s, true);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let page = loop {
+                assert!(Instant::now() < deadline, "no page");
+                if let Some(Reply::PageReady { token: 1, page, .. }) = engine_replies(&mut s).pop()
+                {
+                    break page;
+                }
+                thread::yield_now();
+            };
+            let last = page.messages.last().map_or(0, |m| m.id);
+            let mut seen: Vec<u64> = page.messages.iter().map(|m| m.id).collect();
+            seen.extend(buffer.into_iter().filter(|&id| id > last));
+            let first = seen[0];
+            assert_eq!(
+                seen,
+                (first..=70).collect::<Vec<_>>(),
+                "{query:?}: a gap or a duplicate"
+            );
+            if let Query::After { after, .. } = query {
+                assert_eq!(first, after + 1, "everything since");
+            }
+        }
+    }
 }
