@@ -575,34 +575,52 @@ mod sqlite {
     }
 
     #[test]
-    fn a_first_reservation_waits_for_the_writer_not_the_caller() {
+    fn a_locked_writer_blocks_neither_the_caller_nor_reads() {
         let (dir, path) = temp_db("nowait");
         let mut d = open(&path);
         // Another process holds the write lock: the writer cannot commit until it lets go.
         let other = rusqlite::Connection::open(&path).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
-        d.engine.request(Request::Reserve {
-            token: 1,
-            room: "r".into(),
-            id: 1,
-        });
+        for id in 1..=3 {
+            d.engine.request(Request::Reserve {
+                token: id,
+                room: "r".into(),
+                id,
+            });
+        }
         let now: Vec<Reply> = std::iter::from_fn(|| d.engine.poll()).collect();
         assert_eq!(
             now,
             vec![],
             "answered before the reservation could be committed"
         );
-        other.execute_batch("COMMIT;").unwrap();
+        // Reads go on while the writer waits, and see what waits with it.
+        d.append("r", 1);
+        d.page(10, "r", NEWEST_3);
         let r = d.replies(1);
-        let Reply::IdsReserved {
-            token: 1, up_to, ..
-        } = r[0]
-        else {
-            panic!("{r:?}");
+        assert_eq!(
+            ids(page_of(&r[0]).2),
+            vec![1],
+            "a page includes an append not yet stored"
+        );
+        assert_eq!(d.durable, 0, "nothing could be committed");
+        other.execute_batch("COMMIT;").unwrap();
+        let r = d.replies(3);
+        let tokens: Vec<u64> = r
+            .iter()
+            .map(|reply| match reply {
+                Reply::IdsReserved { token, up_to, .. } if *up_to >= *token => *token,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(tokens, vec![1, 2, 3], "in request order");
+        let Reply::IdsReserved { up_to, .. } = r[0] else {
+            unreachable!()
         };
-        assert!(up_to > 1, "reserved ahead: {up_to}");
+        assert!(up_to > 3, "reserved ahead: {up_to}");
+        d.durable_up_to(1);
         // Held now: the next ids are answered in the same turn.
-        for id in 2..=up_to.min(50) {
+        for id in 4..=up_to.min(50) {
             d.engine.request(Request::Reserve {
                 token: id,
                 room: "r".into(),
