@@ -11,6 +11,11 @@
 //! Ids are never handed out twice, even across a crash: before the core delivers id N it asks
 //! [`HistoryStore::reserve`], and the SQLite store keeps a durable per-room high-water mark
 //! ahead of delivery (see `docs/PROTOCOL.md`).
+//!
+//! The asynchronous boundary the core moves to is [`engine`]: requests in, replies out, no
+//! I/O on the loop thread. Its module docs are the one description of that boundary; the
+//! synchronous [`HistoryStore`] calls the core still makes are listed there with what the
+//! wiring step removes.
 
 use std::fmt;
 use std::time::Instant;
@@ -19,6 +24,7 @@ use serde::Serialize;
 
 use crate::chat::protocol::RawJson;
 
+pub mod engine;
 pub mod memory;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
@@ -112,6 +118,35 @@ pub trait HistoryStore {
     }
 }
 
+/// A boxed store is a store: the core's `Box<dyn HistoryStore>` (and its test doubles) can be
+/// wrapped in [`engine::Immediate`] as they are. Every method forwards, the defaults included.
+impl<S: HistoryStore + ?Sized> HistoryStore for Box<S> {
+    fn last_id(&mut self, room: &str) -> Result<u64, StoreError> {
+        (**self).last_id(room)
+    }
+    fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
+        (**self).append(room, msg)
+    }
+    fn durable(&mut self) -> u64 {
+        (**self).durable()
+    }
+    fn page(&mut self, room: &str, query: Query) -> Page {
+        (**self).page(room, query)
+    }
+    fn flush(&mut self) {
+        (**self).flush();
+    }
+    fn reserve(&mut self, room: &str, id: u64) -> Result<(), StoreError> {
+        (**self).reserve(room, id)
+    }
+    fn writable(&self) -> bool {
+        (**self).writable()
+    }
+    fn close(&mut self, deadline: Instant) -> u64 {
+        (**self).close(deadline)
+    }
+}
+
 /// Cuts a descending-by-id candidate list down to a page: keeps `limit`, notes whether more
 /// existed, and returns it ascending.
 pub(crate) fn page_from_desc(mut desc: Vec<StoredMessage>, limit: usize) -> Page {
@@ -146,6 +181,34 @@ pub fn open(
     if db_path == ":memory:" {
         drop(notify);
         return Ok(Box::new(memory::MemoryStore::new(memory_per_room)));
+    }
+    #[cfg(feature = "sqlite")]
+    {
+        let store = sqlite::SqliteStore::open(db_path, notify)
+            .map_err(|e| format!("cannot open history database '{db_path}': {e}"))?;
+        Ok(Box::new(store))
+    }
+    #[cfg(not(feature = "sqlite"))]
+    {
+        drop(notify);
+        Err(format!(
+            "this build has no SQLite support: start it with --db-path :memory: (asked for '{db_path}')"
+        ))
+    }
+}
+
+/// Opens the engine the settings ask for: the memory engine for `:memory:`, SQLite otherwise.
+///
+/// `notify` is called from the SQLite engine's threads (the writer after each commit or change
+/// of state, the reader after each read) so that the event loop wakes up and polls.
+pub fn open_engine(
+    db_path: &str,
+    memory_per_room: usize,
+    notify: Box<dyn Fn() + Send>,
+) -> Result<Box<dyn engine::Engine>, String> {
+    if db_path == ":memory:" {
+        drop(notify);
+        return Ok(Box::new(engine::Immediate::memory(memory_per_room)));
     }
     #[cfg(feature = "sqlite")]
     {

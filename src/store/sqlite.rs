@@ -16,16 +16,24 @@
 //! not wait for the disk. An id above the durable mark is not handed out. A restart continues
 //! above the mark, so ids may jump after a crash but never repeat; a clean shutdown gives the
 //! unused part of the block back.
+//!
+//! As an [`Engine`](super::engine::Engine) (see [`super::engine`] for the boundary): appends go to the same writer;
+//! pages and last ids are read on a reader thread with its own read-only connection, never on
+//! the loop thread, and come back through `notify`; a reservation the loop already holds is
+//! answered at once, any other when the writer's commit lands (or `Unavailable` when it cannot
+//! write). The synchronous [`HistoryStore`] methods still read on the loop thread until the
+//! core is wired to the engine.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
+use super::engine::{Reply, Request, RequestToken};
 use super::{HistoryStore, Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
 use crate::chat::protocol::RawJson;
 
@@ -42,7 +50,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const RESERVE_WAIT: Duration = Duration::from_secs(1);
 /// Rooms whose reservation the loop keeps in memory; beyond it the cache starts over from the
 /// database (which is always right, only slower).
-const MAX_CACHED_ROOMS: usize = 4096;
+const MAX_CACHED_ROOMS: usize = if cfg!(test) { 16 } else { 4096 };
 /// Rooms whose reservation a clean shutdown gives back; beyond it the gaps stay (harmless).
 const MAX_GIVE_BACK: usize = 65_536;
 /// How long closing waits for the writer to notice the stop once the flush deadline passed.
@@ -61,6 +69,38 @@ enum Job {
     },
     Flush(mpsc::Sender<()>),
 }
+
+/// A read for the reader thread, with what the loop knew when it was asked.
+enum Read {
+    Page {
+        room: String,
+        query: Query,
+        /// The room's appended messages not yet known to be committed, as candidates of the
+        /// page: the read sees every append asked before it.
+        pending: Vec<StoredMessage>,
+    },
+    LastId {
+        room: String,
+        /// The highest id of the room queued and not yet known to be committed.
+        queued: u64,
+    },
+}
+
+/// What the reader thread answers, in the order it was asked.
+enum Answer {
+    Page(Page),
+    LastId(u64),
+}
+
+/// A read sent to the reader thread and not yet answered.
+struct InFlight {
+    token: RequestToken,
+    room: String,
+    last_id: bool,
+}
+
+/// A callback every thread of the store may call.
+type Notify = Arc<dyn Fn() + Send + Sync>;
 
 /// A room's id reservation as the loop sees it.
 #[derive(Debug, Clone, Copy)]
@@ -83,11 +123,26 @@ struct Shared {
     reserved: Mutex<HashMap<String, Reservation>>,
     /// Signalled when a reservation lands or the writer changes state.
     changed: Condvar,
+    /// Tests close it to hold the reader thread before its next read.
+    #[cfg(test)]
+    read_gate: (Mutex<bool>, Condvar),
 }
 
 impl Shared {
     fn reserved(&self) -> MutexGuard<'_, HashMap<String, Reservation>> {
         self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits while a test holds the reader; nothing outside tests.
+    fn wait_read_gate(&self) {
+        #[cfg(test)]
+        {
+            let (open, cv) = &self.read_gate;
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            while !*open {
+                open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+            }
+        }
     }
 }
 
@@ -105,6 +160,25 @@ pub struct SqliteStore {
     /// The last read of a room's last id failed (a corrupt page): broadcasts cannot be
     /// numbered, so the store does not count as available until a read works again.
     read_failed: bool,
+    /// The engine side: reads for the reader thread (`None` once closed).
+    reads: Option<mpsc::Sender<Read>>,
+    read_thread: Option<thread::JoinHandle<()>>,
+    /// The reader's answers, in request order; disconnects when the reader thread ends.
+    answers: mpsc::Receiver<Result<Answer, StoreError>>,
+    in_flight: VecDeque<InFlight>,
+    /// Reservations asked for and not yet covered, in request order: `(token, room, id)`.
+    waiting: VecDeque<(RequestToken, String, u64)>,
+    /// How many entries of `waiting` each room has.
+    waiting_rooms: HashMap<String, usize>,
+    /// Reservations sent to the writer for rooms not yet in the shared map: room, asked.
+    asking: HashMap<String, u64>,
+    /// Replies ready for `poll`.
+    replies: VecDeque<Reply>,
+    /// The last `DurableUpTo` handed out.
+    reported: u64,
+    /// The writer refused a job: it has stopped.
+    writer_gone: bool,
+    engine_closed: bool,
 }
 
 const SCHEMA: &str = "
@@ -135,6 +209,10 @@ impl SqliteStore {
     /// commit), and starts the writer thread. A file that is read-only, corrupt or on a full
     /// disk fails here rather than at the first message.
     pub fn open(path: &str, notify: Box<dyn Fn() + Send>) -> rusqlite::Result<Self> {
+        let notify: Notify = {
+            let notify = Mutex::new(notify);
+            Arc::new(move || (notify.lock().unwrap_or_else(|e| e.into_inner()))())
+        };
         let mut writer_conn = Connection::open(path)?;
         writer_conn.busy_timeout(Duration::from_secs(5))?;
         writer_conn.execute_batch(SCHEMA)?;
@@ -159,25 +237,51 @@ impl SqliteStore {
         // Pages are read by primary key and the OS caches the file: a small cache keeps an idle
         // server small (256 KiB at most per connection).
         reader.execute_batch("PRAGMA cache_size = -256;")?;
+        let thread_reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // Off the loop a read may wait for a busy file as long as the writer does.
+        thread_reader.busy_timeout(Duration::from_secs(5))?;
+        thread_reader.execute_batch("PRAGMA cache_size = -256;")?;
         let shared = Arc::new(Shared {
             durable: AtomicU64::new(0),
             writable: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             reserved: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
+            #[cfg(test)]
+            read_gate: (Mutex::new(true), Condvar::new()),
         });
         let (tx, rx) = mpsc::channel();
         let (done_tx, writer_done) = mpsc::channel::<()>();
         let theirs = shared.clone();
+        let writer_notify = notify.clone();
         let writer = thread::Builder::new()
             .name("history-writer".into())
             // The writer only loops over SQLite calls; it needs nothing like the default 2 MiB.
             .stack_size(256 * 1024)
             .spawn(move || {
                 let _done = done_tx;
-                Writer::new(writer_conn, theirs, notify).run(rx);
+                Writer::new(writer_conn, theirs, writer_notify).run(rx);
             })
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let (reads, read_rx) = mpsc::channel();
+        let (answer_tx, answers) = mpsc::channel();
+        let theirs = shared.clone();
+        let read_thread = thread::Builder::new()
+            .name("history-reader".into())
+            .stack_size(256 * 1024)
+            .spawn(move || read_loop(thread_reader, theirs, read_rx, answer_tx, notify));
+        let read_thread = match read_thread {
+            Ok(t) => t,
+            Err(e) => {
+                // Do not leave the writer behind: closing its channel ends it.
+                drop(tx);
+                let _ = writer.join();
+                return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e)));
+            }
+        };
         Ok(SqliteStore {
             reader,
             jobs: Some(tx),
@@ -187,6 +291,17 @@ impl SqliteStore {
             tickets: 0,
             pending: VecDeque::new(),
             read_failed: false,
+            reads: Some(reads),
+            read_thread: Some(read_thread),
+            answers,
+            in_flight: VecDeque::new(),
+            waiting: VecDeque::new(),
+            waiting_rooms: HashMap::new(),
+            asking: HashMap::new(),
+            replies: VecDeque::new(),
+            reported: 0,
+            writer_gone: false,
+            engine_closed: false,
         })
     }
 
@@ -201,23 +316,9 @@ impl SqliteStore {
         self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
     }
 
-    fn query(&self, sql: &str, room: &str, bound: u64, limit: usize) -> Vec<StoredMessage> {
-        let run = || -> rusqlite::Result<Vec<StoredMessage>> {
-            let mut stmt = self.reader.prepare_cached(sql)?;
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(params![room, bound as i64, limit], |row| {
-                let data: Option<String> = row.get(4)?;
-                Ok(StoredMessage {
-                    id: row.get::<_, i64>(0)? as u64,
-                    member: row.get(1)?,
-                    message: row.get(2)?,
-                    ts: row.get::<_, i64>(3)? as u64,
-                    data: data.and_then(RawJson::from_text),
-                })
-            })?;
-            rows.collect()
-        };
-        run().unwrap_or_else(|e| {
+    /// The committed rows a page of `room` is cut from; a failed read is logged and empty.
+    fn query(&self, room: &str, query: Query) -> Vec<StoredMessage> {
+        fetch_rows(&self.reader, room, query).unwrap_or_else(|e| {
             error!("history read failed for room '{room}': {e}");
             Vec::new()
         })
@@ -232,36 +333,140 @@ impl SqliteStore {
             .rev()
             .find(|(_, r, _)| r == room)
             .map_or(0, |(_, _, m)| m.id);
-        let stored = self
-            .reader
-            .query_row(
-                "SELECT MAX(id) FROM messages WHERE room = ?1",
-                [room],
-                |row| row.get::<_, Option<i64>>(0),
-            )
-            .map(|v| v.unwrap_or(0).max(0) as u64)
-            .map_err(|e| read_error(room, e))?;
-        // A room this run reserved for continues right after its last message (no gap when it
-        // comes back into memory); any other continues above its stored mark.
-        let cached = self.shared.reserved().get(room).map(|r| r.floor);
-        let reserved = match cached {
-            Some(floor) => floor,
-            None => self.stored_reservation(room)?,
-        };
-        Ok(queued.max(stored).max(reserved))
+        last_id_from(&self.reader, &self.shared, room, queued)
     }
 
     /// The committed high-water mark of `room`, 0 when it has none.
     fn stored_reservation(&self, room: &str) -> Result<u64, StoreError> {
-        self.reader
-            .query_row(
-                "SELECT reserved FROM rooms WHERE room = ?1",
-                [room],
-                |row| row.get::<_, i64>(0),
+        stored_reservation(&self.reader, room)
+    }
+}
+
+/// The committed rows a page of `room` is cut from: one more than the page holds, in the
+/// query's direction.
+fn fetch_rows(conn: &Connection, room: &str, query: Query) -> rusqlite::Result<Vec<StoredMessage>> {
+    let (sql, bound, limit) = match query {
+        Query::Before { before, limit } => (
+            "SELECT id, member, message, ts, data FROM messages
+             WHERE room = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+            before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64),
+            limit,
+        ),
+        Query::After { after, limit } => (
+            "SELECT id, member, message, ts, data FROM messages
+             WHERE room = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3",
+            after.min(i64::MAX as u64),
+            limit,
+        ),
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let limit = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![room, bound as i64, limit], |row| {
+        let data: Option<String> = row.get(4)?;
+        Ok(StoredMessage {
+            id: row.get::<_, i64>(0)? as u64,
+            member: row.get(1)?,
+            message: row.get(2)?,
+            ts: row.get::<_, i64>(3)? as u64,
+            data: data.and_then(RawJson::from_text),
+        })
+    })?;
+    rows.collect()
+}
+
+/// A page from committed `rows` and the room's `pending` messages (either may hold a message
+/// the other holds too).
+fn page_of(
+    rows: Vec<StoredMessage>,
+    pending: impl Iterator<Item = StoredMessage>,
+    query: Query,
+) -> Page {
+    match query {
+        Query::Before { before, limit } => {
+            let bound = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64);
+            let all = merge(rows, pending.filter(|m| m.id < bound));
+            page_from_desc(
+                all.into_values()
+                    .rev()
+                    .take(limit.saturating_add(1))
+                    .collect(),
+                limit,
             )
-            .optional()
-            .map(|v| v.unwrap_or(0).max(0) as u64)
-            .map_err(|e| read_error(room, e))
+        }
+        Query::After { after, limit } => {
+            let after = after.min(i64::MAX as u64);
+            let all = merge(rows, pending.filter(|m| m.id > after));
+            page_from_asc(
+                all.into_values().take(limit.saturating_add(1)).collect(),
+                limit,
+            )
+        }
+    }
+}
+
+/// The highest id that may have been handed out in `room`, given the highest one `queued`.
+fn last_id_from(
+    conn: &Connection,
+    shared: &Shared,
+    room: &str,
+    queued: u64,
+) -> Result<u64, StoreError> {
+    let stored = conn
+        .query_row(
+            "SELECT MAX(id) FROM messages WHERE room = ?1",
+            [room],
+            |row| row.get::<_, Option<i64>>(0),
+        )
+        .map(|v| v.unwrap_or(0).max(0) as u64)
+        .map_err(|e| read_error(room, e))?;
+    // A room this run reserved for continues right after its last message (no gap when it
+    // comes back into memory); any other continues above its stored mark.
+    let cached = shared.reserved().get(room).map(|r| r.floor);
+    let reserved = match cached {
+        Some(floor) => floor,
+        None => stored_reservation(conn, room)?,
+    };
+    Ok(queued.max(stored).max(reserved))
+}
+
+/// The committed high-water mark of `room`, 0 when it has none.
+fn stored_reservation(conn: &Connection, room: &str) -> Result<u64, StoreError> {
+    conn.query_row(
+        "SELECT reserved FROM rooms WHERE room = ?1",
+        [room],
+        |row| row.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.unwrap_or(0).max(0) as u64)
+    .map_err(|e| read_error(room, e))
+}
+
+/// The reader thread: answers reads in the order they come, until the loop drops its sender.
+fn read_loop(
+    conn: Connection,
+    shared: Arc<Shared>,
+    reads: mpsc::Receiver<Read>,
+    answers: mpsc::Sender<Result<Answer, StoreError>>,
+    notify: Notify,
+) {
+    while let Ok(read) = reads.recv() {
+        shared.wait_read_gate();
+        let answer = match read {
+            Read::Page {
+                room,
+                query,
+                pending,
+            } => fetch_rows(&conn, &room, query)
+                .map(|rows| Answer::Page(page_of(rows, pending.into_iter(), query)))
+                .map_err(|e| read_error(&room, e)),
+            Read::LastId { room, queued } => {
+                last_id_from(&conn, &shared, &room, queued).map(Answer::LastId)
+            }
+        };
+        if answers.send(answer).is_err() {
+            return;
+        }
+        notify();
     }
 }
 
@@ -280,7 +485,7 @@ fn unix_secs() -> i64 {
 struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
-    notify: Box<dyn Fn() + Send>,
+    notify: Notify,
     /// Per room this run reserved for: its mark before this run raised it, so that a clean
     /// shutdown can give back what was reserved and not used, and no more.
     floors: HashMap<String, u64>,
@@ -289,7 +494,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Connection, shared: Arc<Shared>, notify: Box<dyn Fn() + Send>) -> Self {
+    fn new(conn: Connection, shared: Arc<Shared>, notify: Notify) -> Self {
         Writer {
             conn,
             shared,
@@ -347,9 +552,11 @@ impl Writer {
         let mut delay = FIRST_BACKOFF;
         loop {
             let end = (start + size).min(batch.len());
-            match self.commit(&batch[start..end], reserve) {
+            let mut landed = Vec::new();
+            match self.commit(&batch[start..end], reserve, &mut landed) {
                 Ok(()) => {
-                    self.publish(reserve);
+                    reserve.clear();
+                    self.publish(landed);
                     if end > start {
                         self.shared
                             .durable
@@ -407,26 +614,45 @@ impl Writer {
         }
     }
 
+    /// One transaction: the reservations, then `batch`. `landed` gets each reserved room's
+    /// reservation as it stands once this commits.
     fn commit(
         &mut self,
         batch: &[(u64, String, StoredMessage)],
         reserve: &HashMap<String, u64>,
+        landed: &mut Vec<(String, Reservation)>,
     ) -> rusqlite::Result<()> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE takes the write lock first, through the busy timeout: a deferred
+        // transaction that read first and then finds the lock held elsewhere (a backup tool)
+        // fails at once without waiting, and the store would turn unavailable for nothing.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (room, &upto) in reserve {
+            let before: Option<i64> = tx
+                .query_row("SELECT reserved FROM rooms WHERE room = ?1", [room], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let before = before.unwrap_or(0).max(0) as u64;
             if !self.floors.contains_key(room) && !self.floors_full {
-                let before: Option<i64> = tx
-                    .query_row("SELECT reserved FROM rooms WHERE room = ?1", [room], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
                 if self.floors.len() >= MAX_GIVE_BACK {
                     self.floors_full = true;
                 } else {
-                    self.floors
-                        .insert(room.clone(), before.unwrap_or(0).max(0) as u64);
+                    self.floors.insert(room.clone(), before);
                 }
             }
+            // Past MAX_GIVE_BACK the mark as found stands in for the floor: a room back in
+            // memory may then skip ids, never reuse one.
+            let floor = self.floors.get(room).copied().unwrap_or(before);
+            landed.push((
+                room.clone(),
+                Reservation {
+                    durable: before.max(upto),
+                    asked: upto,
+                    floor,
+                },
+            ));
             tx.prepare_cached(
                 "INSERT INTO rooms (room, reserved) VALUES (?1, ?2)
                  ON CONFLICT (room) DO UPDATE SET reserved = MAX(reserved, excluded.reserved)",
@@ -453,17 +679,18 @@ impl Writer {
         tx.commit()
     }
 
-    /// Tells the loop which reservations are durable now.
-    fn publish(&self, reserve: &mut HashMap<String, u64>) {
-        if reserve.is_empty() {
+    /// Tells the loop which reservations are durable now. A room the loop does not cache
+    /// (the engine asks without reading the table on the loop thread, or the cache started
+    /// over) is added as committed.
+    fn publish(&self, landed: Vec<(String, Reservation)>) {
+        if landed.is_empty() {
             return;
         }
         let mut map = self.shared.reserved();
-        for (room, upto) in reserve.drain() {
-            // Only rooms the loop still caches: a forgotten one is read from the table again.
-            if let Some(r) = map.get_mut(&room) {
-                r.durable = r.durable.max(upto);
-            }
+        for (room, got) in landed {
+            let r = map.entry(room).or_insert(got);
+            r.durable = r.durable.max(got.durable);
+            r.asked = r.asked.max(got.asked);
         }
         drop(map);
         self.shared.changed.notify_all();
@@ -584,44 +811,13 @@ impl HistoryStore for SqliteStore {
 
     fn page(&mut self, room: &str, query: Query) -> Page {
         self.prune_pending();
-        let in_room = |(_, r, _): &&(u64, String, StoredMessage)| r == room;
-        match query {
-            Query::Before { before, limit } => {
-                let bound = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64);
-                let rows = self.query(
-                    "SELECT id, member, message, ts, data FROM messages
-                     WHERE room = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
-                    room,
-                    bound,
-                    limit.saturating_add(1),
-                );
-                let pending = self.pending.iter().filter(in_room).map(|(_, _, m)| m);
-                let all = merge(rows, pending.filter(|m| m.id < bound).cloned());
-                page_from_desc(
-                    all.into_values()
-                        .rev()
-                        .take(limit.saturating_add(1))
-                        .collect(),
-                    limit,
-                )
-            }
-            Query::After { after, limit } => {
-                let after = after.min(i64::MAX as u64);
-                let rows = self.query(
-                    "SELECT id, member, message, ts, data FROM messages
-                     WHERE room = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3",
-                    room,
-                    after,
-                    limit.saturating_add(1),
-                );
-                let pending = self.pending.iter().filter(in_room).map(|(_, _, m)| m);
-                let all = merge(rows, pending.filter(|m| m.id > after).cloned());
-                page_from_asc(
-                    all.into_values().take(limit.saturating_add(1)).collect(),
-                    limit,
-                )
-            }
-        }
+        let rows = self.query(room, query);
+        let pending = self
+            .pending
+            .iter()
+            .filter(|(_, r, _)| r == room)
+            .map(|(_, _, m)| m.clone());
+        page_of(rows, pending, query)
     }
 
     fn flush(&mut self) {
@@ -638,8 +834,328 @@ impl HistoryStore for SqliteStore {
             let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         }
         self.stop_writer(Some(deadline.max(Instant::now()) + STOP_WAIT));
+        self.stop_reader();
         self.prune_pending();
         self.tickets - self.shared.durable.load(Ordering::Acquire)
+    }
+}
+
+impl SqliteStore {
+    /// Sends a read to the reader thread; its answer (or `Unavailable` when the reader is gone)
+    /// comes from `poll`, in request order.
+    fn send_read(&mut self, token: RequestToken, room: String, last_id: bool, read: Read) {
+        if self.reads.as_ref().is_some_and(|r| r.send(read).is_ok()) {
+            self.in_flight.push_back(InFlight {
+                token,
+                room,
+                last_id,
+            });
+        } else if self.in_flight.is_empty() {
+            self.replies.push_back(Reply::Unavailable {
+                token,
+                room,
+                error: StoreError("the history reader has stopped".into()),
+            });
+        } else {
+            // Behind reads still in flight: answered after them, by `gather`.
+            self.in_flight.push_back(InFlight {
+                token,
+                room,
+                last_id,
+            });
+        }
+    }
+
+    /// Takes `Reserve { token, room, id }`: answered at once when the loop already holds the
+    /// id durably and nothing of the room waits, otherwise queued for `gather`.
+    fn request_reserve(&mut self, token: RequestToken, room: String, id: u64) {
+        let mut map = self.shared.reserved();
+        if !map.contains_key(&room) && map.len() >= MAX_CACHED_ROOMS {
+            map.clear();
+            self.asking.clear();
+        }
+        let (asked, durable) = match map.get_mut(&room) {
+            Some(r) => {
+                self.asking.remove(&room);
+                (&mut r.asked, r.durable)
+            }
+            None => {
+                if self.asking.len() >= MAX_CACHED_ROOMS {
+                    // Only costs asking the writer again.
+                    self.asking.clear();
+                }
+                (self.asking.entry(room.clone()).or_insert(0), 0)
+            }
+        };
+        // Renewed once a quarter of the block is used, as the synchronous path does.
+        let mut job = None;
+        if id.saturating_add(ID_BLOCK * 3 / 4) > *asked {
+            let upto = id.saturating_add(ID_BLOCK - 1);
+            *asked = upto;
+            job = Some(Job::Reserve {
+                room: room.clone(),
+                upto,
+            });
+        }
+        drop(map);
+        if let Some(job) = job
+            && !self.send(job)
+        {
+            self.writer_gone = true;
+        }
+        if durable >= id && !self.waiting_rooms.contains_key(&room) {
+            self.replies.push_back(Reply::IdsReserved {
+                token,
+                room,
+                up_to: durable,
+            });
+            return;
+        }
+        *self.waiting_rooms.entry(room.clone()).or_insert(0) += 1;
+        self.waiting.push_back((token, room, id));
+    }
+
+    /// Collects every reply that became ready: reads answered, reservations landed or failed,
+    /// and durable progress.
+    fn gather(&mut self) {
+        let mut reader_gone = self.reads.is_none();
+        loop {
+            match self.answers.try_recv() {
+                Ok(answer) => self.take_answer(answer),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    reader_gone = true;
+                    break;
+                }
+            }
+        }
+        if reader_gone {
+            self.fail_reads("the history reader has stopped");
+        }
+        self.resolve_waiting(false);
+        self.prune_pending();
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        if durable > self.reported {
+            self.reported = durable;
+            self.replies.push_back(Reply::DurableUpTo(durable));
+        }
+    }
+
+    fn take_answer(&mut self, answer: Result<Answer, StoreError>) {
+        let Some(read) = self.in_flight.pop_front() else {
+            return;
+        };
+        if read.last_id {
+            self.read_failed = answer.is_err();
+        }
+        let InFlight { token, room, .. } = read;
+        self.replies.push_back(match answer {
+            Ok(Answer::Page(page)) => Reply::PageReady { token, room, page },
+            Ok(Answer::LastId(last_id)) => Reply::LastId {
+                token,
+                room,
+                last_id,
+            },
+            Err(error) => Reply::Unavailable { token, room, error },
+        });
+    }
+
+    /// Every read in flight gets `Unavailable`, in order.
+    fn fail_reads(&mut self, why: &str) {
+        for InFlight { token, room, .. } in self.in_flight.drain(..) {
+            self.replies.push_back(Reply::Unavailable {
+                token,
+                room,
+                error: StoreError(why.into()),
+            });
+        }
+    }
+
+    /// Answers the waiting reservations that are covered now, and fails those that cannot be
+    /// (the store cannot write, or `stopping`), keeping each room's replies in request order.
+    fn resolve_waiting(&mut self, stopping: bool) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        if matches!(
+            self.writer_done.try_recv(),
+            Err(mpsc::TryRecvError::Disconnected)
+        ) {
+            // The writer thread ended (a panic, or a stop): nothing it was sent will land.
+            self.writer_gone = true;
+        }
+        let failing = stopping
+            || self.writer_gone
+            || self.jobs.is_none()
+            || !self.shared.writable.load(Ordering::Acquire);
+        let map = self.shared.reserved();
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut again = Vec::new();
+        let mut kept = VecDeque::new();
+        for (token, room, id) in self.waiting.drain(..) {
+            let durable = map.get(&room).map(|r| r.durable);
+            let reply = if blocked.contains(&room) {
+                None
+            } else if let Some(up_to) = durable.filter(|&d| d >= id) {
+                Some(Reply::IdsReserved {
+                    token,
+                    room: room.clone(),
+                    up_to,
+                })
+            } else if failing {
+                Some(Reply::Unavailable {
+                    token,
+                    room: room.clone(),
+                    error: StoreError(format!(
+                        "message id {id} of room '{room}' cannot be made durable now"
+                    )),
+                })
+            } else {
+                // The cache started over since it was asked: ask the writer again.
+                if durable.is_none() && !self.asking.contains_key(&room) {
+                    again.push((room.clone(), id));
+                }
+                blocked.insert(room.clone());
+                None
+            };
+            match reply {
+                Some(reply) => {
+                    if let Some(n) = self.waiting_rooms.get_mut(&room) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.waiting_rooms.remove(&room);
+                        }
+                    }
+                    self.replies.push_back(reply);
+                }
+                None => kept.push_back((token, room, id)),
+            }
+        }
+        drop(map);
+        self.waiting = kept;
+        for (room, id) in again {
+            let upto = id.saturating_add(ID_BLOCK - 1);
+            self.asking.insert(room.clone(), upto);
+            if !self.send(Job::Reserve { room, upto }) {
+                self.writer_gone = true;
+            }
+        }
+    }
+
+    /// Ends the reader thread: it finishes the read in hand and the loop takes the answers.
+    /// One stuck on a broken disk is left behind after [`STOP_WAIT`].
+    fn stop_reader(&mut self) {
+        self.reads = None;
+        let Some(reader) = self.read_thread.take() else {
+            return;
+        };
+        let until = Instant::now() + STOP_WAIT;
+        loop {
+            match self
+                .answers
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(answer) => self.take_answer(answer),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = reader.join();
+                    return;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    warn!("history reader did not stop; leaving it");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl super::engine::Engine for SqliteStore {
+    fn request(&mut self, req: Request) {
+        if self.engine_closed {
+            if let Some((token, room)) = super::engine::token_of(req) {
+                self.replies.push_back(Reply::Unavailable {
+                    token,
+                    room,
+                    error: StoreError("the history engine is closed".into()),
+                });
+            }
+            return;
+        }
+        match req {
+            Request::Append { room, msg } => {
+                HistoryStore::append(self, &room, msg);
+            }
+            Request::Page { token, room, query } => {
+                self.prune_pending();
+                // Only the candidates the page can hold: the newest (or oldest) limit + 1.
+                let in_room = self.pending.iter().filter(|(_, r, _)| *r == room);
+                let pending: Vec<StoredMessage> = match query {
+                    Query::Before { before, limit } => {
+                        let bound = before.unwrap_or(u64::MAX);
+                        let mut newest: Vec<_> = in_room
+                            .rev()
+                            .filter(|(_, _, m)| m.id < bound)
+                            .take(limit.saturating_add(1))
+                            .map(|(_, _, m)| m.clone())
+                            .collect();
+                        newest.reverse();
+                        newest
+                    }
+                    Query::After { after, limit } => in_room
+                        .filter(|(_, _, m)| m.id > after)
+                        .take(limit.saturating_add(1))
+                        .map(|(_, _, m)| m.clone())
+                        .collect(),
+                };
+                let read = Read::Page {
+                    room: room.clone(),
+                    query,
+                    pending,
+                };
+                self.send_read(token, room, false, read);
+            }
+            Request::LastId { token, room } => {
+                self.prune_pending();
+                let queued = self
+                    .pending
+                    .iter()
+                    .rev()
+                    .find(|(_, r, _)| *r == room)
+                    .map_or(0, |(_, _, m)| m.id);
+                let read = Read::LastId {
+                    room: room.clone(),
+                    queued,
+                };
+                self.send_read(token, room, true, read);
+            }
+            Request::Reserve { token, room, id } => self.request_reserve(token, room, id),
+        }
+    }
+
+    fn poll(&mut self) -> Option<Reply> {
+        if self.replies.is_empty() {
+            self.gather();
+        }
+        self.replies.pop_front()
+    }
+
+    fn writable(&self) -> bool {
+        !self.engine_closed && HistoryStore::writable(self)
+    }
+
+    fn flush(&mut self) {
+        HistoryStore::flush(self);
+    }
+
+    fn close(&mut self, deadline: Instant) -> u64 {
+        if self.engine_closed {
+            return 0;
+        }
+        let unstored = HistoryStore::close(self, deadline);
+        self.engine_closed = true;
+        self.fail_reads("the history engine is closed");
+        self.resolve_waiting(true);
+        unstored
     }
 }
 
@@ -682,6 +1198,7 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         // Closing the channel ends the writer after it has committed what was queued.
         self.stop_writer(None);
+        self.stop_reader();
     }
 }
 
@@ -839,5 +1356,240 @@ mod tests {
             last + 1,
             "a clean stop leaves no gap"
         );
+    }
+
+    fn set_read_gate(s: &SqliteStore, open: bool) {
+        let (gate, cv) = &s.shared.read_gate;
+        *gate.lock().unwrap() = open;
+        cv.notify_all();
+    }
+
+    fn engine_replies(s: &mut SqliteStore) -> Vec<Reply> {
+        std::iter::from_fn(|| super::super::engine::Engine::poll(s))
+            .filter(|r| !matches!(r, Reply::DurableUpTo(_)))
+            .collect()
+    }
+
+    #[test]
+    fn engine_pages_are_read_off_the_calling_thread() {
+        use super::super::engine::Engine;
+        let path = temp_db("offthread");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        set_read_gate(&s, false);
+        s.request(Request::Append {
+            room: "r".into(),
+            msg: super::super::test_message(1),
+        });
+        s.request(Request::Page {
+            token: 1,
+            room: "r".into(),
+            query: Query::Before {
+                before: None,
+                limit: 5,
+            },
+        });
+        s.request(Request::LastId {
+            token: 2,
+            room: "r".into(),
+        });
+        // The reader thread is held: had `request` read on this thread, the answers would be
+        // here already.
+        assert_eq!(engine_replies(&mut s), vec![], "read on the calling thread");
+        set_read_gate(&s, true);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            assert!(Instant::now() < deadline, "the reader never answered");
+            got.extend(engine_replies(&mut s));
+            thread::yield_now();
+        }
+        assert_eq!(
+            got,
+            vec![
+                Reply::PageReady {
+                    token: 1,
+                    room: "r".into(),
+                    page: Page {
+                        messages: vec![super::super::test_message(1)],
+                        more: false
+                    }
+                },
+                Reply::LastId {
+                    token: 2,
+                    room: "r".into(),
+                    last_id: 1
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn closing_answers_a_read_the_reader_is_stuck_on() {
+        use super::super::engine::Engine;
+        let path = temp_db("stuckread");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        set_read_gate(&s, false);
+        s.request(Request::Page {
+            token: 7,
+            room: "r".into(),
+            query: Query::After { after: 0, limit: 5 },
+        });
+        assert_eq!(Engine::close(&mut s, Instant::now()), 0);
+        let got = engine_replies(&mut s);
+        assert!(
+            matches!(&got[..], [Reply::Unavailable { token: 7, .. }]),
+            "{got:?}"
+        );
+        // Let the thread that was left behind end.
+        set_read_gate(&s, true);
+    }
+
+    #[test]
+    fn the_writer_waits_for_a_lock_held_elsewhere_instead_of_failing_at_once() {
+        static WAITED: AtomicBool = AtomicBool::new(false);
+        fn give_up(_attempt: i32) -> bool {
+            WAITED.store(true, Ordering::SeqCst);
+            false
+        }
+        let path = temp_db("lockwait");
+        drop(SqliteStore::open(&path, Box::new(|| {})).unwrap());
+        let mut conn = Connection::open(&path).unwrap();
+        conn.busy_handler(Some(give_up)).unwrap();
+        let shared = Arc::new(Shared {
+            durable: AtomicU64::new(0),
+            writable: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            reserved: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            read_gate: (Mutex::new(true), Condvar::new()),
+        });
+        let mut writer = Writer::new(conn, shared, Arc::new(|| {}));
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+        let reserve = HashMap::from([("r".to_string(), 999)]);
+        let batch = vec![(1, "r".to_string(), super::super::test_message(1))];
+        assert!(
+            writer.commit(&batch, &reserve, &mut Vec::new()).is_err(),
+            "the lock is held"
+        );
+        assert!(
+            WAITED.load(Ordering::SeqCst),
+            "a lock held elsewhere failed the commit without waiting (busy_timeout unused)"
+        );
+        other.execute_batch("COMMIT;").unwrap();
+        writer
+            .commit(&batch, &reserve, &mut Vec::new())
+            .expect("commits once the lock is free");
+    }
+
+    #[test]
+    fn engine_reservations_survive_the_cache_starting_over() {
+        use super::super::engine::Engine;
+        let path = temp_db("churn");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        let rooms = MAX_CACHED_ROOMS as u64 * 5;
+        let mut answered = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Waves of new rooms, each wave starting the cache over while the last one waits.
+        for wave in 0..5 {
+            for i in 0..MAX_CACHED_ROOMS as u64 {
+                let token = wave * MAX_CACHED_ROOMS as u64 + i;
+                s.request(Request::Reserve {
+                    token,
+                    room: format!("room{token}"),
+                    id: 1,
+                });
+            }
+            for r in engine_replies(&mut s) {
+                answered.insert(format!("{r:?}"), r);
+            }
+        }
+        while (answered.len() as u64) < rooms {
+            assert!(Instant::now() < deadline, "{} answered", answered.len());
+            for r in engine_replies(&mut s) {
+                answered.insert(format!("{r:?}"), r);
+            }
+            thread::yield_now();
+        }
+        for r in answered.values() {
+            assert!(
+                matches!(r, Reply::IdsReserved { token, room, up_to }
+                    if *room == format!("room{token}") && *up_to >= 1),
+                "{r:?}"
+            );
+        }
+        assert_eq!(answered.len() as u64, rooms, "one reply per request");
+        for token in 0..rooms {
+            let room = format!("room{token}");
+            assert!(s.stored_reservation(&room).unwrap() >= 1, "{room}");
+        }
+    }
+
+    /// The core's join procedure from the engine docs, against a page that comes late: the
+    /// joiner sees history, then live messages, without a gap or a duplicate.
+    #[test]
+    fn a_late_page_and_the_joiners_buffer_give_no_gap_and_no_duplicate() {
+        use super::super::engine::Engine;
+        for query in [
+            Query::Before {
+                before: None,
+                limit: 20,
+            },
+            Query::After {
+                after: 30,
+                limit: 1000,
+            },
+        ] {
+            let path = temp_db("joiner");
+            let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+            for id in 1..=50 {
+                HistoryStore::append(&mut s, "r", super::super::test_message(id));
+            }
+            HistoryStore::flush(&mut s);
+            for id in 51..=55 {
+                HistoryStore::append(&mut s, "r", super::super::test_message(id));
+            }
+            // The member joins: the page is asked for, and the reader is slow.
+            set_read_gate(&s, false);
+            s.request(Request::Page {
+                token: 1,
+                room: "r".into(),
+                query,
+            });
+            // Several turns of live traffic: delivered to the joiner's buffer, and committed
+            // before the page is read.
+            let mut buffer = Vec::new();
+            for id in 56..=70 {
+                s.request(Request::Append {
+                    room: "r".into(),
+                    msg: super::super::test_message(id),
+                });
+                buffer.push(id);
+                assert_eq!(engine_replies(&mut s), vec![], "the page is held");
+            }
+            HistoryStore::flush(&mut s);
+            set_read_gate(&s, true);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let page = loop {
+                assert!(Instant::now() < deadline, "no page");
+                if let Some(Reply::PageReady { token: 1, page, .. }) = engine_replies(&mut s).pop()
+                {
+                    break page;
+                }
+                thread::yield_now();
+            };
+            let last = page.messages.last().map_or(0, |m| m.id);
+            let mut seen: Vec<u64> = page.messages.iter().map(|m| m.id).collect();
+            seen.extend(buffer.into_iter().filter(|&id| id > last));
+            let first = seen[0];
+            assert_eq!(
+                seen,
+                (first..=70).collect::<Vec<_>>(),
+                "{query:?}: a gap or a duplicate"
+            );
+            if let Query::After { after, .. } = query {
+                assert_eq!(first, after + 1, "everything since");
+            }
+        }
     }
 }
