@@ -17,10 +17,12 @@ use crate::config::Config;
 use crate::store::{HistoryStore, Page, Query};
 
 mod commands;
+mod dedup;
 pub mod protocol;
 mod ratelimit;
 pub mod validate;
 
+use dedup::Dedup;
 use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 
@@ -197,9 +199,8 @@ pub struct Chat {
     order: BTreeMap<u64, ConnId>,
     pub(crate) rooms: HashMap<String, Room>,
     pub(crate) store: Box<dyn HistoryStore>,
-    /// `(room, msg_id)` → first id, for the dedup window.
-    pub(crate) dedup: HashMap<(String, String), u64>,
-    dedup_expiry: VecDeque<(Instant, (String, String))>,
+    /// `msg_id`s seen per room, for the dedup window.
+    pub(crate) dedup: Dedup,
     pending_acks: VecDeque<PendingAck>,
     /// The ticket of the newest append.
     pub(crate) last_ticket: u64,
@@ -219,6 +220,7 @@ pub(crate) struct Cx<'a, O: Outbox> {
 impl Chat {
     /// A chat with the default room and the given store.
     pub fn new(cfg: Config, store: Box<dyn HistoryStore>) -> Self {
+        let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let mut chat = Chat {
             cfg,
             members: HashMap::new(),
@@ -226,8 +228,7 @@ impl Chat {
             order: BTreeMap::new(),
             rooms: HashMap::new(),
             store,
-            dedup: HashMap::new(),
-            dedup_expiry: VecDeque::new(),
+            dedup,
             pending_acks: VecDeque::new(),
             last_ticket: 0,
             next_serial: 0,
@@ -561,32 +562,6 @@ impl Chat {
         }
         if r.members.is_empty() && room != DEFAULT_ROOM {
             self.rooms.remove(room);
-        }
-    }
-
-    /// Remembers `msg_id` in `room` for the dedup window; forgets expired ones, and, at
-    /// `--max-dedup-entries`, the oldest ones: the map holds at most that many, whoever sent
-    /// them (one client at the rate limit could otherwise hold ~1 GB of them). A retry of a
-    /// forgotten `msg_id` is delivered again, as after the window. Each step is O(1).
-    pub(crate) fn remember_msg_id(&mut self, now: Instant, room: &str, msg_id: &str, id: u64) {
-        self.expire_dedup(now);
-        while self.dedup.len() >= self.cfg.max_dedup_entries {
-            let Some((_, oldest)) = self.dedup_expiry.pop_front() else {
-                break;
-            };
-            self.dedup.remove(&oldest);
-        }
-        let key = (room.to_string(), msg_id.to_string());
-        self.dedup.insert(key.clone(), id);
-        self.dedup_expiry
-            .push_back((now + self.cfg.dedup_window, key));
-    }
-
-    pub(crate) fn expire_dedup(&mut self, now: Instant) {
-        while self.dedup_expiry.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, key)) = self.dedup_expiry.pop_front() {
-                self.dedup.remove(&key);
-            }
         }
     }
 

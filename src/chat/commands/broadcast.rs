@@ -43,8 +43,7 @@ pub(crate) fn apply<O: Outbox>(
     let sender = member.name.clone();
 
     if let Some(msg_id) = &args.msg_id {
-        chat.expire_dedup(cx.now.mono);
-        if let Some(&first) = chat.dedup.get(&(room.to_string(), msg_id.clone())) {
+        if let Some(first) = chat.dedup.get(cx.now.mono, room, msg_id) {
             // A repeat: not delivered or stored again; the ack names the first id. The first
             // copy's ack may still be waiting for the disk, so this one waits behind it.
             let ticket = chat.last_ticket;
@@ -100,7 +99,7 @@ pub(crate) fn apply<O: Outbox>(
     chat.last_ticket = ticket;
     chat.stats.broadcasts += 1;
     if let Some(msg_id) = args.msg_id {
-        chat.remember_msg_id(cx.now.mono, room, &msg_id, id);
+        chat.dedup.remember(cx.now.mono, room, &msg_id, id);
     }
     ack_when_durable(chat, cx, room, id, ticket);
     Ok(())
