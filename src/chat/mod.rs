@@ -20,11 +20,13 @@ mod commands;
 mod dedup;
 pub mod protocol;
 mod ratelimit;
+mod rooms;
 pub mod validate;
 
 use dedup::Dedup;
 use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
+use rooms::Rooms;
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -168,18 +170,8 @@ pub(crate) struct Member {
     pub(crate) serial: u64,
     pub(crate) id: String,
     pub(crate) name: String,
-    /// Rooms in join order.
-    pub(crate) rooms: Vec<String>,
     bucket: TokenBucket,
     strikes: u32,
-}
-
-pub(crate) struct Room {
-    /// Connections in join order.
-    pub(crate) members: Vec<ConnId>,
-    /// The id the next message gets; 0 while unknown (the store could not be read when the
-    /// room was created: the next broadcast asks again).
-    pub(crate) next_id: u64,
 }
 
 struct PendingAck {
@@ -197,7 +189,8 @@ pub struct Chat {
     pub(crate) names: HashMap<String, ConnId>,
     /// Connection order (serial) → connection, for "oldest connection first".
     order: BTreeMap<u64, ConnId>,
-    pub(crate) rooms: HashMap<String, Room>,
+    /// Who is in which room, both ways.
+    pub(crate) rooms: Rooms,
     pub(crate) store: Box<dyn HistoryStore>,
     /// `msg_id`s seen per room, for the dedup window.
     pub(crate) dedup: Dedup,
@@ -219,14 +212,16 @@ pub(crate) struct Cx<'a, O: Outbox> {
 
 impl Chat {
     /// A chat with the default room and the given store.
-    pub fn new(cfg: Config, store: Box<dyn HistoryStore>) -> Self {
+    pub fn new(cfg: Config, mut store: Box<dyn HistoryStore>) -> Self {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
-        let mut chat = Chat {
+        let general_next = store.last_id(DEFAULT_ROOM).map_or(0, |last| last + 1);
+        let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, general_next);
+        Chat {
             cfg,
             members: HashMap::new(),
             names: HashMap::new(),
             order: BTreeMap::new(),
-            rooms: HashMap::new(),
+            rooms,
             store,
             dedup,
             pending_acks: VecDeque::new(),
@@ -234,9 +229,7 @@ impl Chat {
             next_serial: 0,
             next_auto_name: 0,
             stats: Stats::default(),
-        };
-        chat.ensure_room(DEFAULT_ROOM);
-        chat
+        }
     }
 
     /// The settings in force.
@@ -280,7 +273,6 @@ impl Chat {
             serial,
             id: id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             name: name.clone(),
-            rooms: Vec::new(),
             bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
             strikes: 0,
         };
@@ -316,9 +308,8 @@ impl Chat {
         };
         self.names.remove(&member.name.to_lowercase());
         self.order.remove(&member.serial);
-        for room in &member.rooms {
-            self.remove_from_room(conn, room);
-            self.notice(room, &member.name, false, out);
+        for room in self.rooms.leave_all(conn) {
+            self.notice(&room, &member.name, false, out);
         }
         info!("🔌 Member {} disconnected", crate::log_safe(&member.name));
     }
@@ -499,11 +490,8 @@ impl Chat {
         skip: Option<ConnId>,
         out: &mut impl Outbox,
     ) {
-        let Some(r) = self.rooms.get(room) else {
-            return;
-        };
         let mut sent = 0;
-        for &m in &r.members {
+        for &m in self.rooms.members(room) {
             if Some(m) != skip {
                 out.send(m, payload);
                 sent += 1;
@@ -514,10 +502,8 @@ impl Chat {
 
     /// The `has joined!` / `has left!` notice, unless the room is too big for notices.
     pub(crate) fn notice(&mut self, room: &str, name: &str, joined: bool, out: &mut impl Outbox) {
-        let Some(r) = self.rooms.get(room) else {
-            return;
-        };
-        if r.members.is_empty() || r.members.len() > self.cfg.notice_max_members {
+        let members = self.rooms.members(room).len();
+        if members == 0 || members > self.cfg.notice_max_members {
             return;
         }
         let text = format!("{name} has {}!", if joined { "joined" } else { "left" });
@@ -533,36 +519,6 @@ impl Chat {
         };
         let payload = Payload::new(&event.to_json());
         self.fan_out(room, &payload, None, out);
-    }
-
-    /// Creates `room` in memory if needed; its ids continue from the store (or are asked for
-    /// again at the next broadcast when the store cannot be read now).
-    pub(crate) fn ensure_room(&mut self, room: &str) -> &mut Room {
-        if !self.rooms.contains_key(room) {
-            let next_id = self.store.last_id(room).map_or(0, |last| last + 1);
-            self.rooms.insert(
-                room.to_string(),
-                Room {
-                    members: Vec::new(),
-                    next_id,
-                },
-            );
-        }
-        self.rooms.get_mut(room).expect("just inserted")
-    }
-
-    /// Takes `conn` out of `room`'s member list and drops the room from memory when it is empty
-    /// (except `general`). Notices are the caller's business.
-    pub(crate) fn remove_from_room(&mut self, conn: ConnId, room: &str) {
-        let Some(r) = self.rooms.get_mut(room) else {
-            return;
-        };
-        if let Some(i) = r.members.iter().position(|&m| m == conn) {
-            r.members.remove(i);
-        }
-        if r.members.is_empty() && room != DEFAULT_ROOM {
-            self.rooms.remove(room);
-        }
     }
 
     fn auto_name(&mut self) -> String {
@@ -591,7 +547,7 @@ impl Chat {
         let mut rooms: Vec<_> = self
             .rooms
             .iter()
-            .map(|(name, r)| (name.as_str(), r.members.len(), r.next_id.saturating_sub(1)))
+            .map(|(name, r)| (name, r.members().len(), r.next_id().saturating_sub(1)))
             .collect();
         rooms.sort_unstable_by_key(|(name, _, _)| *name);
         rooms
@@ -601,11 +557,11 @@ impl Chat {
     pub fn room_detail(&self, room: &str) -> Option<(Vec<&str>, u64)> {
         let r = self.rooms.get(room)?;
         let names = r
-            .members
+            .members()
             .iter()
             .filter_map(|c| self.members.get(c))
             .map(|m| m.name.as_str());
-        Some((names.collect(), r.next_id.saturating_sub(1)))
+        Some((names.collect(), r.next_id().saturating_sub(1)))
     }
 
     /// A page of `room`'s history: `limit` (capped) messages older than `before`.
@@ -616,7 +572,7 @@ impl Chat {
         before: Option<u64>,
         limit: Option<u64>,
     ) -> Option<Page> {
-        if !self.rooms.contains_key(room) && self.store.last_id(room).unwrap_or(0) == 0 {
+        if !self.rooms.contains(room) && self.store.last_id(room).unwrap_or(0) == 0 {
             return None;
         }
         let limit = self.page_limit(limit);

@@ -54,10 +54,13 @@ impl T {
     }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
         self.chat.connect(self.now, conn, name, None, &mut self.out);
+        self.chat.rooms.assert_consistent();
     }
     fn send(&mut self, conn: ConnId, cmd: Value) {
         self.chat
             .handle_text(self.now, conn, &cmd.to_string(), &mut self.out);
+        self.chat.rooms.assert_consistent();
+        self.chat.dedup.assert_consistent();
     }
     fn advance(&mut self, d: Duration) {
         self.now.mono += d;
@@ -309,6 +312,9 @@ fn disconnect_tells_every_room_and_frees_the_name() {
     assert_eq!(left[0]["message"], "a has left!");
     assert_eq!(t.chat.member_names(), vec!["b"]);
     assert!(t.chat.check_name("A").is_ok());
+    t.chat.rooms.assert_consistent();
+    assert!(t.chat.rooms.rooms_of(1).is_empty(), "a is in no room");
+    assert_eq!(t.chat.rooms.members("r"), &[2]);
     t.chat.disconnect(1, &mut t.out);
     assert!(t.out.sent.is_empty(), "a second disconnect is a no-op");
 }
@@ -392,7 +398,7 @@ fn leave_drops_empty_rooms_but_ids_go_on() {
     assert_eq!(t.out.events(1, "broadcast")[0]["id"], 2, "never reused");
     t.send(1, json!({"command":"leave","room":"general"}));
     assert!(
-        t.chat.rooms.contains_key(DEFAULT_ROOM),
+        t.chat.rooms.contains(DEFAULT_ROOM),
         "general stays even when empty"
     );
 }

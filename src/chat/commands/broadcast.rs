@@ -34,7 +34,7 @@ pub(crate) fn apply<O: Outbox>(
     let Some(member) = chat.members.get(&cx.conn) else {
         return Ok(());
     };
-    if !member.rooms.iter().any(|r| r == room) {
+    if !chat.rooms.is_member(cx.conn, room) {
         return Err(CommandError::new(
             ErrorCode::NotMember,
             format!("you are not in room '{room}'"),
@@ -62,8 +62,8 @@ pub(crate) fn apply<O: Outbox>(
     let Some(r) = chat.rooms.get_mut(room) else {
         return Ok(());
     };
-    r.next_id = id + 1;
-    let alone = r.members.len() == 1;
+    r.set_next_id(id + 1);
+    let alone = r.members().len() == 1;
     let ts = cx.now.unix_ms;
     let event = Event::Broadcast {
         room,
@@ -114,7 +114,7 @@ fn next_id(chat: &mut Chat, room: &str) -> Result<u64, CommandError> {
             format!("the history store cannot take messages now ({e}); retry later"),
         )
     };
-    let known = chat.rooms.get(room).map_or(0, |r| r.next_id);
+    let known = chat.rooms.get(room).map_or(0, |r| r.next_id());
     let id = if known == 0 {
         chat.store.last_id(room).map_err(unavailable)? + 1
     } else {

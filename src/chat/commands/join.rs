@@ -1,6 +1,7 @@
 //! `join`: enter a room (creating it on demand), tell the room, send the joiner its history.
 
 use crate::chat::protocol::{CommandError, ErrorCode};
+use crate::chat::rooms::Refused;
 use crate::chat::{Chat, Cx, Outbox, validate};
 use crate::store::Query;
 
@@ -17,28 +18,25 @@ pub(crate) fn apply<O: Outbox>(
     let Some(member) = chat.members.get(&cx.conn) else {
         return Ok(());
     };
-    let already = member.rooms.iter().any(|r| r == room);
-    if !already {
-        if member.rooms.len() >= chat.cfg.max_rooms_per_member {
-            return Err(CommandError::new(
+    let name = member.name.clone();
+    let store = &mut chat.store;
+    // A room new to memory continues its ids from the store (or asks again at its next
+    // broadcast when the store cannot be read now).
+    let first_id = || store.last_id(room).map_or(0, |last| last + 1);
+    let joined = chat
+        .rooms
+        .join(cx.conn, room, first_id)
+        .map_err(|refused| match refused {
+            Refused::MemberLimit(max) => CommandError::new(
                 ErrorCode::LimitReached,
-                format!(
-                    "a member may be in at most {} rooms",
-                    chat.cfg.max_rooms_per_member
-                ),
-            ));
-        }
-        if !chat.rooms.contains_key(room) && chat.rooms.len() >= chat.cfg.max_rooms {
-            return Err(CommandError::new(
+                format!("a member may be in at most {max} rooms"),
+            ),
+            Refused::ServerLimit(max) => CommandError::new(
                 ErrorCode::LimitReached,
-                format!("the server holds at most {} rooms", chat.cfg.max_rooms),
-            ));
-        }
-        let name = member.name.clone();
-        chat.ensure_room(room).members.push(cx.conn);
-        if let Some(m) = chat.members.get_mut(&cx.conn) {
-            m.rooms.push(room.to_string());
-        }
+                format!("the server holds at most {max} rooms"),
+            ),
+        })?;
+    if joined {
         chat.notice(room, &name, true, cx.out);
     }
     let query = match since {

@@ -9,21 +9,20 @@ pub(crate) fn apply<O: Outbox>(
     room: &str,
 ) -> Result<(), CommandError> {
     validate::room_name(room)?;
-    let Some(member) = chat.members.get_mut(&cx.conn) else {
+    let Some(member) = chat.members.get(&cx.conn) else {
         return Ok(());
     };
-    let Some(i) = member.rooms.iter().position(|r| r == room) else {
+    if !chat.rooms.is_member(cx.conn, room) {
         return Err(CommandError::new(
             ErrorCode::NotMember,
             format!("you are not in room '{room}'"),
         ));
-    };
-    member.rooms.remove(i);
+    }
     let name = member.name.clone();
     // Sent before the removal so that the leaver hears it too: a client that sent no
     // request_id still learns that its leave happened.
     chat.notice(room, &name, false, cx.out);
-    chat.remove_from_room(cx.conn, room);
+    chat.rooms.leave(cx.conn, room);
     if let Some(request_id) = cx.request_id {
         chat.send_event(
             cx.conn,

@@ -10,7 +10,13 @@ pub(crate) fn apply<O: Outbox>(chat: &mut Chat, cx: &mut Cx<'_, O>) -> Result<()
     let event = Event::Me {
         member: &m.name,
         id: &m.id,
-        rooms: Some(m.rooms.iter().map(String::as_str).collect()),
+        rooms: Some(
+            chat.rooms
+                .rooms_of(cx.conn)
+                .iter()
+                .map(String::as_str)
+                .collect(),
+        ),
         request_id: cx.request_id,
     };
     let json = event.to_json();
