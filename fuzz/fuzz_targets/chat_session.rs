@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use chatterbox::chat::protocol::{COMMAND_NAMES, Command, decode};
-use chatterbox::chat::{Chat, ConnId, Now, Recorder};
+use chatterbox::chat::{Chat, ConnId, Now, Recorder, counted_ids};
 use chatterbox::config::Config;
 use chatterbox::store::memory::MemoryStore;
 use chatterbox::store::{HistoryStore, Page, Query, StoredMessage};
@@ -420,7 +420,7 @@ impl World {
             last: HashMap::new(),
         };
         World {
-            chat: Chat::new(cfg.clone(), Box::new(store)),
+            chat: Chat::new(cfg.clone(), Box::new(store), counted_ids()),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),

@@ -24,6 +24,7 @@ fn chat(cfg: Config) -> Chat {
             ..cfg
         },
         Box::new(MemoryStore::new(per_room)),
+        counted_ids(),
     )
 }
 

@@ -45,6 +45,22 @@ pub struct Now {
     pub unix_ms: u64,
 }
 
+/// Where member ids come from when authentication supplies none: called once per member.
+///
+/// The server passes UUID v4s; tests and fuzzing pass [`counted_ids`] so that a run repeats
+/// exactly. The core itself has no randomness.
+pub type MemberIds = Box<dyn FnMut() -> String>;
+
+/// Member ids `00000000-0000-4000-8000-000000000001`, `…002`, and so on: counted, yet shaped
+/// like a UUID v4 (version 4, RFC 4122 variant), as clients expect.
+pub fn counted_ids() -> MemberIds {
+    let mut n: u64 = 0;
+    Box::new(move || {
+        n += 1;
+        format!("00000000-0000-4000-8000-{n:012x}")
+    })
+}
+
 /// One event, serialized once and framed as a WebSocket text frame, ready to copy to any number
 /// of connections.
 #[derive(Debug, Clone)]
@@ -199,6 +215,7 @@ pub struct Chat {
     pub(crate) last_ticket: u64,
     next_serial: u64,
     next_auto_name: u64,
+    member_ids: MemberIds,
     pub(crate) stats: Stats,
 }
 
@@ -211,8 +228,9 @@ pub(crate) struct Cx<'a, O: Outbox> {
 }
 
 impl Chat {
-    /// A chat with the default room and the given store.
-    pub fn new(cfg: Config, mut store: Box<dyn HistoryStore>) -> Self {
+    /// A chat with the default room, the given store, and member ids from `member_ids`
+    /// (the server: UUID v4; tests: [`counted_ids`]).
+    pub fn new(cfg: Config, mut store: Box<dyn HistoryStore>, member_ids: MemberIds) -> Self {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let general_next = store.last_id(DEFAULT_ROOM).map_or(0, |last| last + 1);
         let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, general_next);
@@ -228,6 +246,7 @@ impl Chat {
             last_ticket: 0,
             next_serial: 0,
             next_auto_name: 0,
+            member_ids,
             stats: Stats::default(),
         }
     }
@@ -254,7 +273,8 @@ impl Chat {
 
     /// A new member on connection `conn`: sends `me`, joins `general` (notice to the room) and
     /// sends its history. `name` must have passed [`Chat::check_name`]; `None` assigns one.
-    /// `id` is the member id when authentication supplied one; otherwise a UUID v4 is made.
+    /// `id` is the member id when authentication supplied one; otherwise the next one of the
+    /// [`MemberIds`] given to [`Chat::new`].
     pub fn connect(
         &mut self,
         now: Now,
@@ -271,7 +291,7 @@ impl Chat {
         let serial = self.next_serial;
         let member = Member {
             serial,
-            id: id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            id: id.unwrap_or_else(|| (self.member_ids)()),
             name: name.clone(),
             bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
             strikes: 0,

@@ -21,7 +21,7 @@ impl T {
     fn with(cfg: Config) -> T {
         let per_room = cfg.memory_history_per_room;
         T {
-            chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room))),
+            chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room)), counted_ids()),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -49,7 +49,7 @@ impl T {
             durable: durable.clone(),
         };
         let mut t = T::new();
-        t.chat = Chat::new(Config::default(), Box::new(store));
+        t.chat = Chat::new(Config::default(), Box::new(store), counted_ids());
         (t, durable)
     }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
@@ -130,6 +130,10 @@ fn welcome_is_me_then_joined_then_history() {
     let id = got[0]["id"].as_str().unwrap();
     assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
     assert_eq!(
+        id, "00000000-0000-4000-8000-000000000001",
+        "the first counted id"
+    );
+    assert_eq!(
         got[1],
         json!({"event":"broadcast","room":"general","member":"system","message":"alice has joined!","joined":"alice"})
     );
@@ -137,6 +141,48 @@ fn welcome_is_me_then_joined_then_history() {
         got[2],
         json!({"event":"history","room":"general","messages":[],"more":false})
     );
+}
+
+#[test]
+fn member_ids_come_from_the_source_unless_authentication_gives_one() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.chat
+        .connect(t.now, 2, Some("b"), Some("sub-42".into()), &mut t.out);
+    t.connect(3, Some("c"));
+    let id = |t: &mut T, conn| t.out.events(conn, "me")[0]["id"].clone();
+    assert_eq!(id(&mut t, 1), "00000000-0000-4000-8000-000000000001");
+    assert_eq!(id(&mut t, 2), "sub-42", "the token's subject");
+    assert_eq!(
+        id(&mut t, 3),
+        "00000000-0000-4000-8000-000000000002",
+        "a supplied id takes none from the source"
+    );
+
+    let mut next = 0;
+    let ids: MemberIds = Box::new(move || {
+        next += 7;
+        format!("id-{next}")
+    });
+    let mut chat = Chat::new(Config::default(), Box::new(MemoryStore::new(10)), ids);
+    let mut out = Recorder::default();
+    for conn in [1, 2] {
+        chat.connect(t.now, conn, None, None, &mut out);
+    }
+    assert_eq!(out.events(1, "me")[0]["id"], "id-7");
+    assert_eq!(out.events(2, "me")[0]["id"], "id-14");
+}
+
+#[test]
+fn counted_ids_are_shaped_like_uuid_v4() {
+    let mut ids = counted_ids();
+    for n in 1..=300u64 {
+        let id = ids();
+        let uuid = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(uuid.get_version_num(), 4, "{id}");
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        assert_eq!(u64::from_str_radix(&id[24..], 16).unwrap(), n);
+    }
 }
 
 #[test]
@@ -709,7 +755,7 @@ fn with_faulty_store(max_unstored: usize) -> (T, Cells) {
         ..Config::default()
     };
     let mut t = T::new();
-    t.chat = Chat::new(cfg, Box::new(store));
+    t.chat = Chat::new(cfg, Box::new(store), counted_ids());
     (t, (durable, failing))
 }
 
