@@ -182,10 +182,10 @@ pub struct Stats {
     pub members_connected_total: u64,
 }
 
-pub(crate) struct Member {
-    pub(crate) serial: u64,
-    pub(crate) id: String,
-    pub(crate) name: String,
+struct Member {
+    serial: u64,
+    id: String,
+    name: String,
     bucket: TokenBucket,
     strikes: u32,
 }
@@ -199,32 +199,32 @@ struct PendingAck {
 
 /// The chat: every member, room and rule. See the module docs.
 pub struct Chat {
-    pub(crate) cfg: Config,
-    pub(crate) members: HashMap<ConnId, Member>,
+    cfg: Config,
+    members: HashMap<ConnId, Member>,
     /// Lower-cased name → connection.
-    pub(crate) names: HashMap<String, ConnId>,
+    names: HashMap<String, ConnId>,
     /// Connection order (serial) → connection, for "oldest connection first".
     order: BTreeMap<u64, ConnId>,
     /// Who is in which room, both ways.
-    pub(crate) rooms: Rooms,
-    pub(crate) store: Box<dyn HistoryStore>,
+    rooms: Rooms,
+    store: Box<dyn HistoryStore>,
     /// `msg_id`s seen per room, for the dedup window.
-    pub(crate) dedup: Dedup,
+    dedup: Dedup,
     pending_acks: VecDeque<PendingAck>,
     /// The ticket of the newest append.
-    pub(crate) last_ticket: u64,
+    last_ticket: u64,
     next_serial: u64,
     next_auto_name: u64,
     member_ids: MemberIds,
-    pub(crate) stats: Stats,
+    stats: Stats,
 }
 
 /// What a command handler needs besides the chat: who asked, when, and where answers go.
-pub(crate) struct Cx<'a, O: Outbox> {
-    pub(crate) conn: ConnId,
-    pub(crate) now: Now,
-    pub(crate) request_id: Option<&'a str>,
-    pub(crate) out: &'a mut O,
+struct Cx<'a, O: Outbox> {
+    conn: ConnId,
+    now: Now,
+    request_id: Option<&'a str>,
+    out: &'a mut O,
 }
 
 impl Chat {
@@ -464,23 +464,23 @@ impl Chat {
     // ----- helpers shared by the commands -----
 
     /// Sends an event to `to` as a reply: the answer to its own command, or its welcome.
-    pub(crate) fn send_event(&mut self, to: ConnId, event: &Event<'_>, out: &mut impl Outbox) {
+    fn send_event(&mut self, to: ConnId, event: &Event<'_>, out: &mut impl Outbox) {
         self.send_json(to, &event.to_json(), out);
     }
 
     /// Sends a reply already serialized (when building it borrows the chat).
-    pub(crate) fn send_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
+    fn send_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
         self.stats.messages_out += 1;
         out.reply(to, &Payload::new(json));
     }
 
     /// Sends an event `to` did not ask for (a direct message from someone else).
-    pub(crate) fn deliver_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
+    fn deliver_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
         self.stats.messages_out += 1;
         out.send(to, &Payload::new(json));
     }
 
-    pub(crate) fn send_error<O: Outbox>(&mut self, cx: &mut Cx<'_, O>, e: &CommandError) {
+    fn send_error<O: Outbox>(&mut self, cx: &mut Cx<'_, O>, e: &CommandError) {
         let event = Event::Error {
             code: e.code,
             message: &e.message,
@@ -490,7 +490,7 @@ impl Chat {
     }
 
     /// Queues an `ack` that is sent once the store's durable ticket reaches `ticket`.
-    pub(crate) fn ack_when_durable(&mut self, conn: ConnId, ticket: u64, json: String) {
+    fn ack_when_durable(&mut self, conn: ConnId, ticket: u64, json: String) {
         let Some(serial) = self.members.get(&conn).map(|m| m.serial) else {
             return;
         };
@@ -503,7 +503,7 @@ impl Chat {
     }
 
     /// Delivers one payload to every member of `room`, except `skip`.
-    pub(crate) fn fan_out(
+    fn fan_out(
         &mut self,
         room: &str,
         payload: &Payload,
@@ -521,7 +521,7 @@ impl Chat {
     }
 
     /// The `has joined!` / `has left!` notice, unless the room is too big for notices.
-    pub(crate) fn notice(&mut self, room: &str, name: &str, joined: bool, out: &mut impl Outbox) {
+    fn notice(&mut self, room: &str, name: &str, joined: bool, out: &mut impl Outbox) {
         let members = self.rooms.members(room).len();
         if members == 0 || members > self.cfg.notice_max_members {
             return;
@@ -600,14 +600,14 @@ impl Chat {
     }
 
     /// A page of `room` from the store, cut to `--max-page-bytes` (see [`cut_page`]).
-    pub(crate) fn read_page(&mut self, room: &str, query: Query) -> Page {
+    fn read_page(&mut self, room: &str, query: Query) -> Page {
         let mut page = self.store.page(room, query);
         let backwards = matches!(query, Query::Before { .. });
         cut_page(&mut page, self.cfg.page_bytes(), backwards);
         page
     }
 
-    pub(crate) fn page_limit(&self, limit: Option<u64>) -> usize {
+    fn page_limit(&self, limit: Option<u64>) -> usize {
         let cap = self.cfg.history_page_cap;
         limit.map_or(self.cfg.max_history.min(cap), |l| {
             (l.min(cap as u64)) as usize
@@ -642,7 +642,7 @@ impl Chat {
 ///
 /// Without it a page is bounded only by count: 50 messages of 1000 four-byte characters and
 /// 3.5 KB of `data` make a 380 KB join page, over the output bound, and every joiner is closed.
-pub(crate) fn cut_page(page: &mut Page, max_bytes: usize, backwards: bool) {
+fn cut_page(page: &mut Page, max_bytes: usize, backwards: bool) {
     let n = page.messages.len();
     let mut total = 0usize;
     let mut keep = 0;
