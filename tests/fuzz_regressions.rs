@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use chatterbox::chat::protocol::{Command, ErrorCode, decode};
+use chatterbox::chat::protocol::{Broadcast, Command, ErrorCode, Join, decode};
 use chatterbox::chat::{Chat, ConnId, Now, Recorder, counted_ids};
 use chatterbox::config::Config;
 use chatterbox::server::http::{BadEscape, Parsed, parse, percent_decode};
@@ -70,11 +70,11 @@ fn numbers_beyond_u64_are_refused_with_a_code() {
     assert!(matches!(
         decode(r#"{"command":"join","room":"a","since":18446744073709551615,"last_n":18446744073709551615}"#)
             .command,
-        Ok(Command::Join {
+        Ok(Command::Join(Join {
             since: Some(u64::MAX),
             last_n: Some(u64::MAX),
             ..
-        })
+        }))
     ));
 }
 
@@ -98,7 +98,7 @@ fn lone_surrogates_are_bad_json_and_pairs_are_fine() {
         ErrorCode::BadJson
     );
     match decode(r#"{"command":"broadcast","message":"\ud83d\ude00"}"#).command {
-        Ok(Command::Broadcast { message, .. }) => assert_eq!(message, "😀"),
+        Ok(Command::Broadcast(Broadcast { message, .. })) => assert_eq!(message, "😀"),
         other => panic!("{other:?}"),
     }
 }
@@ -112,7 +112,7 @@ fn nul_bytes_raw_are_bad_json_escaped_are_text() {
     assert_eq!(code("{\"command\":\"me\"}\0"), ErrorCode::BadJson);
     assert_eq!(code("\0"), ErrorCode::BadJson);
     match decode(r#"{"command":"broadcast","message":"a\u0000b"}"#).command {
-        Ok(Command::Broadcast { message, .. }) => assert_eq!(message, "a\0b"),
+        Ok(Command::Broadcast(Broadcast { message, .. })) => assert_eq!(message, "a\0b"),
         other => panic!("{other:?}"),
     }
 }

@@ -314,9 +314,13 @@ impl Chat {
             request_id: None,
             out,
         };
-        let last_n = self.cfg.max_history;
+        let join = commands::Join {
+            room: DEFAULT_ROOM.to_string(),
+            last_n: Some(self.cfg.max_history as u64),
+            since: None,
+        };
         // Joining `general` cannot fail: it always exists and a new member is in no room.
-        let _ = commands::join::apply(self, &mut cx, DEFAULT_ROOM, Some(last_n as u64), None);
+        let _ = join.apply(self, &mut cx);
     }
 
     /// The connection ended (close, reset, timeout, kick): the member leaves every room, each
