@@ -4,7 +4,13 @@
 //! a member connected ([`Chat::connect`]), a text frame arrived ([`Chat::handle_text`]), a
 //! connection ended ([`Chat::disconnect`]) — with the time as a [`Now`], and the core answers by
 //! calling an [`Outbox`]: frames to send to connections, connections to close. History goes
-//! through the [`HistoryStore`] trait. Every command lives in its own file under `commands/`.
+//! through the [`HistoryStore`] trait; member ids come from the [`MemberIds`] it is given.
+//!
+//! Where things are: every command, its fields and its `apply`, in its own file under
+//! `commands/` (the list and the dispatch in `commands/mod.rs`); membership, both ways, in
+//! `rooms.rs`; the `msg_id` window in `dedup.rs`; the rate limit in `ratelimit.rs`; decoding
+//! and events in [`protocol`]. Chat's fields are private: the transport and the REST API read
+//! through methods, and only code in this module tree changes state.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;

@@ -1,6 +1,8 @@
 //! The wire protocol: commands clients send, events the server sends, error codes.
 //!
-//! Commands are a closed serde enum tagged by `command`; events are another, tagged by `event`.
+//! Commands are a closed serde enum tagged by `command` ([`Command`], re-exported here; each
+//! command's struct and `apply` live in `chat/commands/<name>.rs`); events are another enum,
+//! tagged by `event`.
 //! Decoding goes in two steps so each failure gets its own code: the frame must be a JSON object
 //! (`bad_json`), its `command` must be known (`unknown_command`), its fields must fit (`invalid`).
 
