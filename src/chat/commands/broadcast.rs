@@ -63,12 +63,14 @@ impl Broadcast {
             }
         }
 
+        // Store call 1 of 3: is its backlog full?
         if chat.unstored() >= chat.cfg.max_unstored as u64 {
             return Err(CommandError::new(
                 ErrorCode::Unavailable,
                 "the history store is not keeping up; nothing was sent, retry later",
             ));
         }
+        // Store call 2 of 3: the id, reserved.
         let id = next_id(chat, room)?;
         let Some(r) = chat.rooms.get_mut(room) else {
             return Ok(());
@@ -106,6 +108,7 @@ impl Broadcast {
             ts,
             data: self.data,
         };
+        // Store call 3 of 3: the message, after delivery; the ack waits for it.
         let ticket = chat.store.append(room, stored);
         chat.last_ticket = ticket;
         chat.stats.broadcasts += 1;
