@@ -835,3 +835,37 @@ fn an_id_the_store_cannot_reserve_is_not_handed_out() {
     t.send(1, json!({"command":"broadcast","room":"new","message":"n"}));
     assert_eq!(t.out.events(2, "broadcast")[0]["id"], 1);
 }
+
+/// With the ids injected and the time given, the core is a function of its inputs: the same
+/// session twice sends the same frames, byte for byte, ids included (what fuzzing relies on).
+#[test]
+fn the_same_session_twice_sends_the_same_frames() {
+    let run = || {
+        let mut t = T::new();
+        t.connect(1, None);
+        t.connect(2, Some("bob"));
+        t.connect(3, None);
+        for cmd in [
+            json!({"command":"join","room":"r"}),
+            json!({"command":"broadcast","room":"r","message":"hi","request_id":"q"}),
+            json!({"command":"broadcast","message":"all","msg_id":"m"}),
+            json!({"command":"broadcast","message":"all","msg_id":"m","request_id":"again"}),
+            json!({"command":"direct","to":"bob","message":"psst"}),
+            json!({"command":"me"}),
+            json!({"command":"list"}),
+            json!({"command":"rooms"}),
+            json!({"command":"history","room":"general"}),
+            json!({"command":"leave","room":"r"}),
+            json!({"command":"fly"}),
+        ] {
+            t.send(1, cmd);
+            t.advance(Duration::from_millis(3));
+        }
+        t.chat.disconnect(2, &mut t.out);
+        t.chat.flush(&mut t.out);
+        t.out.sent
+    };
+    let (first, second) = (run(), run());
+    assert!(first.len() > 30, "a real session: {} frames", first.len());
+    assert_eq!(first, second);
+}
