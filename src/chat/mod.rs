@@ -207,7 +207,8 @@ struct PendingAck {
 pub struct Chat {
     cfg: Config,
     members: HashMap<ConnId, Member>,
-    /// Lower-cased name → connection.
+    /// Name in ASCII lower case → connection. Names are ASCII, so ASCII case is the only
+    /// case there is: Unicode folding would let `K` (U+212A) stand for `k`.
     names: HashMap<String, ConnId>,
     /// Connection order (serial) → connection, for "oldest connection first".
     order: BTreeMap<u64, ConnId>,
@@ -268,7 +269,7 @@ impl Chat {
             status: 400,
             reason: e.message,
         })?;
-        if self.names.contains_key(&name.to_lowercase()) {
+        if self.names.contains_key(&name.to_ascii_lowercase()) {
             return Err(Refusal {
                 status: 409,
                 reason: format!("the name '{name}' is taken"),
@@ -309,7 +310,7 @@ impl Chat {
             request_id: None,
         };
         self.send_event(conn, &me, out);
-        self.names.insert(name.to_lowercase(), conn);
+        self.names.insert(name.to_ascii_lowercase(), conn);
         self.order.insert(serial, conn);
         self.members.insert(conn, member);
         self.stats.members_connected_total += 1;
@@ -336,7 +337,7 @@ impl Chat {
         let Some(member) = self.members.remove(&conn) else {
             return;
         };
-        self.names.remove(&member.name.to_lowercase());
+        self.names.remove(&member.name.to_ascii_lowercase());
         self.order.remove(&member.serial);
         for room in self.rooms.leave_all(conn) {
             self.notice(&room, &member.name, false, out);

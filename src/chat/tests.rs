@@ -545,6 +545,30 @@ fn direct_reaches_both_ends_and_is_not_stored() {
     );
 }
 
+/// Names are ASCII and unique ignoring ASCII case. `K` (U+212A KELVIN SIGN) is no valid name,
+/// but Unicode lower-cases it to an ASCII `k`, so a `direct` to it reached member `k`.
+#[test]
+fn direct_to_a_unicode_lookalike_of_a_name_finds_no_one() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("k"));
+    t.connect(3, Some("Skip"));
+    t.out.sent.clear();
+    for to in ["\u{212A}", "S\u{212A}ip", "\u{212A}\u{212A}"] {
+        assert_eq!(
+            t.error_code(1, json!({"command":"direct","to":to,"message":"x"})),
+            "not_found",
+            "{to}"
+        );
+        assert!(t.out.take(2).is_empty() && t.out.take(3).is_empty());
+    }
+    let e = t.ask(1, json!({"command":"direct","to":"SKIP","message":"x"}));
+    assert_eq!(
+        (e["event"].as_str(), e["to"].as_str()),
+        (Some("direct"), Some("Skip"))
+    );
+}
+
 #[test]
 fn msg_id_makes_broadcasts_idempotent_within_the_window() {
     let mut t = T::new();

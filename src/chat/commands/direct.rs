@@ -31,7 +31,7 @@ impl Direct {
         if to.is_empty() || to.len() > validate::MAX_MEMBER_NAME {
             return Err(not_found());
         }
-        let Some(&target) = chat.names.get(&to.to_lowercase()) else {
+        let Some(&target) = chat.names.get(&to.to_ascii_lowercase()) else {
             return Err(not_found());
         };
         let (Some(from), Some(dest)) = (chat.members.get(&cx.conn), chat.members.get(&target))
