@@ -326,7 +326,8 @@ impl Chat {
             last_n: Some(self.cfg.max_history as u64),
             since: None,
         };
-        // Joining `general` cannot fail: it always exists and a new member is in no room.
+        // Joining `general` cannot fail: it always exists, a new member is in no room, and
+        // both room caps are at least 1 (`Config::validate`).
         let _ = join.apply(self, &mut cx);
     }
 
