@@ -312,6 +312,9 @@ impl Config {
             ("read-buffer-size", self.read_buffer_size),
             ("rate-burst", self.rate_burst as usize),
             ("max-unstored", self.max_unstored),
+            // core: every member joins `general`, which is a room of its own.
+            ("max-rooms", self.max_rooms),
+            ("max-rooms-per-member", self.max_rooms_per_member),
         ];
         for (flag, v) in positive {
             if v == 0 {

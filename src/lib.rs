@@ -7,7 +7,15 @@
 //! - [`logging`] — [`log_safe`], the escaping every client-chosen value gets in a log line.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
 //!   the transport feeds it inputs with the time and it answers through an [`chat::Outbox`].
-//!   [`chat::protocol`] holds the command and event enums; `chat/commands/` one file per command.
+//!   Member ids come from a source given to [`chat::Chat::new`] (the server: UUID v4; tests:
+//!   [`chat::counted_ids`]). Inside it:
+//!   - `chat/commands/<name>.rs` — one file per command: its fields, a `Deserialize` struct,
+//!     next to its `apply`; `chat/commands/mod.rs` lists them ([`chat::protocol::Command`],
+//!     its names derived from that list) and dispatches with one `match`.
+//!   - [`chat::protocol`] — `decode` (frame → command or error code), the events, the codes.
+//!   - `chat/rooms.rs` — `Rooms`: room → members and member → rooms, changed together, with
+//!     the room caps; `chat/dedup.rs` — `Dedup`: the `msg_id` window and its cap.
+//!   - [`chat::validate`] — names and texts; `chat/ratelimit.rs` — the token bucket.
 //! - [`store`] — room history behind [`store::HistoryStore`]: in memory, or SQLite with group
 //!   commit on a writer thread (cargo feature `sqlite`, on by default).
 //! - [`server`] — the transport: the `mio` loop, the `Slab` of connections, HTTP heads with

@@ -9,8 +9,8 @@
 
 use std::time::Instant;
 
-use chatterbox::chat::protocol::{Command, ErrorCode, decode};
-use chatterbox::chat::{Chat, ConnId, Now, Recorder};
+use chatterbox::chat::protocol::{Broadcast, Command, ErrorCode, Join, decode};
+use chatterbox::chat::{Chat, ConnId, Now, Recorder, counted_ids};
 use chatterbox::config::Config;
 use chatterbox::server::http::{BadEscape, Parsed, parse, percent_decode};
 use chatterbox::store::memory::MemoryStore;
@@ -70,11 +70,11 @@ fn numbers_beyond_u64_are_refused_with_a_code() {
     assert!(matches!(
         decode(r#"{"command":"join","room":"a","since":18446744073709551615,"last_n":18446744073709551615}"#)
             .command,
-        Ok(Command::Join {
+        Ok(Command::Join(Join {
             since: Some(u64::MAX),
             last_n: Some(u64::MAX),
             ..
-        })
+        }))
     ));
 }
 
@@ -98,7 +98,7 @@ fn lone_surrogates_are_bad_json_and_pairs_are_fine() {
         ErrorCode::BadJson
     );
     match decode(r#"{"command":"broadcast","message":"\ud83d\ude00"}"#).command {
-        Ok(Command::Broadcast { message, .. }) => assert_eq!(message, "😀"),
+        Ok(Command::Broadcast(Broadcast { message, .. })) => assert_eq!(message, "😀"),
         other => panic!("{other:?}"),
     }
 }
@@ -112,7 +112,7 @@ fn nul_bytes_raw_are_bad_json_escaped_are_text() {
     assert_eq!(code("{\"command\":\"me\"}\0"), ErrorCode::BadJson);
     assert_eq!(code("\0"), ErrorCode::BadJson);
     match decode(r#"{"command":"broadcast","message":"a\u0000b"}"#).command {
-        Ok(Command::Broadcast { message, .. }) => assert_eq!(message, "a\0b"),
+        Ok(Command::Broadcast(Broadcast { message, .. })) => assert_eq!(message, "a\0b"),
         other => panic!("{other:?}"),
     }
 }
@@ -179,7 +179,7 @@ impl Session {
         let cfg = Config::default();
         let store = MemoryStore::new(cfg.memory_history_per_room);
         let mut s = Session {
-            chat: Chat::new(cfg, Box::new(store)),
+            chat: Chat::new(cfg, Box::new(store), counted_ids()),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -361,7 +361,11 @@ fn a_nul_smuggled_in_by_escape_is_refused_as_a_name() {
     let h = complete(b"GET /ws?name=al%00ice HTTP/1.1\r\n\r\n");
     let name = h.query_param("name").expect("a valid escape").expect("set");
     assert_eq!(name, "al\0ice");
-    let chat = Chat::new(Config::default(), Box::new(MemoryStore::new(10)));
+    let chat = Chat::new(
+        Config::default(),
+        Box::new(MemoryStore::new(10)),
+        counted_ids(),
+    );
     assert_eq!(chat.check_name(&name).map_err(|r| r.status), Err(400));
 }
 
@@ -416,7 +420,7 @@ fn caps_at_usize_max_do_not_overflow() {
         history_page_cap: usize::MAX,
         ..Config::default()
     };
-    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(100)));
+    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(100)), counted_ids());
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),
@@ -457,7 +461,7 @@ fn ids_are_not_reused_after_many_rooms() {
         rate_burst: 1_000_000,
         ..Config::default()
     };
-    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(1)));
+    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(1)), counted_ids());
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),

@@ -17,8 +17,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
-use chatterbox::chat::protocol::{COMMAND_NAMES, Command, decode};
-use chatterbox::chat::{Chat, ConnId, Now, Recorder};
+use chatterbox::chat::protocol::{Broadcast, COMMAND_NAMES, Command, decode};
+use chatterbox::chat::{Chat, ConnId, Now, Recorder, counted_ids};
 use chatterbox::config::Config;
 use chatterbox::store::memory::MemoryStore;
 use chatterbox::store::{HistoryStore, Page, Query, StoredMessage};
@@ -420,7 +420,7 @@ impl World {
             last: HashMap::new(),
         };
         World {
-            chat: Chat::new(cfg.clone(), Box::new(store)),
+            chat: Chat::new(cfg.clone(), Box::new(store), counted_ids()),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -751,7 +751,7 @@ impl World {
         let request = decode(text);
         let request_id = request.request_id.clone();
         let (skip_echo, may_be_silent) = match &request.command {
-            Ok(Command::Broadcast { echo, msg_id, .. }) => (
+            Ok(Command::Broadcast(Broadcast { echo, msg_id, .. })) => (
                 *echo == Some(false),
                 request_id.is_none() && (*echo == Some(false) || msg_id.is_some()),
             ),

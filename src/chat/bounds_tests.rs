@@ -24,6 +24,7 @@ fn chat(cfg: Config) -> Chat {
             ..cfg
         },
         Box::new(MemoryStore::new(per_room)),
+        counted_ids(),
     )
 }
 
@@ -216,7 +217,7 @@ fn the_dedup_map_never_exceeds_its_cap_and_recent_ids_still_dedup() {
         let cmd = json!({"command":"broadcast","message":"m","msg_id":format!("k{i}")});
         chat.handle_text(at, 1, &cmd.to_string(), &mut out);
         assert!(chat.dedup.len() <= cap, "{} entries", chat.dedup.len());
-        assert_eq!(chat.dedup.len(), chat.dedup_expiry.len());
+        chat.dedup.assert_consistent();
     }
     assert_eq!(chat.dedup.len(), cap);
     assert_eq!(chat.stats().broadcasts, 1000);

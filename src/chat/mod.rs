@@ -4,7 +4,13 @@
 //! a member connected ([`Chat::connect`]), a text frame arrived ([`Chat::handle_text`]), a
 //! connection ended ([`Chat::disconnect`]) — with the time as a [`Now`], and the core answers by
 //! calling an [`Outbox`]: frames to send to connections, connections to close. History goes
-//! through the [`HistoryStore`] trait. Every command lives in its own file under `commands/`.
+//! through the [`HistoryStore`] trait; member ids come from the [`MemberIds`] it is given.
+//!
+//! Where things are: every command, its fields and its `apply`, in its own file under
+//! `commands/` (the list and the dispatch in `commands/mod.rs`); membership, both ways, in
+//! `rooms.rs`; the `msg_id` window in `dedup.rs`; the rate limit in `ratelimit.rs`; decoding
+//! and events in [`protocol`]. Chat's fields are private: the transport and the REST API read
+//! through methods, and only code in this module tree changes state.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
@@ -17,12 +23,16 @@ use crate::config::Config;
 use crate::store::{HistoryStore, Page, Query};
 
 mod commands;
+mod dedup;
 pub mod protocol;
 mod ratelimit;
+mod rooms;
 pub mod validate;
 
+use dedup::Dedup;
 use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
+use rooms::Rooms;
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -39,6 +49,22 @@ pub struct Now {
     pub mono: Instant,
     /// Unix milliseconds, for timestamps.
     pub unix_ms: u64,
+}
+
+/// Where member ids come from when authentication supplies none: called once per member.
+///
+/// The server passes UUID v4s; tests and fuzzing pass [`counted_ids`] so that a run repeats
+/// exactly. The core itself has no randomness.
+pub type MemberIds = Box<dyn FnMut() -> String>;
+
+/// Member ids `00000000-0000-4000-8000-000000000001`, `…002`, and so on: counted, yet shaped
+/// like a UUID v4 (version 4, RFC 4122 variant), as clients expect.
+pub fn counted_ids() -> MemberIds {
+    let mut n: u64 = 0;
+    Box::new(move || {
+        n += 1;
+        format!("00000000-0000-4000-8000-{n:012x}")
+    })
 }
 
 /// One event, serialized once and framed as a WebSocket text frame, ready to copy to any number
@@ -162,22 +188,12 @@ pub struct Stats {
     pub members_connected_total: u64,
 }
 
-pub(crate) struct Member {
-    pub(crate) serial: u64,
-    pub(crate) id: String,
-    pub(crate) name: String,
-    /// Rooms in join order.
-    pub(crate) rooms: Vec<String>,
+struct Member {
+    serial: u64,
+    id: String,
+    name: String,
     bucket: TokenBucket,
     strikes: u32,
-}
-
-pub(crate) struct Room {
-    /// Connections in join order.
-    pub(crate) members: Vec<ConnId>,
-    /// The id the next message gets; 0 while unknown (the store could not be read when the
-    /// room was created: the next broadcast asks again).
-    pub(crate) next_id: u64,
 }
 
 struct PendingAck {
@@ -189,53 +205,57 @@ struct PendingAck {
 
 /// The chat: every member, room and rule. See the module docs.
 pub struct Chat {
-    pub(crate) cfg: Config,
-    pub(crate) members: HashMap<ConnId, Member>,
-    /// Lower-cased name → connection.
-    pub(crate) names: HashMap<String, ConnId>,
+    cfg: Config,
+    members: HashMap<ConnId, Member>,
+    /// Name in ASCII lower case → connection. Names are ASCII, so ASCII case is the only
+    /// case there is: Unicode folding would let `K` (U+212A) stand for `k`.
+    names: HashMap<String, ConnId>,
     /// Connection order (serial) → connection, for "oldest connection first".
     order: BTreeMap<u64, ConnId>,
-    pub(crate) rooms: HashMap<String, Room>,
-    pub(crate) store: Box<dyn HistoryStore>,
-    /// `(room, msg_id)` → first id, for the dedup window.
-    pub(crate) dedup: HashMap<(String, String), u64>,
-    dedup_expiry: VecDeque<(Instant, (String, String))>,
+    /// Who is in which room, both ways.
+    rooms: Rooms,
+    store: Box<dyn HistoryStore>,
+    /// `msg_id`s seen per room, for the dedup window.
+    dedup: Dedup,
     pending_acks: VecDeque<PendingAck>,
     /// The ticket of the newest append.
-    pub(crate) last_ticket: u64,
+    last_ticket: u64,
     next_serial: u64,
     next_auto_name: u64,
-    pub(crate) stats: Stats,
+    member_ids: MemberIds,
+    stats: Stats,
 }
 
 /// What a command handler needs besides the chat: who asked, when, and where answers go.
-pub(crate) struct Cx<'a, O: Outbox> {
-    pub(crate) conn: ConnId,
-    pub(crate) now: Now,
-    pub(crate) request_id: Option<&'a str>,
-    pub(crate) out: &'a mut O,
+struct Cx<'a, O: Outbox> {
+    conn: ConnId,
+    now: Now,
+    request_id: Option<&'a str>,
+    out: &'a mut O,
 }
 
 impl Chat {
-    /// A chat with the default room and the given store.
-    pub fn new(cfg: Config, store: Box<dyn HistoryStore>) -> Self {
-        let mut chat = Chat {
+    /// A chat with the default room, the given store, and member ids from `member_ids`
+    /// (the server: UUID v4; tests: [`counted_ids`]).
+    pub fn new(cfg: Config, mut store: Box<dyn HistoryStore>, member_ids: MemberIds) -> Self {
+        let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
+        let general_next = store.last_id(DEFAULT_ROOM).map_or(0, |last| last + 1);
+        let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, general_next);
+        Chat {
             cfg,
             members: HashMap::new(),
             names: HashMap::new(),
             order: BTreeMap::new(),
-            rooms: HashMap::new(),
+            rooms,
             store,
-            dedup: HashMap::new(),
-            dedup_expiry: VecDeque::new(),
+            dedup,
             pending_acks: VecDeque::new(),
             last_ticket: 0,
             next_serial: 0,
             next_auto_name: 0,
+            member_ids,
             stats: Stats::default(),
-        };
-        chat.ensure_room(DEFAULT_ROOM);
-        chat
+        }
     }
 
     /// The settings in force.
@@ -249,7 +269,7 @@ impl Chat {
             status: 400,
             reason: e.message,
         })?;
-        if self.names.contains_key(&name.to_lowercase()) {
+        if self.names.contains_key(&name.to_ascii_lowercase()) {
             return Err(Refusal {
                 status: 409,
                 reason: format!("the name '{name}' is taken"),
@@ -260,7 +280,8 @@ impl Chat {
 
     /// A new member on connection `conn`: sends `me`, joins `general` (notice to the room) and
     /// sends its history. `name` must have passed [`Chat::check_name`]; `None` assigns one.
-    /// `id` is the member id when authentication supplied one; otherwise a UUID v4 is made.
+    /// `id` is the member id when authentication supplied one; otherwise the next one of the
+    /// [`MemberIds`] given to [`Chat::new`].
     pub fn connect(
         &mut self,
         now: Now,
@@ -277,9 +298,8 @@ impl Chat {
         let serial = self.next_serial;
         let member = Member {
             serial,
-            id: id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            id: id.unwrap_or_else(|| (self.member_ids)()),
             name: name.clone(),
-            rooms: Vec::new(),
             bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
             strikes: 0,
         };
@@ -290,7 +310,7 @@ impl Chat {
             request_id: None,
         };
         self.send_event(conn, &me, out);
-        self.names.insert(name.to_lowercase(), conn);
+        self.names.insert(name.to_ascii_lowercase(), conn);
         self.order.insert(serial, conn);
         self.members.insert(conn, member);
         self.stats.members_connected_total += 1;
@@ -301,9 +321,14 @@ impl Chat {
             request_id: None,
             out,
         };
-        let last_n = self.cfg.max_history;
-        // Joining `general` cannot fail: it always exists and a new member is in no room.
-        let _ = commands::join::apply(self, &mut cx, DEFAULT_ROOM, Some(last_n as u64), None);
+        let join = commands::Join {
+            room: DEFAULT_ROOM.to_string(),
+            last_n: Some(self.cfg.max_history as u64),
+            since: None,
+        };
+        // Joining `general` cannot fail: it always exists, a new member is in no room, and
+        // both room caps are at least 1 (`Config::validate`).
+        let _ = join.apply(self, &mut cx);
     }
 
     /// The connection ended (close, reset, timeout, kick): the member leaves every room, each
@@ -313,11 +338,10 @@ impl Chat {
         let Some(member) = self.members.remove(&conn) else {
             return;
         };
-        self.names.remove(&member.name.to_lowercase());
+        self.names.remove(&member.name.to_ascii_lowercase());
         self.order.remove(&member.serial);
-        for room in &member.rooms {
-            self.remove_from_room(conn, room);
-            self.notice(room, &member.name, false, out);
+        for room in self.rooms.leave_all(conn) {
+            self.notice(&room, &member.name, false, out);
         }
         info!("🔌 Member {} disconnected", crate::log_safe(&member.name));
     }
@@ -452,23 +476,23 @@ impl Chat {
     // ----- helpers shared by the commands -----
 
     /// Sends an event to `to` as a reply: the answer to its own command, or its welcome.
-    pub(crate) fn send_event(&mut self, to: ConnId, event: &Event<'_>, out: &mut impl Outbox) {
+    fn send_event(&mut self, to: ConnId, event: &Event<'_>, out: &mut impl Outbox) {
         self.send_json(to, &event.to_json(), out);
     }
 
     /// Sends a reply already serialized (when building it borrows the chat).
-    pub(crate) fn send_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
+    fn send_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
         self.stats.messages_out += 1;
         out.reply(to, &Payload::new(json));
     }
 
     /// Sends an event `to` did not ask for (a direct message from someone else).
-    pub(crate) fn deliver_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
+    fn deliver_json(&mut self, to: ConnId, json: &str, out: &mut impl Outbox) {
         self.stats.messages_out += 1;
         out.send(to, &Payload::new(json));
     }
 
-    pub(crate) fn send_error<O: Outbox>(&mut self, cx: &mut Cx<'_, O>, e: &CommandError) {
+    fn send_error<O: Outbox>(&mut self, cx: &mut Cx<'_, O>, e: &CommandError) {
         let event = Event::Error {
             code: e.code,
             message: &e.message,
@@ -478,7 +502,7 @@ impl Chat {
     }
 
     /// Queues an `ack` that is sent once the store's durable ticket reaches `ticket`.
-    pub(crate) fn ack_when_durable(&mut self, conn: ConnId, ticket: u64, json: String) {
+    fn ack_when_durable(&mut self, conn: ConnId, ticket: u64, json: String) {
         let Some(serial) = self.members.get(&conn).map(|m| m.serial) else {
             return;
         };
@@ -491,18 +515,15 @@ impl Chat {
     }
 
     /// Delivers one payload to every member of `room`, except `skip`.
-    pub(crate) fn fan_out(
+    fn fan_out(
         &mut self,
         room: &str,
         payload: &Payload,
         skip: Option<ConnId>,
         out: &mut impl Outbox,
     ) {
-        let Some(r) = self.rooms.get(room) else {
-            return;
-        };
         let mut sent = 0;
-        for &m in &r.members {
+        for &m in self.rooms.members(room) {
             if Some(m) != skip {
                 out.send(m, payload);
                 sent += 1;
@@ -512,11 +533,9 @@ impl Chat {
     }
 
     /// The `has joined!` / `has left!` notice, unless the room is too big for notices.
-    pub(crate) fn notice(&mut self, room: &str, name: &str, joined: bool, out: &mut impl Outbox) {
-        let Some(r) = self.rooms.get(room) else {
-            return;
-        };
-        if r.members.is_empty() || r.members.len() > self.cfg.notice_max_members {
+    fn notice(&mut self, room: &str, name: &str, joined: bool, out: &mut impl Outbox) {
+        let members = self.rooms.members(room).len();
+        if members == 0 || members > self.cfg.notice_max_members {
             return;
         }
         let text = format!("{name} has {}!", if joined { "joined" } else { "left" });
@@ -532,62 +551,6 @@ impl Chat {
         };
         let payload = Payload::new(&event.to_json());
         self.fan_out(room, &payload, None, out);
-    }
-
-    /// Creates `room` in memory if needed; its ids continue from the store (or are asked for
-    /// again at the next broadcast when the store cannot be read now).
-    pub(crate) fn ensure_room(&mut self, room: &str) -> &mut Room {
-        if !self.rooms.contains_key(room) {
-            let next_id = self.store.last_id(room).map_or(0, |last| last + 1);
-            self.rooms.insert(
-                room.to_string(),
-                Room {
-                    members: Vec::new(),
-                    next_id,
-                },
-            );
-        }
-        self.rooms.get_mut(room).expect("just inserted")
-    }
-
-    /// Takes `conn` out of `room`'s member list and drops the room from memory when it is empty
-    /// (except `general`). Notices are the caller's business.
-    pub(crate) fn remove_from_room(&mut self, conn: ConnId, room: &str) {
-        let Some(r) = self.rooms.get_mut(room) else {
-            return;
-        };
-        if let Some(i) = r.members.iter().position(|&m| m == conn) {
-            r.members.remove(i);
-        }
-        if r.members.is_empty() && room != DEFAULT_ROOM {
-            self.rooms.remove(room);
-        }
-    }
-
-    /// Remembers `msg_id` in `room` for the dedup window; forgets expired ones, and, at
-    /// `--max-dedup-entries`, the oldest ones: the map holds at most that many, whoever sent
-    /// them (one client at the rate limit could otherwise hold ~1 GB of them). A retry of a
-    /// forgotten `msg_id` is delivered again, as after the window. Each step is O(1).
-    pub(crate) fn remember_msg_id(&mut self, now: Instant, room: &str, msg_id: &str, id: u64) {
-        self.expire_dedup(now);
-        while self.dedup.len() >= self.cfg.max_dedup_entries {
-            let Some((_, oldest)) = self.dedup_expiry.pop_front() else {
-                break;
-            };
-            self.dedup.remove(&oldest);
-        }
-        let key = (room.to_string(), msg_id.to_string());
-        self.dedup.insert(key.clone(), id);
-        self.dedup_expiry
-            .push_back((now + self.cfg.dedup_window, key));
-    }
-
-    pub(crate) fn expire_dedup(&mut self, now: Instant) {
-        while self.dedup_expiry.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, key)) = self.dedup_expiry.pop_front() {
-                self.dedup.remove(&key);
-            }
-        }
     }
 
     fn auto_name(&mut self) -> String {
@@ -616,7 +579,7 @@ impl Chat {
         let mut rooms: Vec<_> = self
             .rooms
             .iter()
-            .map(|(name, r)| (name.as_str(), r.members.len(), r.next_id.saturating_sub(1)))
+            .map(|(name, r)| (name, r.members().len(), r.next_id().saturating_sub(1)))
             .collect();
         rooms.sort_unstable_by_key(|(name, _, _)| *name);
         rooms
@@ -626,11 +589,11 @@ impl Chat {
     pub fn room_detail(&self, room: &str) -> Option<(Vec<&str>, u64)> {
         let r = self.rooms.get(room)?;
         let names = r
-            .members
+            .members()
             .iter()
             .filter_map(|c| self.members.get(c))
             .map(|m| m.name.as_str());
-        Some((names.collect(), r.next_id.saturating_sub(1)))
+        Some((names.collect(), r.next_id().saturating_sub(1)))
     }
 
     /// A page of `room`'s history: `limit` (capped) messages older than `before`.
@@ -641,7 +604,7 @@ impl Chat {
         before: Option<u64>,
         limit: Option<u64>,
     ) -> Option<Page> {
-        if !self.rooms.contains_key(room) && self.store.last_id(room).unwrap_or(0) == 0 {
+        if !self.rooms.contains(room) && self.store.last_id(room).unwrap_or(0) == 0 {
             return None;
         }
         let limit = self.page_limit(limit);
@@ -649,14 +612,14 @@ impl Chat {
     }
 
     /// A page of `room` from the store, cut to `--max-page-bytes` (see [`cut_page`]).
-    pub(crate) fn read_page(&mut self, room: &str, query: Query) -> Page {
+    fn read_page(&mut self, room: &str, query: Query) -> Page {
         let mut page = self.store.page(room, query);
         let backwards = matches!(query, Query::Before { .. });
         cut_page(&mut page, self.cfg.page_bytes(), backwards);
         page
     }
 
-    pub(crate) fn page_limit(&self, limit: Option<u64>) -> usize {
+    fn page_limit(&self, limit: Option<u64>) -> usize {
         let cap = self.cfg.history_page_cap;
         limit.map_or(self.cfg.max_history.min(cap), |l| {
             (l.min(cap as u64)) as usize
@@ -691,7 +654,7 @@ impl Chat {
 ///
 /// Without it a page is bounded only by count: 50 messages of 1000 four-byte characters and
 /// 3.5 KB of `data` make a 380 KB join page, over the output bound, and every joiner is closed.
-pub(crate) fn cut_page(page: &mut Page, max_bytes: usize, backwards: bool) {
+fn cut_page(page: &mut Page, max_bytes: usize, backwards: bool) {
     let n = page.messages.len();
     let mut total = 0usize;
     let mut keep = 0;

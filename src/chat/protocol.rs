@@ -1,6 +1,8 @@
 //! The wire protocol: commands clients send, events the server sends, error codes.
 //!
-//! Commands are a closed serde enum tagged by `command`; events are another, tagged by `event`.
+//! Commands are a closed serde enum tagged by `command` ([`Command`], re-exported here; each
+//! command's struct and `apply` live in `chat/commands/<name>.rs`); events are another enum,
+//! tagged by `event`.
 //! Decoding goes in two steps so each failure gets its own code: the frame must be a JSON object
 //! (`bad_json`), its `command` must be known (`unknown_command`), its fields must fit (`invalid`).
 
@@ -13,82 +15,12 @@ use crate::store::StoredMessage;
 /// Longest `request_id` and `msg_id` in characters.
 pub const MAX_ID_CHARS: usize = 64;
 
-/// A command from a client, fields as in SPEC §3.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Command {
-    /// Who am I.
-    Me,
-    /// Members connected, or members of one room.
-    List {
-        /// Restrict to this room.
-        room: Option<String>,
-    },
-    /// A message to a room.
-    Broadcast {
-        /// The text.
-        message: String,
-        /// Target room (default `general`).
-        room: Option<String>,
-        /// Any JSON, relayed and stored as the bytes sent (filled in by [`decode`]).
-        #[serde(skip_deserializing)]
-        data: Option<RawJson>,
-        /// Whether the sender gets its own message (default true).
-        echo: Option<bool>,
-        /// Idempotency key.
-        msg_id: Option<String>,
-    },
-    /// Enter a room (created on demand).
-    Join {
-        /// The room.
-        room: String,
-        /// How many recent messages to send.
-        last_n: Option<u64>,
-        /// Send every message after this id instead.
-        since: Option<u64>,
-    },
-    /// Leave a room.
-    Leave {
-        /// The room.
-        room: String,
-    },
-    /// Rooms that exist.
-    Rooms,
-    /// A page of a room's history.
-    History {
-        /// The room.
-        room: String,
-        /// Only messages with a smaller id.
-        before: Option<u64>,
-        /// Page size (capped).
-        limit: Option<u64>,
-    },
-    /// A message to one member.
-    Direct {
-        /// The recipient's name.
-        to: String,
-        /// The text.
-        message: String,
-        /// Any JSON, relayed as the bytes sent (filled in by [`decode`]).
-        #[serde(skip_deserializing)]
-        data: Option<RawJson>,
-    },
-    /// Liveness check.
-    Ping,
-}
+pub use super::commands::{
+    Broadcast, Command, Direct, History, Join, Leave, List, ListRooms, Me, Ping,
+};
 
-/// Every command name, for telling `unknown_command` from `invalid`.
-pub const COMMAND_NAMES: &[&str] = &[
-    "me",
-    "list",
-    "broadcast",
-    "join",
-    "leave",
-    "rooms",
-    "history",
-    "direct",
-    "ping",
-];
+/// Every command name, for telling `unknown_command` from `invalid`: [`Command::NAMES`].
+pub const COMMAND_NAMES: &[&str] = Command::NAMES;
 
 /// Error codes of SPEC §3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -202,7 +134,9 @@ fn with_raw_data(mut command: Command, text: &str) -> Result<Command, CommandErr
     struct DataOnly {
         data: Option<RawJson>,
     }
-    if let Command::Broadcast { data, .. } | Command::Direct { data, .. } = &mut command {
+    if let Command::Broadcast(Broadcast { data, .. }) | Command::Direct(Direct { data, .. }) =
+        &mut command
+    {
         *data = serde_json::from_str::<DataOnly>(text)
             .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))?
             .data;
@@ -424,18 +358,21 @@ mod tests {
 
     #[test]
     fn decodes_every_command_shape() {
-        assert_eq!(decode(r#"{"command":"me"}"#).command.unwrap(), Command::Me);
+        assert_eq!(
+            decode(r#"{"command":"me"}"#).command.unwrap(),
+            Command::Me(Me {})
+        );
         let r = decode(
             r#"{"command":"broadcast","message":"hi","room":"a","echo":false,"request_id":"r1"}"#,
         );
         assert_eq!(r.request_id.as_deref(), Some("r1"));
         match r.command.unwrap() {
-            Command::Broadcast {
+            Command::Broadcast(Broadcast {
                 message,
                 room,
                 echo,
                 ..
-            } => {
+            }) => {
                 assert_eq!(
                     (message.as_str(), room.as_deref(), echo),
                     ("hi", Some("a"), Some(false))
@@ -447,7 +384,7 @@ mod tests {
             decode(r#"{"command":"join","room":"x","since":3}"#)
                 .command
                 .unwrap(),
-            Command::Join { since: Some(3), .. }
+            Command::Join(Join { since: Some(3), .. })
         ));
     }
 
@@ -489,19 +426,19 @@ mod tests {
         ] {
             let text = format!(r#"{{"command":"broadcast","message":"m","data":{raw}}}"#);
             match decode(&text).command.unwrap() {
-                Command::Broadcast { data, .. } => assert_eq!(data.unwrap().get(), raw),
+                Command::Broadcast(Broadcast { data, .. }) => assert_eq!(data.unwrap().get(), raw),
                 other => panic!("{other:?}"),
             }
             let text = format!(r#"{{"command":"direct","to":"b","message":"m","data":{raw}}}"#);
             match decode(&text).command.unwrap() {
-                Command::Direct { data, .. } => assert_eq!(data.unwrap().get(), raw),
+                Command::Direct(Direct { data, .. }) => assert_eq!(data.unwrap().get(), raw),
                 other => panic!("{other:?}"),
             }
         }
         let absent = decode(r#"{"command":"broadcast","message":"m","data":null}"#);
         assert!(matches!(
             absent.command.unwrap(),
-            Command::Broadcast { data: None, .. }
+            Command::Broadcast(Broadcast { data: None, .. })
         ));
         assert_eq!(
             code(r#"{"command":"broadcast","message":"m","data":[1,}"#),
@@ -511,6 +448,321 @@ mod tests {
             code(r#"{"command":"broadcast","message":"m","data":1,"data":2}"#),
             ErrorCode::Invalid,
             "a repeated data field is ambiguous"
+        );
+    }
+
+    /// The exact answers `decode` gave before the commands became structs (issue 10): codes,
+    /// messages and the echoed `request_id`, for each way a frame can be wrong.
+    #[test]
+    fn decode_errors_are_word_for_word_as_before() {
+        let cases: &[(&str, ErrorCode, &str, Option<&str>)] = &[
+            (
+                r#"{"command":"list","room":5}"#,
+                ErrorCode::Invalid,
+                "invalid type: integer `5`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast"}"#,
+                ErrorCode::Invalid,
+                "missing field `message`",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":5}"#,
+                ErrorCode::Invalid,
+                "invalid type: integer `5`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":"hi","room":7}"#,
+                ErrorCode::Invalid,
+                "invalid type: integer `7`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":"hi","echo":"yes"}"#,
+                ErrorCode::Invalid,
+                "invalid type: string \"yes\", expected a boolean",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":"hi","msg_id":3}"#,
+                ErrorCode::Invalid,
+                "invalid type: integer `3`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":"hi","data":1,"data":2}"#,
+                ErrorCode::Invalid,
+                "duplicate field `data`",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":["x"]}"#,
+                ErrorCode::Invalid,
+                "invalid type: sequence, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":null}"#,
+                ErrorCode::Invalid,
+                "invalid type: null, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"broadcast","message":"m","data":[1,}"#,
+                ErrorCode::BadJson,
+                "not valid JSON: expected value at line 1 column 48",
+                None,
+            ),
+            (
+                r#"{"command":"join"}"#,
+                ErrorCode::Invalid,
+                "missing field `room`",
+                None,
+            ),
+            (
+                r#"{"command":"join","room":"a","last_n":-1}"#,
+                ErrorCode::Invalid,
+                "invalid value: integer `-1`, expected u64",
+                None,
+            ),
+            (
+                r#"{"command":"join","room":"a","last_n":"5"}"#,
+                ErrorCode::Invalid,
+                "invalid type: string \"5\", expected u64",
+                None,
+            ),
+            (
+                r#"{"command":"join","room":"a","since":1.5}"#,
+                ErrorCode::Invalid,
+                "invalid type: floating point `1.5`, expected u64",
+                None,
+            ),
+            (
+                r#"{"command":"join","room":1}"#,
+                ErrorCode::Invalid,
+                "invalid type: integer `1`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"join","room":"a","since":18446744073709551616}"#,
+                ErrorCode::Invalid,
+                "invalid type: floating point `1.8446744073709552e+19`, expected u64",
+                None,
+            ),
+            (
+                r#"{"command":"leave"}"#,
+                ErrorCode::Invalid,
+                "missing field `room`",
+                None,
+            ),
+            (
+                r#"{"command":"leave","room":false}"#,
+                ErrorCode::Invalid,
+                "invalid type: boolean `false`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"history"}"#,
+                ErrorCode::Invalid,
+                "missing field `room`",
+                None,
+            ),
+            (
+                r#"{"command":"history","room":"a","before":"x","limit":2}"#,
+                ErrorCode::Invalid,
+                "invalid type: string \"x\", expected u64",
+                None,
+            ),
+            (
+                r#"{"command":"history","room":"a","limit":{}}"#,
+                ErrorCode::Invalid,
+                "invalid type: map, expected u64",
+                None,
+            ),
+            (
+                r#"{"command":"direct"}"#,
+                ErrorCode::Invalid,
+                "missing field `to`",
+                None,
+            ),
+            (
+                r#"{"command":"direct","to":"b"}"#,
+                ErrorCode::Invalid,
+                "missing field `message`",
+                None,
+            ),
+            (
+                r#"{"command":"direct","message":"m"}"#,
+                ErrorCode::Invalid,
+                "missing field `to`",
+                None,
+            ),
+            (
+                r#"{"command":"direct","to":1,"message":"m"}"#,
+                ErrorCode::Invalid,
+                "invalid type: integer `1`, expected a string",
+                None,
+            ),
+            (
+                r#"{"command":"fly"}"#,
+                ErrorCode::UnknownCommand,
+                "unknown command 'fly'",
+                None,
+            ),
+            (
+                r#"{"command":""}"#,
+                ErrorCode::UnknownCommand,
+                "unknown command ''",
+                None,
+            ),
+            (
+                r#"{"command":"BROADCAST"}"#,
+                ErrorCode::UnknownCommand,
+                "unknown command 'BROADCAST'",
+                None,
+            ),
+            (
+                r#"{"command":7}"#,
+                ErrorCode::Invalid,
+                "command must be a string",
+                None,
+            ),
+            (
+                r#"{"command":null}"#,
+                ErrorCode::Invalid,
+                "command must be a string",
+                None,
+            ),
+            (
+                r#"{"command":["me"]}"#,
+                ErrorCode::Invalid,
+                "command must be a string",
+                None,
+            ),
+            (
+                r#"{"nope":1}"#,
+                ErrorCode::Invalid,
+                "missing field `command`",
+                None,
+            ),
+            (r#"{}"#, ErrorCode::Invalid, "missing field `command`", None),
+            (
+                r#"[1]"#,
+                ErrorCode::BadJson,
+                "a command must be a JSON object",
+                None,
+            ),
+            (
+                r#""s""#,
+                ErrorCode::BadJson,
+                "a command must be a JSON object",
+                None,
+            ),
+            (
+                r#"not json"#,
+                ErrorCode::BadJson,
+                "not valid JSON: expected ident at line 1 column 2",
+                None,
+            ),
+            (
+                r#"{"command":"me","request_id":1}"#,
+                ErrorCode::Invalid,
+                "request_id must be a string",
+                None,
+            ),
+            (
+                r#"{"command":"me","request_id":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+                ErrorCode::Invalid,
+                "request_id is longer than 64 characters",
+                None,
+            ),
+            (
+                r#"{"command":"fly","request_id":"r"}"#,
+                ErrorCode::UnknownCommand,
+                "unknown command 'fly'",
+                Some("r"),
+            ),
+            (
+                r#"{"command":"broadcast","request_id":"r"}"#,
+                ErrorCode::Invalid,
+                "missing field `message`",
+                Some("r"),
+            ),
+        ];
+        for (text, code, message, request_id) in cases {
+            let r = decode(text);
+            let e = r.command.expect_err(text);
+            assert_eq!((e.code, e.message.as_str()), (*code, *message), "{text}");
+            assert_eq!(r.request_id.as_deref(), *request_id, "{text}");
+        }
+        let long = format!(
+            r#"{{"command":"join","room":"a","since":"{}"}}"#,
+            "x".repeat(150)
+        );
+        let e = decode(&long).command.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Invalid);
+        assert_eq!(
+            e.message,
+            format!(r#"invalid type: string "{}…"#, "x".repeat(98)),
+            "cut at 120 characters"
+        );
+    }
+
+    /// Commands without fields ignore any field sent along, and `null` is an absent field.
+    #[test]
+    fn extra_fields_and_nulls_decode_as_before() {
+        let ok = |text: &str| decode(text).command.expect(text);
+        let r = decode(r#"{"command":"me","extra":1,"request_id":"a"}"#);
+        assert_eq!(r.command.unwrap(), Command::Me(Me {}));
+        assert_eq!(r.request_id.as_deref(), Some("a"));
+        assert_eq!(ok(r#"{"command":"me","room":5}"#), Command::Me(Me {}));
+        assert_eq!(
+            ok(r#"{"command":"rooms","x":[1]}"#),
+            Command::Rooms(ListRooms {})
+        );
+        assert_eq!(
+            ok(r#"{"command":"ping","request_id":null}"#),
+            Command::Ping(Ping {})
+        );
+        assert_eq!(
+            ok(r#"{"command":"list","room":null}"#),
+            Command::List(List { room: None })
+        );
+        assert_eq!(
+            ok(r#"{"command":"broadcast","message":"hi","echo":null,"msg_id":null,"room":null}"#),
+            Command::Broadcast(Broadcast {
+                message: "hi".into(),
+                room: None,
+                data: None,
+                echo: None,
+                msg_id: None,
+            })
+        );
+        assert_eq!(
+            ok(r#"{"command":"broadcast","message":"hi","message":"again"}"#),
+            Command::Broadcast(Broadcast {
+                message: "again".into(),
+                room: None,
+                data: None,
+                echo: None,
+                msg_id: None,
+            }),
+            "the last of repeated keys"
+        );
+        assert_eq!(
+            ok(r#"{"command":"me","command":"ping"}"#),
+            Command::Ping(Ping {})
+        );
+        assert_eq!(
+            ok(r#"{"command":"direct","to":"b","message":"m","data":null}"#),
+            Command::Direct(Direct {
+                to: "b".into(),
+                message: "m".into(),
+                data: None,
+            })
         );
     }
 

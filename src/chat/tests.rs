@@ -21,7 +21,7 @@ impl T {
     fn with(cfg: Config) -> T {
         let per_room = cfg.memory_history_per_room;
         T {
-            chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room))),
+            chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room)), counted_ids()),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -49,15 +49,18 @@ impl T {
             durable: durable.clone(),
         };
         let mut t = T::new();
-        t.chat = Chat::new(Config::default(), Box::new(store));
+        t.chat = Chat::new(Config::default(), Box::new(store), counted_ids());
         (t, durable)
     }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
         self.chat.connect(self.now, conn, name, None, &mut self.out);
+        self.chat.rooms.assert_consistent();
     }
     fn send(&mut self, conn: ConnId, cmd: Value) {
         self.chat
             .handle_text(self.now, conn, &cmd.to_string(), &mut self.out);
+        self.chat.rooms.assert_consistent();
+        self.chat.dedup.assert_consistent();
     }
     fn advance(&mut self, d: Duration) {
         self.now.mono += d;
@@ -127,6 +130,10 @@ fn welcome_is_me_then_joined_then_history() {
     let id = got[0]["id"].as_str().unwrap();
     assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
     assert_eq!(
+        id, "00000000-0000-4000-8000-000000000001",
+        "the first counted id"
+    );
+    assert_eq!(
         got[1],
         json!({"event":"broadcast","room":"general","member":"system","message":"alice has joined!","joined":"alice"})
     );
@@ -134,6 +141,48 @@ fn welcome_is_me_then_joined_then_history() {
         got[2],
         json!({"event":"history","room":"general","messages":[],"more":false})
     );
+}
+
+#[test]
+fn member_ids_come_from_the_source_unless_authentication_gives_one() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.chat
+        .connect(t.now, 2, Some("b"), Some("sub-42".into()), &mut t.out);
+    t.connect(3, Some("c"));
+    let id = |t: &mut T, conn| t.out.events(conn, "me")[0]["id"].clone();
+    assert_eq!(id(&mut t, 1), "00000000-0000-4000-8000-000000000001");
+    assert_eq!(id(&mut t, 2), "sub-42", "the token's subject");
+    assert_eq!(
+        id(&mut t, 3),
+        "00000000-0000-4000-8000-000000000002",
+        "a supplied id takes none from the source"
+    );
+
+    let mut next = 0;
+    let ids: MemberIds = Box::new(move || {
+        next += 7;
+        format!("id-{next}")
+    });
+    let mut chat = Chat::new(Config::default(), Box::new(MemoryStore::new(10)), ids);
+    let mut out = Recorder::default();
+    for conn in [1, 2] {
+        chat.connect(t.now, conn, None, None, &mut out);
+    }
+    assert_eq!(out.events(1, "me")[0]["id"], "id-7");
+    assert_eq!(out.events(2, "me")[0]["id"], "id-14");
+}
+
+#[test]
+fn counted_ids_are_shaped_like_uuid_v4() {
+    let mut ids = counted_ids();
+    for n in 1..=300u64 {
+        let id = ids();
+        let uuid = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(uuid.get_version_num(), 4, "{id}");
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        assert_eq!(u64::from_str_radix(&id[24..], 16).unwrap(), n);
+    }
 }
 
 #[test]
@@ -309,6 +358,9 @@ fn disconnect_tells_every_room_and_frees_the_name() {
     assert_eq!(left[0]["message"], "a has left!");
     assert_eq!(t.chat.member_names(), vec!["b"]);
     assert!(t.chat.check_name("A").is_ok());
+    t.chat.rooms.assert_consistent();
+    assert!(t.chat.rooms.rooms_of(1).is_empty(), "a is in no room");
+    assert_eq!(t.chat.rooms.members("r"), &[2]);
     t.chat.disconnect(1, &mut t.out);
     assert!(t.out.sent.is_empty(), "a second disconnect is a no-op");
 }
@@ -392,7 +444,7 @@ fn leave_drops_empty_rooms_but_ids_go_on() {
     assert_eq!(t.out.events(1, "broadcast")[0]["id"], 2, "never reused");
     t.send(1, json!({"command":"leave","room":"general"}));
     assert!(
-        t.chat.rooms.contains_key(DEFAULT_ROOM),
+        t.chat.rooms.contains(DEFAULT_ROOM),
         "general stays even when empty"
     );
 }
@@ -490,6 +542,30 @@ fn direct_reaches_both_ends_and_is_not_stored() {
     assert_eq!(
         t.error_code(1, json!({"command":"direct","to":"nobody","message":"x"})),
         "not_found"
+    );
+}
+
+/// Names are ASCII and unique ignoring ASCII case. `K` (U+212A KELVIN SIGN) is no valid name,
+/// but Unicode lower-cases it to an ASCII `k`, so a `direct` to it reached member `k`.
+#[test]
+fn direct_to_a_unicode_lookalike_of_a_name_finds_no_one() {
+    let mut t = T::new();
+    t.connect(1, Some("a"));
+    t.connect(2, Some("k"));
+    t.connect(3, Some("Skip"));
+    t.out.sent.clear();
+    for to in ["\u{212A}", "S\u{212A}ip", "\u{212A}\u{212A}"] {
+        assert_eq!(
+            t.error_code(1, json!({"command":"direct","to":to,"message":"x"})),
+            "not_found",
+            "{to}"
+        );
+        assert!(t.out.take(2).is_empty() && t.out.take(3).is_empty());
+    }
+    let e = t.ask(1, json!({"command":"direct","to":"SKIP","message":"x"}));
+    assert_eq!(
+        (e["event"].as_str(), e["to"].as_str()),
+        (Some("direct"), Some("Skip"))
     );
 }
 
@@ -703,7 +779,7 @@ fn with_faulty_store(max_unstored: usize) -> (T, Cells) {
         ..Config::default()
     };
     let mut t = T::new();
-    t.chat = Chat::new(cfg, Box::new(store));
+    t.chat = Chat::new(cfg, Box::new(store), counted_ids());
     (t, (durable, failing))
 }
 
@@ -782,4 +858,38 @@ fn an_id_the_store_cannot_reserve_is_not_handed_out() {
     assert_eq!(t.out.events(2, "broadcast")[0]["id"], 2);
     t.send(1, json!({"command":"broadcast","room":"new","message":"n"}));
     assert_eq!(t.out.events(2, "broadcast")[0]["id"], 1);
+}
+
+/// With the ids injected and the time given, the core is a function of its inputs: the same
+/// session twice sends the same frames, byte for byte, ids included (what fuzzing relies on).
+#[test]
+fn the_same_session_twice_sends_the_same_frames() {
+    let run = || {
+        let mut t = T::new();
+        t.connect(1, None);
+        t.connect(2, Some("bob"));
+        t.connect(3, None);
+        for cmd in [
+            json!({"command":"join","room":"r"}),
+            json!({"command":"broadcast","room":"r","message":"hi","request_id":"q"}),
+            json!({"command":"broadcast","message":"all","msg_id":"m"}),
+            json!({"command":"broadcast","message":"all","msg_id":"m","request_id":"again"}),
+            json!({"command":"direct","to":"bob","message":"psst"}),
+            json!({"command":"me"}),
+            json!({"command":"list"}),
+            json!({"command":"rooms"}),
+            json!({"command":"history","room":"general"}),
+            json!({"command":"leave","room":"r"}),
+            json!({"command":"fly"}),
+        ] {
+            t.send(1, cmd);
+            t.advance(Duration::from_millis(3));
+        }
+        t.chat.disconnect(2, &mut t.out);
+        t.chat.flush(&mut t.out);
+        t.out.sent
+    };
+    let (first, second) = (run(), run());
+    assert!(first.len() > 30, "a real session: {} frames", first.len());
+    assert_eq!(first, second);
 }

@@ -273,7 +273,7 @@ impl Server {
             signals: None,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
-            chat: Chat::new(cfg, store),
+            chat: Chat::new(cfg, store, Box::new(|| uuid::Uuid::new_v4().to_string())),
             conns: Slab::new(),
             per_ip: HashMap::new(),
             ws_count: 0,

@@ -1,39 +1,50 @@
 //! `leave`: step out of a room; the room, the leaver included, gets the `has left!` notice.
 
+use serde::Deserialize;
+
 use crate::chat::protocol::{CommandError, ErrorCode, Event};
 use crate::chat::{Chat, Cx, Outbox, validate};
 
-pub(crate) fn apply<O: Outbox>(
-    chat: &mut Chat,
-    cx: &mut Cx<'_, O>,
-    room: &str,
-) -> Result<(), CommandError> {
-    validate::room_name(room)?;
-    let Some(member) = chat.members.get_mut(&cx.conn) else {
-        return Ok(());
-    };
-    let Some(i) = member.rooms.iter().position(|r| r == room) else {
-        return Err(CommandError::new(
-            ErrorCode::NotMember,
-            format!("you are not in room '{room}'"),
-        ));
-    };
-    member.rooms.remove(i);
-    let name = member.name.clone();
-    // Sent before the removal so that the leaver hears it too: a client that sent no
-    // request_id still learns that its leave happened.
-    chat.notice(room, &name, false, cx.out);
-    chat.remove_from_room(cx.conn, room);
-    if let Some(request_id) = cx.request_id {
-        chat.send_event(
-            cx.conn,
-            &Event::Ack {
-                request_id,
-                room,
-                id: None,
-            },
-            cx.out,
-        );
+/// `{"command":"leave","room"}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Leave {
+    /// The room.
+    pub room: String,
+}
+
+impl Leave {
+    pub(in crate::chat) fn apply<O: Outbox>(
+        self,
+        chat: &mut Chat,
+        cx: &mut Cx<'_, O>,
+    ) -> Result<(), CommandError> {
+        let room = self.room.as_str();
+        validate::room_name(room)?;
+        let Some(member) = chat.members.get(&cx.conn) else {
+            return Ok(());
+        };
+        if !chat.rooms.is_member(cx.conn, room) {
+            return Err(CommandError::new(
+                ErrorCode::NotMember,
+                format!("you are not in room '{room}'"),
+            ));
+        }
+        let name = member.name.clone();
+        // Sent before the removal so that the leaver hears it too: a client that sent no
+        // request_id still learns that its leave happened.
+        chat.notice(room, &name, false, cx.out);
+        chat.rooms.leave(cx.conn, room);
+        if let Some(request_id) = cx.request_id {
+            chat.send_event(
+                cx.conn,
+                &Event::Ack {
+                    request_id,
+                    room,
+                    id: None,
+                },
+                cx.out,
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }

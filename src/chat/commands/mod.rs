@@ -1,10 +1,19 @@
-//! One file per command; [`apply`] dispatches a decoded [`Command`] to its handler.
+//! Every command a client can send: [`Command`] lists them, each one's file under `commands/`
+//! holds its fields (a `Deserialize` struct) next to its `apply`, and [`apply`] dispatches with
+//! one `match`.
 //!
-//! Each handler validates, changes state, and answers through the outbox. An `Err` becomes an
+//! Each `apply` validates, changes state, and answers through the outbox. An `Err` becomes an
 //! `error` event and leaves the state as it was: handlers check everything before changing
 //! anything.
+//!
+//! Adding a command: a file with its struct and `apply`, one line in the `commands!` list
+//! below (its wire name is written once, there), and the compiler then points at the `match`
+//! in [`apply`]; [`Command::NAMES`] (what `decode` knows), [`Command::name`] and the check of
+//! `docs/PROTOCOL.md`'s table follow from the list.
 
-use super::protocol::{Command, CommandError};
+use serde::Deserialize;
+
+use super::protocol::CommandError;
 use super::{Chat, Cx, Outbox};
 
 pub(crate) mod broadcast;
@@ -17,45 +26,124 @@ pub(crate) mod me;
 pub(crate) mod ping;
 pub(crate) mod rooms;
 
-pub(crate) fn apply<O: Outbox>(
+pub use broadcast::Broadcast;
+pub use direct::Direct;
+pub use history::History;
+pub use join::Join;
+pub use leave::Leave;
+pub use list::List;
+pub use me::Me;
+pub use ping::Ping;
+pub use rooms::ListRooms;
+
+/// Defines [`Command`] from one list of `Variant(Struct) = "wire name"`, so that the serde tag,
+/// [`Command::NAMES`] and [`Command::name`] come from the same literal and cannot drift.
+macro_rules! commands {
+    ($($(#[$doc:meta])* $variant:ident($ty:ident) = $name:literal,)*) => {
+        /// A command from a client, tagged by `command`, fields as in SPEC §3.
+        #[derive(Debug, Clone, PartialEq, Deserialize)]
+        #[serde(tag = "command")]
+        pub enum Command {
+            $($(#[$doc])* #[serde(rename = $name)] $variant($ty),)*
+        }
+
+        impl Command {
+            /// Every command's wire name, in the order of the enum.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            /// This command's wire name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Command::$variant(_) => $name,)*
+                }
+            }
+        }
+    };
+}
+
+commands! {
+    /// Who am I.
+    Me(Me) = "me",
+    /// Members connected, or members of one room.
+    List(List) = "list",
+    /// A message to a room.
+    Broadcast(Broadcast) = "broadcast",
+    /// Enter a room (created on demand).
+    Join(Join) = "join",
+    /// Leave a room.
+    Leave(Leave) = "leave",
+    /// Rooms that exist.
+    Rooms(ListRooms) = "rooms",
+    /// A page of a room's history.
+    History(History) = "history",
+    /// A message to one member.
+    Direct(Direct) = "direct",
+    /// Liveness check.
+    Ping(Ping) = "ping",
+}
+
+/// Carries out one decoded command from `cx.conn`.
+pub(in crate::chat) fn apply<O: Outbox>(
     chat: &mut Chat,
     cx: &mut Cx<'_, O>,
     command: Command,
 ) -> Result<(), CommandError> {
     match command {
-        Command::Me => me::apply(chat, cx),
-        Command::List { room } => list::apply(chat, cx, room.as_deref()),
-        Command::Broadcast {
-            message,
-            room,
-            data,
-            echo,
-            msg_id,
-        } => {
-            let args = broadcast::Args {
-                message,
-                room,
-                data,
-                echo: echo.unwrap_or(true),
-                msg_id,
-            };
-            broadcast::apply(chat, cx, args)
-        }
-        Command::Join {
-            room,
-            last_n,
-            since,
-        } => join::apply(chat, cx, &room, last_n, since),
-        Command::Leave { room } => leave::apply(chat, cx, &room),
-        Command::Rooms => rooms::apply(chat, cx),
-        Command::History {
-            room,
-            before,
-            limit,
-        } => history::apply(chat, cx, &room, before, limit),
-        Command::Direct { to, message, data } => {
-            direct::apply(chat, cx, &to, &message, data.as_ref())
-        }
-        Command::Ping => ping::apply(chat, cx),
+        Command::Me(c) => c.apply(chat, cx),
+        Command::List(c) => c.apply(chat, cx),
+        Command::Broadcast(c) => c.apply(chat, cx),
+        Command::Join(c) => c.apply(chat, cx),
+        Command::Leave(c) => c.apply(chat, cx),
+        Command::Rooms(c) => c.apply(chat, cx),
+        Command::History(c) => c.apply(chat, cx),
+        Command::Direct(c) => c.apply(chat, cx),
+        Command::Ping(c) => c.apply(chat, cx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::protocol::decode;
+
+    /// One valid frame per command: every name of the list decodes to the command of that name.
+    #[test]
+    fn every_name_decodes_to_its_command() {
+        let frames = [
+            r#"{"command":"me"}"#,
+            r#"{"command":"list"}"#,
+            r#"{"command":"broadcast","message":"m"}"#,
+            r#"{"command":"join","room":"r"}"#,
+            r#"{"command":"leave","room":"r"}"#,
+            r#"{"command":"rooms"}"#,
+            r#"{"command":"history","room":"r"}"#,
+            r#"{"command":"direct","to":"b","message":"m"}"#,
+            r#"{"command":"ping"}"#,
+        ];
+        let names: Vec<&str> = frames
+            .iter()
+            .map(|f| decode(f).command.expect(f).name())
+            .collect();
+        assert_eq!(names, Command::NAMES, "one frame per command, in order");
+    }
+
+    /// `docs/PROTOCOL.md`'s table of commands has one row per command, no more.
+    #[test]
+    fn the_protocol_doc_lists_every_command() {
+        let doc = include_str!("../../../docs/PROTOCOL.md");
+        let table = doc
+            .split("## Commands")
+            .nth(1)
+            .expect("a Commands section")
+            .split("\n\n")
+            .nth(1)
+            .expect("a table after the heading");
+        let rows: Vec<&str> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`'))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(rows, Command::NAMES);
     }
 }
