@@ -144,10 +144,8 @@ fn build(ops: &[Op], long: bool) -> Stream {
                     }
                     None => well_formed = false,
                 }
-                if *fin {
-                    if let (Some((text, len, frames)), Some(m)) = (open.take(), &mut messages) {
-                        m.push(Expected { text, len, frames });
-                    }
+                if *fin && let (Some((text, len, frames)), Some(m)) = (open.take(), &mut messages) {
+                    m.push(Expected { text, len, frames });
                 }
             }
             Op::Flood(k) => {
@@ -188,10 +186,10 @@ fn build(ops: &[Op], long: bool) -> Stream {
         if open.is_some() {
             most_frames = most_frames.max(1);
         }
-        if let Op::Data(_, true, _) = op {
-            if let (Some((text, len, frames)), Some(m)) = (open.take(), &mut messages) {
-                m.push(Expected { text, len, frames });
-            }
+        if let Op::Data(_, true, _) = op
+            && let (Some((text, len, frames)), Some(m)) = (open.take(), &mut messages)
+        {
+            m.push(Expected { text, len, frames });
         }
         if !well_formed {
             // Past a malformed frame the model says nothing; the invariants still hold.
