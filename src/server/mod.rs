@@ -9,8 +9,13 @@
 //!   written once at the end of the iteration ("corking"); `WRITABLE` interest is held only
 //!   while a buffer has bytes. A buffer over its bound closes the connection as a slow consumer
 //!   (replies to the connection's own commands do not count against it: see `Sink::queue`).
-//! - Timers (head deadline, pings, frame and idle timeouts, close deadlines) sit in one heap;
-//!   the poll timeout is the next deadline, so an idle server does not wake up.
+//! - Each connection keeps its deadlines in a [`timers::TimerTable`] and has one entry, its
+//!   earliest, in the loop's heap; the poll timeout is the next deadline, so an idle server
+//!   does not wake up. `timer_due` is the one place a timer's meaning is decided.
+//! - Every server-decided close is a [`Close`] (its code and reason in one place), queued with
+//!   `close_later` and written by `process_closing`; [`conn::Life`] is where the connection is
+//!   on its way out.
+//! - Whether an upgrade becomes a member is decided by [`admission::admit`], without sockets.
 //! - SIGINT/SIGTERM arrive through a self-pipe; the store's writer thread and [`Stopper`] wake
 //!   the loop through a `Waker`.
 
@@ -30,16 +35,21 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, Message};
 
 use crate::auth;
-use crate::chat::{Chat, ConnId, Now, Outbox, Payload};
+use crate::chat::{Chat, Close, Now};
 use crate::config::Config;
 
+mod admission;
 pub mod api;
 mod conn;
 pub mod http;
+mod output;
+mod timers;
 pub mod wire;
 
-use conn::{Conn, Drained, Flushed, Phase};
+use conn::{Conn, Drained, Flushed, Life, Phase};
 use http::{Head, Parsed, Response};
+use output::Sink;
+use timers::Timer;
 use wire::{Next, ReadLimits, Wire};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -68,9 +78,6 @@ const TRIM_AFTER_DROPS: usize = 64;
 /// How long to wait before accepting again after `accept` failed for want of descriptors or
 /// memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// The capacity a connection's output buffer starts with when something is queued.
-const OUT_BUFFER_START: usize = 4096;
 
 /// How soon after the traffic stops the output buffers kept for busy connections are freed.
 const BUFFER_RELEASE_DELAY: Duration = Duration::from_millis(100);
@@ -109,7 +116,7 @@ pub struct Server {
     dirty: Vec<usize>,
     /// Connections that still had messages to read when their budget ran out.
     backlog: Vec<usize>,
-    closing: Vec<(usize, u16, &'static str)>,
+    closing: Vec<(usize, Close)>,
     ws_config: WebSocketConfig,
     read_limits: ReadLimits,
     started: Instant,
@@ -126,76 +133,6 @@ pub struct Server {
     /// Connections dropped since the last heap trim, and when the next one is due.
     dropped_since_trim: usize,
     trim_at: Option<Instant>,
-}
-
-/// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
-struct Sink<'a> {
-    conns: &'a mut Slab<Conn>,
-    dirty: &'a mut Vec<usize>,
-    closing: &'a mut Vec<(usize, u16, &'static str)>,
-    max_pending: usize,
-}
-
-impl Outbox for Sink<'_> {
-    fn send(&mut self, to: ConnId, payload: &Payload) {
-        self.queue(to, payload, false);
-    }
-
-    fn reply(&mut self, to: ConnId, payload: &Payload) {
-        self.queue(to, payload, true);
-    }
-
-    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
-        self.closing.push((to, code, reason));
-    }
-}
-
-impl Sink<'_> {
-    /// Appends a frame to a connection's output, or closes it as a slow consumer.
-    ///
-    /// The bound is `max_pending` bytes queued, but replies (answers to the connection's own
-    /// command) do not count against it: their size is the server's choice, and a `list` of
-    /// 10,000 names is 350 KB. So the connection may hold the bound plus its credit, the largest
-    /// reply queued since its output last ran empty. A reply raises the credit to its own size
-    /// first, so it is queued whenever what is queued before it is within the bound (room
-    /// traffic and small replies behind it too); a client that asks for a second big reply
-    /// before reading the first one, or does not read room traffic, is a slow consumer. Memory
-    /// per connection stays at most the bound plus one reply.
-    fn queue(&mut self, to: ConnId, payload: &Payload, reply: bool) {
-        let Some(c) = self.conns.get_mut(to) else {
-            return;
-        };
-        if !c.can_send() {
-            return;
-        }
-        let pending = c.pending();
-        let len = payload.bytes().len();
-        if pending == 0 {
-            c.reply_credit = 0;
-        }
-        let credit = if reply {
-            c.reply_credit.max(len)
-        } else {
-            c.reply_credit
-        };
-        if pending + len > self.max_pending + credit {
-            // Backpressure: this client cannot keep up. It gets nothing more but its close.
-            self.closing.push((to, 1008, "slow consumer"));
-            c.closing = true;
-            return;
-        }
-        c.reply_credit = credit;
-        if c.out.capacity() == 0 {
-            // Drained buffers are given back (idle connections hold none); a fresh one starts
-            // big enough for a burst, so it does not grow step by step.
-            c.out.reserve(OUT_BUFFER_START.max(payload.bytes().len()));
-        }
-        c.out.extend_from_slice(payload.bytes());
-        if !c.dirty {
-            c.dirty = true;
-            self.dirty.push(to);
-        }
-    }
 }
 
 fn now_of(mono: Instant) -> Now {
@@ -470,13 +407,13 @@ impl Server {
                 continue;
             }
             let deadline = now + self.chat.config().head_timeout;
-            entry.insert(Conn::new(stream, ip, now, deadline));
+            entry.insert(Conn::new(stream, ip, deadline));
             *self.per_ip.entry(ip).or_insert(0) += 1;
             if from_ip >= per_ip_cap {
                 let refusal = Response::text(429, "too many connections from your address\n");
                 self.respond(id, refusal, now);
             } else {
-                self.schedule(id, deadline);
+                self.schedule(id);
             }
         }
     }
@@ -484,7 +421,7 @@ impl Server {
     fn readable(&mut self, id: usize, now: Instant) {
         let budget = self.cfg().read_budget_bytes;
         if let Some(c) = self.conns.get_mut(id) {
-            if c.close_by.is_some() {
+            if c.close_started() {
                 // On its way out: input is read (within the budget) and discarded.
                 match c.drain(budget) {
                     // Once the output is written; until then the close deadline bounds it.
@@ -536,7 +473,7 @@ impl Server {
                 }
             }
         }
-        if c.closing {
+        if c.life != Life::Open {
             return;
         }
         let parsed = http::parse(head);
@@ -562,8 +499,8 @@ impl Server {
             return;
         };
         c.out.extend_from_slice(&response.to_bytes());
-        c.start_close(0, "", now + CLOSE_GRACE);
-        self.schedule(id, now + CLOSE_GRACE);
+        c.finish_by(now + CLOSE_GRACE);
+        self.schedule(id);
         self.mark_dirty(id);
     }
 
@@ -614,67 +551,24 @@ impl Server {
         }
     }
 
-    /// Checks an upgrade request and, when it passes, switches the connection to WebSocket and
-    /// hands the new member to the core. Refusals come back as the response to send.
+    /// Checks an upgrade request ([`admission::admit`]) and, when it passes, switches the
+    /// connection to WebSocket and hands the new member to the core. Refusals come back as the
+    /// response to send.
     fn upgrade(&mut self, id: usize, head: &Head, now: Instant) -> Result<(), Response> {
-        let bad = |why: &str| Response::text(400, format!("{why}\n"));
-        if !head
-            .header("upgrade")
-            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
-        {
-            return Err(bad("expected a WebSocket upgrade (Upgrade: websocket)"));
-        }
-        if !head.header_has_token("connection", "upgrade") {
-            return Err(bad("expected Connection: Upgrade"));
-        }
-        if head.header("sec-websocket-version") != Some("13") {
-            return Err(bad("unsupported Sec-WebSocket-Version (expected 13)")
-                .with_header("Sec-WebSocket-Version", "13"));
-        }
-        let key = match head.header("sec-websocket-key") {
-            Some(k) if k.len() == 24 && k.ends_with("==") => k.to_string(),
-            _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
-        };
-        let cfg = self.chat.config();
-        if let Some(origin) = head.header("origin") {
-            if !http::origin_allowed(origin, head.header("host"), &cfg.allowed_origins) {
-                return Err(Response::text(403, "origin not allowed\n"));
-            }
-        }
-        let identity = match auth::Policy::of(cfg) {
-            None => None,
-            Some(policy) => {
-                let token = head
-                    .token()
-                    .map_err(|_| bad("the token is badly escaped"))?
-                    .ok_or(auth::AuthError::Missing);
-                match token.and_then(|t| auth::verify(&t, &policy, unix_secs())) {
-                    Ok(identity) => Some(identity),
-                    Err(e) => return Err(Response::text(401, format!("{}\n", e.text()))),
-                }
-            }
-        };
-        let name = match identity.as_ref().and_then(|i| i.name.clone()) {
-            Some(n) => Some(n),
-            None => head
-                .query_param("name")
-                .map_err(|_| bad("the name is badly escaped"))?,
-        };
-        let name = name.filter(|n| !n.is_empty());
         if !self.conns.contains(id) {
             return Ok(());
         }
-        if self.ws_count >= cfg.max_connections {
-            return Err(Response::text(503, "server is full\n"));
-        }
-        // The per-address cap was applied at accept.
-        if let Some(n) = &name {
-            self.chat
-                .check_name(n)
-                .map_err(|r| Response::text(r.status, format!("{}\n", r.reason)))?;
-        }
+        let chat = &self.chat;
+        let admission::Admission {
+            key,
+            name,
+            identity,
+        } = admission::admit(head, self.ws_count, chat.config(), unix_secs(), |n| {
+            chat.check_name(n)
+        })?;
 
-        let ping_interval = self.chat.config().ping_interval;
+        let cfg = self.chat.config();
+        let (ping, pong, idle) = (cfg.ping_interval, cfg.pong_timeout, cfg.idle_timeout);
         let Some(c) = self.conns.get_mut(id) else {
             return Ok(());
         };
@@ -686,19 +580,23 @@ impl Server {
         c.phase = Phase::Ws(Box::new(Wire::new(rest, self.ws_config, self.read_limits)));
         c.member = true;
         c.counted = true;
-        c.last_frame = now;
-        c.last_command = now;
-        c.next_ping = now + ping_interval;
-        c.expires_at = identity
+        c.timers.stop(Timer::Head);
+        c.timers.set(Timer::Pong, now + pong);
+        c.timers.set(Timer::Idle, now + idle);
+        c.timers.set(Timer::Ping, now + ping);
+        if let Some(exp) = identity
             .as_ref()
             .and_then(|i| i.exp)
-            .and_then(|exp| auth::session_deadline(exp, unix_secs(), now));
+            .and_then(|exp| auth::session_deadline(exp, unix_secs(), now))
+        {
+            c.timers.set(Timer::TokenExpiry, exp);
+        }
         c.timer_at = None;
         self.ws_count += 1;
         self.mark_dirty(id);
         let member_id = identity.map(|i| i.sub);
         self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
-        self.schedule_ws(id);
+        self.schedule(id);
         // Frames the client sent right behind its head are already buffered: read them now,
         // since no new readiness event will come for them.
         self.read_frames(id, now);
@@ -708,13 +606,14 @@ impl Server {
     fn read_frames(&mut self, id: usize, now: Instant) {
         let cfg_now = now_of(now);
         let max_pending = self.cfg().max_pending_output;
+        let (pong, idle) = (self.cfg().pong_timeout, self.cfg().idle_timeout);
         for _ in 0..READ_BUDGET {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
             };
             let next = c.read_message(self.iteration, max_pending);
             if !matches!(next, Next::Blocked) {
-                c.last_frame = now;
+                c.timers.set(Timer::Pong, now + pong);
             }
             // Whatever tungstenite queued (pongs, close replies) must go out.
             if c.pending() > 0 {
@@ -723,7 +622,7 @@ impl Server {
             match next {
                 Next::Message(Message::Text(text)) => {
                     if let Some(c) = self.conns.get_mut(id) {
-                        c.last_command = now;
+                        c.timers.set(Timer::Idle, now + idle);
                     }
                     self.core(|chat, sink| chat.handle_text(cfg_now, id, text.as_str(), sink));
                 }
@@ -737,10 +636,9 @@ impl Server {
                     self.end_member(id);
                     if let Some(c) = self.conns.get_mut(id) {
                         c.flush_protocol();
-                        c.closing = true;
-                        c.close_by = Some(now + CLOSE_GRACE);
+                        c.finish_by(now + CLOSE_GRACE);
                     }
-                    self.schedule(id, now + CLOSE_GRACE);
+                    self.schedule(id);
                     self.mark_dirty(id);
                     return;
                 }
@@ -748,15 +646,11 @@ impl Server {
                 Next::Spent => break,
                 Next::OverBound => {
                     // Pongs and close replies count against the bound like everything else.
-                    if let Some(c) = self.conns.get_mut(id) {
-                        c.closing = true;
-                    }
-                    self.closing.push((id, 1008, "slow consumer"));
+                    self.close_later(id, Close::SlowConsumer);
                     return;
                 }
                 Next::TooManyFragments => {
-                    debug!("closing connection {id}: too many fragments");
-                    self.closing.push((id, 1008, "too many fragments"));
+                    self.close_later(id, Close::TooManyFragments);
                     return;
                 }
                 Next::Failed(e) => {
@@ -778,13 +672,10 @@ impl Server {
 
     /// Ends a connection after a read error, with the close code the error calls for.
     fn protocol_error(&mut self, id: usize, e: WsError, now: Instant) {
-        use tungstenite::error::{CapacityError, ProtocolError};
-        let (code, reason) = match &e {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
-            WsError::Capacity(_) => (1009, "message too big"),
-            WsError::Utf8(_) => (1007, "invalid UTF-8"),
-            WsError::Protocol(ProtocolError::InvalidCloseSequence) => (1002, "protocol error"),
-            WsError::Protocol(_) => (1002, "protocol error"),
+        let why = match &e {
+            WsError::Capacity(_) => Close::MessageTooBig,
+            WsError::Utf8(_) => Close::InvalidUtf8,
+            WsError::Protocol(_) => Close::Protocol,
             // Closed, reset, or any other I/O failure: nothing can be sent.
             _ => {
                 debug!("connection {id} ended: {e}");
@@ -792,13 +683,13 @@ impl Server {
                 return;
             }
         };
-        debug!("closing connection {id} with {code}: {e}");
+        debug!("closing connection {id}: {} ({e})", why.reason());
         self.end_member(id);
         if let Some(c) = self.conns.get_mut(id) {
             // tungstenite may already be past the point of sending a close; then just drop.
             if matches!(&c.phase, Phase::Ws(ctx) if ctx.can_write()) {
-                c.start_close(code, reason, now + CLOSE_GRACE);
-                self.schedule(id, now + CLOSE_GRACE);
+                c.close_with(why, now + CLOSE_GRACE);
+                self.schedule(id);
                 self.mark_dirty(id);
             } else {
                 self.drop_conn(id);
@@ -817,23 +708,32 @@ impl Server {
         self.core(|chat, sink| chat.disconnect(id, sink));
     }
 
-    /// Closes what the core or backpressure asked to close. Closing one member may make the
-    /// core write to (and overflow) others, so this runs until nothing is left.
+    /// Decides to close a connection for `why`; `process_closing` writes the close this turn.
+    /// Nothing more is queued to it meanwhile.
+    fn close_later(&mut self, id: usize, why: Close) {
+        if let Some(c) = self.conns.get_mut(id) {
+            c.queue_close();
+            self.closing.push((id, why));
+        }
+    }
+
+    /// Closes what the core, backpressure, a timer or the read path asked to close: the one
+    /// place a queued [`Close`] becomes a close frame. Closing one member may make the core
+    /// write to (and overflow) others, so this runs until nothing is left.
     fn process_closing(&mut self, now: Instant) {
-        while let Some((id, code, reason)) = self.closing.pop() {
+        while let Some((id, why)) = self.closing.pop() {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            if c.close_by.is_some() {
+            if c.close_started() {
                 continue;
             }
-            if reason == "slow consumer" {
+            if why == Close::SlowConsumer {
                 self.chat.count_slow_consumer();
-                debug!("closing connection {id}: slow consumer");
             }
-            c.closing = false;
-            c.start_close(code, reason, now + CLOSE_GRACE);
-            self.schedule(id, now + CLOSE_GRACE);
+            debug!("closing connection {id}: {}", why.reason());
+            c.close_with(why, now + CLOSE_GRACE);
+            self.schedule(id);
             self.mark_dirty(id);
             self.end_member(id);
         }
@@ -861,14 +761,10 @@ impl Server {
                     self.drop_conn(id);
                     continue;
                 }
-                Flushed::Done if c.close_by.is_some() => {
+                Flushed::Done if c.close_started() => {
                     // Output written, close frame included: half-close, then read and discard
-                    // until the client closes too (or the grace runs out). Dropping a socket
-                    // with unread input would send a reset that can destroy what we wrote.
-                    if !c.write_closed {
-                        c.write_closed = true;
-                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
-                    }
+                    // until the client closes too (or the grace runs out).
+                    c.shut_write();
                     match c.drain(self.read_limits.budget_bytes) {
                         Drained::Closed => {
                             self.drop_conn(id);
@@ -976,8 +872,13 @@ impl Server {
         Some(next.saturating_duration_since(Instant::now()))
     }
 
-    fn schedule(&mut self, id: usize, at: Instant) {
+    /// Puts the connection's earliest deadline in the heap, unless an entry at or before it
+    /// is there already (that one fires, finds nothing due, and comes back here).
+    fn schedule(&mut self, id: usize) {
         let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(at) = c.timers.next_timeout() else {
             return;
         };
         if c.timer_at.is_some_and(|t| t <= at) {
@@ -985,20 +886,6 @@ impl Server {
         }
         c.timer_at = Some(at);
         self.timers.push(Reverse((at, id)));
-    }
-
-    fn schedule_ws(&mut self, id: usize) {
-        let cfg = self.chat.config();
-        let (pong, idle) = (cfg.pong_timeout, cfg.idle_timeout);
-        let Some(c) = self.conns.get(id) else { return };
-        let mut at = c
-            .next_ping
-            .min(c.last_frame + pong)
-            .min(c.last_command + idle);
-        if let Some(exp) = c.expires_at {
-            at = at.min(exp);
-        }
-        self.schedule(id, at);
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -1018,14 +905,15 @@ impl Server {
         }
     }
 
+    /// What a connection's due timer means: the one place each timer is acted on.
     fn timer_due(&mut self, id: usize, now: Instant) {
-        let cfg = self.chat.config();
-        let (ping, pong, idle) = (cfg.ping_interval, cfg.pong_timeout, cfg.idle_timeout);
+        let ping = self.chat.config().ping_interval;
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if let Some(by) = c.close_by {
-            if now >= by {
+        match c.timers.expired(now) {
+            None => self.schedule(id),
+            Some(Timer::CloseGrace) => {
                 if c.pending() > 0 && matches!(c.phase, Phase::Ws(_)) {
                     // A client that does not read (a slow consumer, typically) never gets its
                     // close frame. Nothing more can be done for it; count it.
@@ -1033,36 +921,19 @@ impl Server {
                     debug!("connection {id}: close frame not taken within the grace time");
                 }
                 self.drop_conn(id);
-            } else {
-                self.schedule(id, by);
             }
-            return;
-        }
-        match &c.phase {
-            Phase::Http { deadline, .. } => {
-                if now >= *deadline {
-                    debug!("closing connection {id}: request head timed out");
-                    self.drop_conn(id);
-                } else {
-                    let d = *deadline;
-                    self.schedule(id, d);
-                }
+            Some(Timer::Head) => {
+                debug!("closing connection {id}: request head timed out");
+                self.drop_conn(id);
             }
-            Phase::Ws(_) => {
-                if c.expires_at.is_some_and(|exp| now >= exp) {
-                    self.closing.push((id, 1008, "token expired"));
-                } else if now >= c.last_frame + pong {
-                    self.closing.push((id, 1000, "timeout"));
-                } else if now >= c.last_command + idle {
-                    self.closing.push((id, 1000, "idle"));
-                } else {
-                    if now >= c.next_ping {
-                        c.ping();
-                        c.next_ping = now + ping;
-                        self.mark_dirty(id);
-                    }
-                    self.schedule_ws(id);
-                }
+            Some(Timer::TokenExpiry) => self.close_later(id, Close::TokenExpired),
+            Some(Timer::Pong) => self.close_later(id, Close::PongTimeout),
+            Some(Timer::Idle) => self.close_later(id, Close::Idle),
+            Some(Timer::Ping) => {
+                c.ping();
+                c.timers.set(Timer::Ping, now + ping);
+                self.mark_dirty(id);
+                self.schedule(id);
             }
         }
     }
@@ -1084,15 +955,15 @@ impl Server {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            if c.close_by.is_some() {
+            if c.close_started() {
                 continue;
             }
             if let Phase::Http { .. } = c.phase {
                 self.drop_conn(id);
                 continue;
             }
-            c.start_close(1001, "server shutting down", now + grace);
-            self.schedule(id, now + grace);
+            c.close_with(Close::Shutdown, now + grace);
+            self.schedule(id);
             self.mark_dirty(id);
             // Its rooms hear nothing: every member is closing, and closing ones get no frames.
             self.end_member(id);
