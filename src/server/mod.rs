@@ -9,15 +9,29 @@
 //!   written once at the end of the iteration ("corking"); `WRITABLE` interest is held only
 //!   while a buffer has bytes. A buffer over its bound closes the connection as a slow consumer
 //!   (replies to the connection's own commands do not count against it: see `Sink::queue`).
-//! - Each connection keeps its deadlines in a [`timers::TimerTable`] and has one entry, its
-//!   earliest, in the loop's heap; the poll timeout is the next deadline, so an idle server
-//!   does not wake up. `timer_due` is the one place a timer's meaning is decided.
-//! - Every server-decided close is a [`Close`] (its code and reason in one place), queued with
-//!   `close_later` and written by `process_closing`; [`conn::Life`] is where the connection is
-//!   on its way out.
-//! - Whether an upgrade becomes a member is decided by [`admission::admit`], without sockets.
+//! - Each connection keeps its deadlines in a timer table; the loop's heap holds the earliest
+//!   of each, and the poll timeout is the next deadline, so an idle server does not wake up.
 //! - SIGINT/SIGTERM arrive through a self-pipe; the store's writer thread and [`Stopper`] wake
 //!   the loop through a `Waker`.
+//!
+//! Where each concern lives:
+//!
+//! - `mod.rs` — the loop: bind, poll, dispatch an event, the turn (backlog, timers, closes,
+//!   flush), reading frames into the core, dropping a connection.
+//! - `accept.rs` — accepting sockets (socket and per-address caps), reading the head, the
+//!   router, and the switch to WebSocket.
+//! - `admission.rs` — `admit`: whether a `/ws` request becomes a member (handshake headers,
+//!   origin, token, member cap, name), a pure function.
+//! - `conn.rs` — one connection: its phase, its `Life` (open, close queued, closing, write
+//!   side shut) and the transitions, its socket reads and writes.
+//! - `closing.rs` — every close the server decides: a [`Close`] is queued
+//!   with `close_later` and written by `process_closing`, the one place that turns it into a
+//!   close frame; read errors and the shutdown end there too.
+//! - `timers.rs` — `TimerTable` (one deadline per `Timer`: head, close grace, token expiry,
+//!   pong, idle, ping) and `timer_due`, the one place each timer is acted on.
+//! - `output.rs` — the `Sink` (the output bound and reply credit) and which buffers are kept.
+//! - [`wire`] — the WebSocket read path without a socket; [`http`] — heads and responses;
+//!   [`api`] — the REST endpoints.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -27,30 +41,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{debug, info, warn};
+use log::info;
 use mio::net::{TcpListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
+use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Error as WsError, Message};
 
-use crate::auth;
 use crate::chat::{Chat, Close, Now};
 use crate::config::Config;
 
+mod accept;
 mod admission;
 pub mod api;
+mod closing;
 mod conn;
 pub mod http;
 mod output;
 mod timers;
 pub mod wire;
 
-use conn::{Conn, Drained, Flushed, Life, Phase};
-use http::{Head, Parsed, Response};
+use conn::{Conn, Drained, Phase};
 use output::Sink;
 use timers::Timer;
-use wire::{Next, ReadLimits, Wire};
+use wire::{Next, ReadLimits};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -61,9 +75,6 @@ const SIGNAL: Token = Token(usize::MAX - 3);
 const READ_BUDGET: usize = 64;
 /// How long a connection closed by the server may take to receive its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Sockets accepted beyond `max_connections`, so that refusals can still be answered with a
-/// status instead of a reset.
-const HANDSHAKE_SLACK: usize = 256;
 
 /// How long after the shutdown grace the history store may take to write what it holds (the
 /// writer then gets half a second more to stop): a shutdown ends within grace + 5 s.
@@ -75,15 +86,8 @@ const IDLE_TRIM_DELAY: Duration = Duration::from_millis(500);
 /// Connections dropped (or the last one) that make a trim worth its walk over the heap.
 const TRIM_AFTER_DROPS: usize = 64;
 
-/// How long to wait before accepting again after `accept` failed for want of descriptors or
-/// memory.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
 /// How soon after the traffic stops the output buffers kept for busy connections are freed.
 const BUFFER_RELEASE_DELAY: Duration = Duration::from_millis(100);
-
-/// The browser client, compiled in.
-const INDEX_HTML: &str = include_str!("../client/index.html");
 
 /// Asks a running [`Server`] to shut down as if it got SIGTERM. Cloneable and `Send`.
 #[derive(Clone)]
@@ -351,73 +355,6 @@ impl Server {
         self.chat.config()
     }
 
-    // ----- accepting and reading -----
-
-    fn accept(&mut self, now: Instant) {
-        loop {
-            let Some(listener) = &self.listener else {
-                self.accept_retry_at = None;
-                return;
-            };
-            let (mut stream, addr) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if would_block(&e) => {
-                    self.accept_retry_at = None;
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The peer gave up before we took it: the next one may be fine.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
-                Err(e) => {
-                    // Out of file descriptors or memory: the rest wait in the kernel's queue.
-                    // The listener is edge-triggered, so no event comes for them when
-                    // descriptors free up: try again after a short back-off.
-                    if self.accept_retry_at.is_none() {
-                        warn!("accept failed: {e}; retrying every {ACCEPT_RETRY:?}");
-                    }
-                    self.accept_retry_at = Some(now + ACCEPT_RETRY);
-                    return;
-                }
-            };
-            self.accept_retry_at = None;
-            if self.conns.len() >= self.cfg().max_connections + HANDSHAKE_SLACK {
-                debug!("dropping connection from {addr}: socket cap reached");
-                continue;
-            }
-            // A socket counts against its address from here, whatever it turns out to be: a
-            // head still being read holds a slot as much as a member does. Past the cap it is
-            // answered 429; past twice the cap (that many refusals still being answered) it is
-            // closed at once, so one address never holds more than that of the table.
-            let ip = addr.ip();
-            let per_ip_cap = self.cfg().max_connections_per_ip;
-            let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
-            if from_ip >= per_ip_cap.saturating_mul(2) {
-                debug!("dropping connection from {addr}: per-address cap reached");
-                continue;
-            }
-            let _ = stream.set_nodelay(true);
-            let entry = self.conns.vacant_entry();
-            let id = entry.key();
-            if self
-                .poll
-                .registry()
-                .register(&mut stream, Token(id), Interest::READABLE)
-                .is_err()
-            {
-                continue;
-            }
-            let deadline = now + self.chat.config().head_timeout;
-            entry.insert(Conn::new(stream, ip, deadline));
-            *self.per_ip.entry(ip).or_insert(0) += 1;
-            if from_ip >= per_ip_cap {
-                let refusal = Response::text(429, "too many connections from your address\n");
-                self.respond(id, refusal, now);
-            } else {
-                self.schedule(id);
-            }
-        }
-    }
-
     fn readable(&mut self, id: usize, now: Instant) {
         let budget = self.cfg().read_budget_bytes;
         if let Some(c) = self.conns.get_mut(id) {
@@ -441,166 +378,6 @@ impl Server {
             Some(false) => self.read_frames(id, now),
             None => {}
         }
-    }
-
-    fn read_head(&mut self, id: usize, now: Instant) {
-        let max = self.cfg().max_head_bytes;
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        let Phase::Http { head, .. } = &mut c.phase else {
-            return;
-        };
-        let mut buf = [0u8; 4096];
-        let mut eof = false;
-        loop {
-            match c.stream.read(&mut buf) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    head.extend_from_slice(&buf[..n]);
-                    if head.len() > max {
-                        break;
-                    }
-                }
-                Err(e) if would_block(&e) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
-        if c.life != Life::Open {
-            return;
-        }
-        let parsed = http::parse(head);
-        let too_big = head.len() > max;
-        match parsed {
-            Parsed::Complete(h) if h.len <= max => self.route(id, h, now),
-            Parsed::Complete(_) | Parsed::TooLarge => {
-                self.respond(id, Response::text(431, "request head too large\n"), now)
-            }
-            Parsed::Partial if too_big => {
-                self.respond(id, Response::text(431, "request head too large\n"), now)
-            }
-            Parsed::Partial if eof => self.drop_conn(id),
-            Parsed::Partial => {}
-            Parsed::Invalid => {
-                self.respond(id, Response::text(400, "malformed HTTP request\n"), now)
-            }
-        }
-    }
-
-    fn respond(&mut self, id: usize, response: Response, now: Instant) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        c.out.extend_from_slice(&response.to_bytes());
-        c.finish_by(now + CLOSE_GRACE);
-        self.schedule(id);
-        self.mark_dirty(id);
-    }
-
-    fn route(&mut self, id: usize, head: Head, now: Instant) {
-        let get = head.method == "GET";
-        // DNS rebinding: a page on evil.example whose name now resolves here sends
-        // `Host: evil.example`. Health checks often come by address, and tell nothing.
-        if head.path != "/health"
-            && !http::host_allowed(head.header("host"), &self.cfg().allowed_hosts)
-        {
-            let r = Response::text(421, "this server does not answer to that host\n");
-            return self.respond(id, r, now);
-        }
-        let response = match head.path.as_str() {
-            "/health" if get => self.health(),
-            "/" if get => {
-                let mut r = Response::text(200, INDEX_HTML);
-                r.content_type = "text/html; charset=utf-8";
-                r
-            }
-            "/ws" if get => match self.upgrade(id, &head, now) {
-                Ok(()) => return,
-                Err(r) => r,
-            },
-            "/health" | "/" | "/ws" => Response::method_not_allowed("GET"),
-            _ => match api::authorize(self.cfg(), &head, unix_secs()) {
-                Err(refused) => refused,
-                Ok(()) => {
-                    let t = api::TransportStats {
-                        connections: self.conns.len(),
-                        uptime_secs: self.started.elapsed().as_secs(),
-                        close_frames_lost: self.close_frames_lost,
-                    };
-                    api::route(&mut self.chat, &head, t)
-                        .unwrap_or_else(|| Response::text(404, "not found\n"))
-                }
-            },
-        };
-        self.respond(id, response, now);
-    }
-
-    /// `200 ok`, or `503` while the history store cannot write or its backlog is full.
-    fn health(&mut self) -> Response {
-        if self.chat.store_available() {
-            Response::text(200, "ok")
-        } else {
-            Response::text(503, "store unavailable")
-        }
-    }
-
-    /// Checks an upgrade request ([`admission::admit`]) and, when it passes, switches the
-    /// connection to WebSocket and hands the new member to the core. Refusals come back as the
-    /// response to send.
-    fn upgrade(&mut self, id: usize, head: &Head, now: Instant) -> Result<(), Response> {
-        if !self.conns.contains(id) {
-            return Ok(());
-        }
-        let chat = &self.chat;
-        let admission::Admission {
-            key,
-            name,
-            identity,
-        } = admission::admit(head, self.ws_count, chat.config(), unix_secs(), |n| {
-            chat.check_name(n)
-        })?;
-
-        let cfg = self.chat.config();
-        let (ping, pong, idle) = (cfg.ping_interval, cfg.pong_timeout, cfg.idle_timeout);
-        let Some(c) = self.conns.get_mut(id) else {
-            return Ok(());
-        };
-        let Phase::Http { head: bytes, .. } = &mut c.phase else {
-            return Ok(());
-        };
-        let rest = bytes.split_off(head.len);
-        c.out.extend_from_slice(&http::switching_protocols(&key));
-        c.phase = Phase::Ws(Box::new(Wire::new(rest, self.ws_config, self.read_limits)));
-        c.member = true;
-        c.counted = true;
-        c.timers.stop(Timer::Head);
-        c.timers.set(Timer::Pong, now + pong);
-        c.timers.set(Timer::Idle, now + idle);
-        c.timers.set(Timer::Ping, now + ping);
-        if let Some(exp) = identity
-            .as_ref()
-            .and_then(|i| i.exp)
-            .and_then(|exp| auth::session_deadline(exp, unix_secs(), now))
-        {
-            c.timers.set(Timer::TokenExpiry, exp);
-        }
-        c.timer_at = None;
-        self.ws_count += 1;
-        self.mark_dirty(id);
-        let member_id = identity.map(|i| i.sub);
-        self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
-        self.schedule(id);
-        // Frames the client sent right behind its head are already buffered: read them now,
-        // since no new readiness event will come for them.
-        self.read_frames(id, now);
-        Ok(())
     }
 
     fn read_frames(&mut self, id: usize, now: Instant) {
@@ -670,145 +447,6 @@ impl Server {
         }
     }
 
-    /// Ends a connection after a read error, with the close code the error calls for.
-    fn protocol_error(&mut self, id: usize, e: WsError, now: Instant) {
-        let why = match &e {
-            WsError::Capacity(_) => Close::MessageTooBig,
-            WsError::Utf8(_) => Close::InvalidUtf8,
-            WsError::Protocol(_) => Close::Protocol,
-            // Closed, reset, or any other I/O failure: nothing can be sent.
-            _ => {
-                debug!("connection {id} ended: {e}");
-                self.drop_conn(id);
-                return;
-            }
-        };
-        debug!("closing connection {id}: {} ({e})", why.reason());
-        self.end_member(id);
-        if let Some(c) = self.conns.get_mut(id) {
-            // tungstenite may already be past the point of sending a close; then just drop.
-            if matches!(&c.phase, Phase::Ws(ctx) if ctx.can_write()) {
-                c.close_with(why, now + CLOSE_GRACE);
-                self.schedule(id);
-                self.mark_dirty(id);
-            } else {
-                self.drop_conn(id);
-            }
-        }
-    }
-
-    /// Removes the connection's member from the chat (once), telling its rooms.
-    fn end_member(&mut self, id: usize) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        if !std::mem::take(&mut c.member) {
-            return;
-        }
-        self.core(|chat, sink| chat.disconnect(id, sink));
-    }
-
-    /// Decides to close a connection for `why`; `process_closing` writes the close this turn.
-    /// Nothing more is queued to it meanwhile.
-    fn close_later(&mut self, id: usize, why: Close) {
-        if let Some(c) = self.conns.get_mut(id) {
-            c.queue_close();
-            self.closing.push((id, why));
-        }
-    }
-
-    /// Closes what the core, backpressure, a timer or the read path asked to close: the one
-    /// place a queued [`Close`] becomes a close frame. Closing one member may make the core
-    /// write to (and overflow) others, so this runs until nothing is left.
-    fn process_closing(&mut self, now: Instant) {
-        while let Some((id, why)) = self.closing.pop() {
-            let Some(c) = self.conns.get_mut(id) else {
-                continue;
-            };
-            if c.close_started() {
-                continue;
-            }
-            if why == Close::SlowConsumer {
-                self.chat.count_slow_consumer();
-            }
-            debug!("closing connection {id}: {}", why.reason());
-            c.close_with(why, now + CLOSE_GRACE);
-            self.schedule(id);
-            self.mark_dirty(id);
-            self.end_member(id);
-        }
-    }
-
-    // ----- writing -----
-
-    fn mark_dirty(&mut self, id: usize) {
-        if let Some(c) = self.conns.get_mut(id) {
-            if !c.dirty {
-                c.dirty = true;
-                self.dirty.push(id);
-            }
-        }
-    }
-
-    fn flush_dirty(&mut self) {
-        while let Some(id) = self.dirty.pop() {
-            let Some(c) = self.conns.get_mut(id) else {
-                continue;
-            };
-            c.dirty = false;
-            match c.flush(self.iteration) {
-                Flushed::Failed => {
-                    self.drop_conn(id);
-                    continue;
-                }
-                Flushed::Done if c.close_started() => {
-                    // Output written, close frame included: half-close, then read and discard
-                    // until the client closes too (or the grace runs out).
-                    c.shut_write();
-                    match c.drain(self.read_limits.budget_bytes) {
-                        Drained::Closed => {
-                            self.drop_conn(id);
-                            continue;
-                        }
-                        Drained::More => {
-                            if !self.backlog.contains(&id) {
-                                self.backlog.push(id);
-                            }
-                        }
-                        Drained::Empty => {}
-                    }
-                }
-                Flushed::Done if c.out.capacity() > 0 => self.kept_now.push(id),
-                _ => {}
-            }
-            let wanted = c.wanted_interest();
-            if wanted != c.interest {
-                c.interest = wanted;
-                let _ = self
-                    .poll
-                    .registry()
-                    .reregister(&mut c.stream, Token(id), wanted);
-            }
-        }
-        // A connection kept its buffer because it was busy; one that was not written on this
-        // turn is busy no more and gives it back.
-        let mut released = false;
-        for id in std::mem::take(&mut self.kept) {
-            if let Some(c) = self.conns.get_mut(id)
-                && c.drained_on != self.iteration
-                && c.pending() == 0
-            {
-                c.out = Vec::new();
-                released = true;
-            }
-        }
-        std::mem::swap(&mut self.kept, &mut self.kept_now);
-        if released && self.kept.is_empty() {
-            // The traffic stopped: hand the heap a burst left behind back to the system.
-            trim_heap();
-        }
-    }
-
     /// Forgets a connection: the member leaves, the socket is deregistered and closed.
     fn drop_conn(&mut self, id: usize) {
         self.end_member(id);
@@ -847,127 +485,6 @@ impl Server {
             self.dirty.shrink_to_fit();
         }
         trim_heap();
-    }
-
-    // ----- timers -----
-
-    fn next_timeout(&mut self) -> Option<Duration> {
-        let mut timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        if !self.kept.is_empty() {
-            // One more turn soon, so that buffers kept for busy connections are given back
-            // once the traffic stops (an idle server then sleeps with none).
-            let release = Instant::now() + BUFFER_RELEASE_DELAY;
-            timer = Some(timer.map_or(release, |t| t.min(release)));
-        }
-        if let Some(at) = self.trim_at {
-            timer = Some(timer.map_or(at, |t| t.min(at)));
-        }
-        if let Some(at) = self.accept_retry_at {
-            timer = Some(timer.map_or(at, |t| t.min(at)));
-        }
-        let next = match (timer, self.shutdown_at) {
-            (Some(t), Some(s)) => t.min(s),
-            (t, s) => t.or(s)?,
-        };
-        Some(next.saturating_duration_since(Instant::now()))
-    }
-
-    /// Puts the connection's earliest deadline in the heap, unless an entry at or before it
-    /// is there already (that one fires, finds nothing due, and comes back here).
-    fn schedule(&mut self, id: usize) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        let Some(at) = c.timers.next_timeout() else {
-            return;
-        };
-        if c.timer_at.is_some_and(|t| t <= at) {
-            return;
-        }
-        c.timer_at = Some(at);
-        self.timers.push(Reverse((at, id)));
-    }
-
-    fn fire_timers(&mut self, now: Instant) {
-        while let Some(&Reverse((at, id))) = self.timers.peek() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
-            let Some(c) = self.conns.get_mut(id) else {
-                continue;
-            };
-            if c.timer_at != Some(at) {
-                continue; // stale entry; a newer one exists
-            }
-            c.timer_at = None;
-            self.timer_due(id, now);
-        }
-    }
-
-    /// What a connection's due timer means: the one place each timer is acted on.
-    fn timer_due(&mut self, id: usize, now: Instant) {
-        let ping = self.chat.config().ping_interval;
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        match c.timers.expired(now) {
-            None => self.schedule(id),
-            Some(Timer::CloseGrace) => {
-                if c.pending() > 0 && matches!(c.phase, Phase::Ws(_)) {
-                    // A client that does not read (a slow consumer, typically) never gets its
-                    // close frame. Nothing more can be done for it; count it.
-                    self.close_frames_lost += 1;
-                    debug!("connection {id}: close frame not taken within the grace time");
-                }
-                self.drop_conn(id);
-            }
-            Some(Timer::Head) => {
-                debug!("closing connection {id}: request head timed out");
-                self.drop_conn(id);
-            }
-            Some(Timer::TokenExpiry) => self.close_later(id, Close::TokenExpired),
-            Some(Timer::Pong) => self.close_later(id, Close::PongTimeout),
-            Some(Timer::Idle) => self.close_later(id, Close::Idle),
-            Some(Timer::Ping) => {
-                c.ping();
-                c.timers.set(Timer::Ping, now + ping);
-                self.mark_dirty(id);
-                self.schedule(id);
-            }
-        }
-    }
-
-    // ----- shutdown -----
-
-    fn begin_shutdown(&mut self, now: Instant) {
-        if self.shutdown_at.is_some() {
-            return;
-        }
-        info!("shutting down: closing {} connections", self.conns.len());
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
-        let grace = self.chat.config().shutdown_grace;
-        self.shutdown_at = Some(now + grace);
-        let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
-        for id in ids {
-            let Some(c) = self.conns.get_mut(id) else {
-                continue;
-            };
-            if c.close_started() {
-                continue;
-            }
-            if let Phase::Http { .. } = c.phase {
-                self.drop_conn(id);
-                continue;
-            }
-            c.close_with(Close::Shutdown, now + grace);
-            self.schedule(id);
-            self.mark_dirty(id);
-            // Its rooms hear nothing: every member is closing, and closing ones get no frames.
-            self.end_member(id);
-        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! The output-buffer policy: [`Sink`], the core's [`Outbox`] over the connections' buffers (the
 //! bound, the reply credit, the slow-consumer close), and which drained buffers are kept.
 
+use mio::Token;
 use slab::Slab;
 
-use super::conn::Conn;
+use super::conn::{Conn, Drained, Flushed};
+use super::{Server, trim_heap};
 use crate::chat::{Close, ConnId, Outbox, Payload};
 
 /// The largest output buffer a busy connection keeps between turns.
@@ -84,6 +86,76 @@ impl Sink<'_> {
         if !c.dirty {
             c.dirty = true;
             self.dirty.push(to);
+        }
+    }
+}
+
+impl Server {
+    pub(super) fn mark_dirty(&mut self, id: usize) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            c.dirty = false;
+            match c.flush(self.iteration) {
+                Flushed::Failed => {
+                    self.drop_conn(id);
+                    continue;
+                }
+                Flushed::Done if c.close_started() => {
+                    // Output written, close frame included: half-close, then read and discard
+                    // until the client closes too (or the grace runs out).
+                    c.shut_write();
+                    match c.drain(self.read_limits.budget_bytes) {
+                        Drained::Closed => {
+                            self.drop_conn(id);
+                            continue;
+                        }
+                        Drained::More => {
+                            if !self.backlog.contains(&id) {
+                                self.backlog.push(id);
+                            }
+                        }
+                        Drained::Empty => {}
+                    }
+                }
+                Flushed::Done if c.out.capacity() > 0 => self.kept_now.push(id),
+                _ => {}
+            }
+            let wanted = c.wanted_interest();
+            if wanted != c.interest {
+                c.interest = wanted;
+                let _ = self
+                    .poll
+                    .registry()
+                    .reregister(&mut c.stream, Token(id), wanted);
+            }
+        }
+        // A connection kept its buffer because it was busy; one that was not written on this
+        // turn is busy no more and gives it back.
+        let mut released = false;
+        for id in std::mem::take(&mut self.kept) {
+            if let Some(c) = self.conns.get_mut(id)
+                && c.drained_on != self.iteration
+                && c.pending() == 0
+            {
+                c.out = Vec::new();
+                released = true;
+            }
+        }
+        std::mem::swap(&mut self.kept, &mut self.kept_now);
+        if released && self.kept.is_empty() {
+            // The traffic stopped: hand the heap a burst left behind back to the system.
+            trim_heap();
         }
     }
 }

@@ -5,7 +5,14 @@
 //! arrived, so the pong timeout moves) only writes its slot: the heap entry fires early, finds
 //! nothing expired and is put back at the new earliest deadline.
 
-use std::time::Instant;
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use log::debug;
+
+use super::conn::Phase;
+use super::{BUFFER_RELEASE_DELAY, Server};
+use crate::chat::Close;
 
 /// A connection's timers, in the order they win when several are due at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +81,95 @@ impl TimerTable {
         Timer::ALL
             .into_iter()
             .find(|&t| self.get(t).is_some_and(|at| at <= now))
+    }
+}
+
+impl Server {
+    pub(super) fn next_timeout(&mut self) -> Option<Duration> {
+        let mut timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        if !self.kept.is_empty() {
+            // One more turn soon, so that buffers kept for busy connections are given back
+            // once the traffic stops (an idle server then sleeps with none).
+            let release = Instant::now() + BUFFER_RELEASE_DELAY;
+            timer = Some(timer.map_or(release, |t| t.min(release)));
+        }
+        if let Some(at) = self.trim_at {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
+        }
+        if let Some(at) = self.accept_retry_at {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
+        }
+        let next = match (timer, self.shutdown_at) {
+            (Some(t), Some(s)) => t.min(s),
+            (t, s) => t.or(s)?,
+        };
+        Some(next.saturating_duration_since(Instant::now()))
+    }
+
+    /// Puts the connection's earliest deadline in the heap, unless an entry at or before it
+    /// is there already (that one fires, finds nothing due, and comes back here).
+    pub(super) fn schedule(&mut self, id: usize) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(at) = c.timers.next_timeout() else {
+            return;
+        };
+        if c.timer_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        c.timer_at = Some(at);
+        self.timers.push(Reverse((at, id)));
+    }
+
+    pub(super) fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.timer_at != Some(at) {
+                continue; // stale entry; a newer one exists
+            }
+            c.timer_at = None;
+            self.timer_due(id, now);
+        }
+    }
+
+    /// What a connection's due timer means: the one place each timer is acted on.
+    pub(super) fn timer_due(&mut self, id: usize, now: Instant) {
+        let ping = self.chat.config().ping_interval;
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        match c.timers.expired(now) {
+            None => self.schedule(id),
+            Some(Timer::CloseGrace) => {
+                if c.pending() > 0 && matches!(c.phase, Phase::Ws(_)) {
+                    // A client that does not read (a slow consumer, typically) never gets its
+                    // close frame. Nothing more can be done for it; count it.
+                    self.close_frames_lost += 1;
+                    debug!("connection {id}: close frame not taken within the grace time");
+                }
+                self.drop_conn(id);
+            }
+            Some(Timer::Head) => {
+                debug!("closing connection {id}: request head timed out");
+                self.drop_conn(id);
+            }
+            Some(Timer::TokenExpiry) => self.close_later(id, Close::TokenExpired),
+            Some(Timer::Pong) => self.close_later(id, Close::PongTimeout),
+            Some(Timer::Idle) => self.close_later(id, Close::Idle),
+            Some(Timer::Ping) => {
+                c.ping();
+                c.timers.set(Timer::Ping, now + ping);
+                self.mark_dirty(id);
+                self.schedule(id);
+            }
+        }
     }
 }
 
