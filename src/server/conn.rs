@@ -257,3 +257,117 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{Ipv4Addr, TcpListener as StdListener, TcpStream as StdStream};
+    use std::time::{Duration, Instant};
+
+    use mio::net::TcpStream;
+    use tungstenite::protocol::WebSocketConfig;
+
+    use super::{Conn, Flushed, Life, Phase};
+    use crate::chat::Close;
+    use crate::server::timers::Timer;
+    use crate::server::wire::{ReadLimits, Wire};
+
+    /// A connection over loopback, speaking WebSocket if `ws`, and its peer.
+    fn conn(ws: bool, head_deadline: Instant) -> (Conn, StdStream) {
+        let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let peer = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, addr) = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let mut c = Conn::new(TcpStream::from_std(stream), addr.ip(), head_deadline);
+        if ws {
+            let limits = ReadLimits::from_config(&crate::config::Config::default());
+            c.phase = Phase::Ws(Box::new(Wire::new(
+                Vec::new(),
+                WebSocketConfig::default(),
+                limits,
+            )));
+        }
+        (c, peer)
+    }
+
+    #[test]
+    fn a_new_connection_is_open_with_only_its_head_deadline() {
+        let at = Instant::now() + Duration::from_secs(10);
+        let (c, _peer) = conn(false, at);
+        assert_eq!(c.life, Life::Open);
+        assert_eq!(c.timers.next_timeout(), Some(at));
+        assert_eq!(c.timers.expired(at), Some(Timer::Head));
+        // Not speaking WebSocket yet: nothing may be queued to it as a frame.
+        assert!(!c.can_send());
+    }
+
+    #[test]
+    fn a_queued_close_stops_sending_and_closing_only_moves_forward() {
+        let now = Instant::now();
+        let (mut c, _peer) = conn(true, now);
+        c.timers.stop(Timer::Head);
+        assert!(c.can_send());
+        c.queue_close();
+        assert_eq!(c.life, Life::CloseQueued);
+        assert!(!c.can_send() && !c.close_started());
+        c.close_with(Close::Idle, now + Duration::from_secs(2));
+        assert_eq!(c.life, Life::Closing);
+        assert!(c.close_started());
+        // Queueing again once closing changes nothing.
+        c.queue_close();
+        assert_eq!(c.life, Life::Closing);
+    }
+
+    #[test]
+    fn closing_keeps_the_earlier_grace_and_drops_every_other_timer() {
+        let now = Instant::now();
+        let (mut c, _peer) = conn(true, now + Duration::from_secs(1));
+        c.timers.set(Timer::Ping, now + Duration::from_secs(1));
+        c.timers.set(Timer::Idle, now + Duration::from_secs(1));
+        c.finish_by(now + Duration::from_secs(5));
+        assert_eq!(c.timers.next_timeout(), Some(now + Duration::from_secs(5)));
+        c.finish_by(now + Duration::from_secs(9));
+        assert_eq!(
+            c.timers.get(Timer::CloseGrace),
+            Some(now + Duration::from_secs(5))
+        );
+        c.finish_by(now + Duration::from_secs(3));
+        assert_eq!(
+            c.timers.get(Timer::CloseGrace),
+            Some(now + Duration::from_secs(3))
+        );
+        let later = now + Duration::from_secs(4);
+        assert_eq!(c.timers.expired(later), Some(Timer::CloseGrace));
+        assert_eq!(c.timers.get(Timer::Ping), None);
+    }
+
+    #[test]
+    fn close_with_writes_the_close_code_and_reason_then_the_write_side_shuts() {
+        let now = Instant::now();
+        let (mut c, mut peer) = conn(true, now);
+        c.close_with(Close::SlowConsumer, now + Duration::from_secs(2));
+        // An unmasked close frame: FIN + opcode 8, length, code, reason.
+        let reason = Close::SlowConsumer.reason().as_bytes();
+        let mut frame = vec![0x88, (2 + reason.len()) as u8, 0x03, 0xF0];
+        frame.extend_from_slice(reason);
+        assert_eq!(&c.out[c.sent..], &frame[..]);
+        assert_eq!(c.flush(1), Flushed::Done);
+        c.shut_write();
+        assert_eq!(c.life, Life::WriteShut);
+        // The peer reads the frame, then the end of the stream.
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn an_http_connection_closes_without_a_frame() {
+        let now = Instant::now();
+        let (mut c, _peer) = conn(false, now);
+        c.close_with(Close::Shutdown, now + Duration::from_secs(2));
+        assert_eq!(c.pending(), 0);
+        assert_eq!(c.life, Life::Closing);
+    }
+}
