@@ -1,7 +1,9 @@
-//! Every close the server decides: [`Server::close_later`] queues a [`Close`] (from the core,
-//! backpressure, a timer or the read path), [`Server::process_closing`] turns it into a close
-//! frame, [`Server::protocol_error`] maps a read error to its `Close`, and
-//! [`Server::begin_shutdown`] closes everyone with [`Close::Shutdown`].
+//! Every close the server decides, each as a [`Close`] (which knows its code and reason):
+//! `close_later` queues one (the core, backpressure, a timer, the read path) and
+//! `process_closing` writes what is queued at the end of the turn; `protocol_error` maps a
+//! read error to its `Close` and closes at once; `begin_shutdown` closes everyone with
+//! [`Close::Shutdown`]. Each is logged at debug with its reason, except the shutdown's (one
+//! `info` line).
 
 use std::time::Instant;
 
@@ -82,6 +84,8 @@ impl Server {
         }
     }
 
+    /// Starts the shutdown: no more accepts, every member gets [`Close::Shutdown`] and the
+    /// grace to take it, heads still being read are dropped.
     pub(super) fn begin_shutdown(&mut self, now: Instant) {
         if self.shutdown_at.is_some() {
             return;

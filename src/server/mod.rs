@@ -61,7 +61,7 @@ mod output;
 mod timers;
 pub mod wire;
 
-use conn::{Conn, Drained, Phase};
+use conn::{Conn, Drained, Life, Phase};
 use output::Sink;
 use timers::Timer;
 use wire::{Next, ReadLimits};
@@ -388,6 +388,11 @@ impl Server {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
             };
+            if c.life != Life::Open {
+                // A close is decided (by the core, backpressure or a timer): nothing more of
+                // its input is served; once the close is under way the rest is discarded.
+                return;
+            }
             let next = c.read_message(self.iteration, max_pending);
             if !matches!(next, Next::Blocked) {
                 c.timers.set(Timer::Pong, now + pong);

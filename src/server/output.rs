@@ -38,6 +38,9 @@ impl Outbox for Sink<'_> {
     }
 
     fn close(&mut self, to: ConnId, why: Close) {
+        if let Some(c) = self.conns.get_mut(to) {
+            c.queue_close();
+        }
         self.closing.push((to, why));
     }
 }

@@ -85,6 +85,8 @@ impl TimerTable {
 }
 
 impl Server {
+    /// How long the poll may sleep: until the earliest connection deadline, buffer release,
+    /// heap trim, accept retry or shutdown deadline; `None` (forever) when there is none.
     pub(super) fn next_timeout(&mut self) -> Option<Duration> {
         let mut timer = self.timers.peek().map(|Reverse((at, _))| *at);
         if !self.kept.is_empty() {
@@ -122,6 +124,7 @@ impl Server {
         self.timers.push(Reverse((at, id)));
     }
 
+    /// Acts on every heap entry due by `now`, skipping entries a newer one replaced.
     pub(super) fn fire_timers(&mut self, now: Instant) {
         while let Some(&Reverse((at, id))) = self.timers.peek() {
             if at > now {
