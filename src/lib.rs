@@ -23,9 +23,9 @@
 //!   `httparse`, the WebSocket handshake and framing with `tungstenite`, bounded write buffers,
 //!   timers and signals. Inside it, one file per concern:
 //!   - `server/mod.rs` — the loop itself: poll, dispatch, the turn, frames into the core.
-//!   - `server/accept.rs` — accept (socket and per-address caps), the head, the router;
-//!     `server/admission.rs` — `admit`, the pure decision whether a `/ws` request becomes a
-//!     member (handshake headers, origin, token, cap, name).
+//!   - `server/accept.rs` — accept, the head, the router; `server/admission.rs` — the pure
+//!     decisions: `at_accept` (socket and per-address caps) and `admit`, whether a `/ws`
+//!     request becomes a member (handshake headers, origin, token, cap, name).
 //!   - `server/conn.rs` — one connection and its life as a state machine (`Life`: open, close
 //!     queued, closing, write side shut); `server/closing.rs` — the one place a
 //!     [`chat::Close`] (each close's code and reason) becomes a close frame.

@@ -1,5 +1,5 @@
-//! Accepting sockets and answering their HTTP head: the per-address and socket caps at
-//! accept, the head read within its bound, the router (`/health`, the page, the REST API, the
+//! Accepting sockets and answering their HTTP head: accept (with the caps of
+//! [`super::admission::at_accept`]), the head read within its bound, the router (`/health`, the page, the REST API, the
 //! `Host` allow-list) and the switch to WebSocket once [`super::admission::admit`] lets a
 //! request in.
 
@@ -9,16 +9,13 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use mio::{Interest, Token};
 
+use super::admission::AtAccept;
 use super::conn::{Conn, Life, Phase};
 use super::http::{self, Head, Parsed, Response};
 use super::timers::Timer;
 use super::wire::Wire;
 use super::{CLOSE_GRACE, Server, admission, api, now_of, unix_secs, would_block};
 use crate::auth;
-
-/// Sockets accepted beyond `max_connections`, so that refusals can still be answered with a
-/// status instead of a reset.
-const HANDSHAKE_SLACK: usize = 256;
 
 /// How long to wait before accepting again after `accept` failed for want of descriptors or
 /// memory.
@@ -55,21 +52,16 @@ impl Server {
                 }
             };
             self.accept_retry_at = None;
-            if self.conns.len() >= self.cfg().max_connections + HANDSHAKE_SLACK {
-                debug!("dropping connection from {addr}: socket cap reached");
-                continue;
-            }
-            // A socket counts against its address from here, whatever it turns out to be: a
-            // head still being read holds a slot as much as a member does. Past the cap it is
-            // answered 429; past twice the cap (that many refusals still being answered) it is
-            // closed at once, so one address never holds more than that of the table.
             let ip = addr.ip();
-            let per_ip_cap = self.cfg().max_connections_per_ip;
             let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
-            if from_ip >= per_ip_cap.saturating_mul(2) {
-                debug!("dropping connection from {addr}: per-address cap reached");
-                continue;
-            }
+            let refuse = match admission::at_accept(self.conns.len(), from_ip, self.cfg()) {
+                AtAccept::Drop(why) => {
+                    debug!("dropping connection from {addr}: {why}");
+                    continue;
+                }
+                AtAccept::Refuse => true,
+                AtAccept::Serve => false,
+            };
             let _ = stream.set_nodelay(true);
             let entry = self.conns.vacant_entry();
             let id = entry.key();
@@ -84,7 +76,7 @@ impl Server {
             let deadline = now + self.chat.config().head_timeout;
             entry.insert(Conn::new(stream, ip, deadline));
             *self.per_ip.entry(ip).or_insert(0) += 1;
-            if from_ip >= per_ip_cap {
+            if refuse {
                 let refusal = Response::text(429, "too many connections from your address\n");
                 self.respond(id, refusal, now);
             } else {

@@ -1,15 +1,47 @@
-//! Admission: whether a `GET /ws` request becomes a member, as a pure function of the request,
-//! the member count, the settings and the time ([`admit`]). No sockets: the loop applies the
-//! answer (switches the connection to WebSocket, or sends the refusal).
+//! Admission, as pure functions the loop applies (no sockets): [`at_accept`] decides what a
+//! new socket gets from the socket and per-address counts; [`admit`] whether a `GET /ws`
+//! request becomes a member, from the request, the member count, the settings and the time.
 //!
-//! The per-address cap is applied earlier, at accept (a socket counts against its address
-//! before its head is read), and the `Host` allow-list in the router, for every path.
+//! The `Host` allow-list is applied by the router, for every path but `/health`.
 
 use crate::auth;
 use crate::chat::Refusal;
 use crate::config::Config;
 
 use super::http::{Head, Response};
+
+/// Sockets accepted beyond `max_connections`, so that refusals can still be answered with a
+/// status instead of a reset.
+const HANDSHAKE_SLACK: usize = 256;
+
+/// What a freshly accepted socket gets.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AtAccept {
+    /// Read its head.
+    Serve,
+    /// Answer `429` at once: its address holds its share of the table.
+    Refuse,
+    /// Close it without a word, for this reason (a debug line).
+    Drop(&'static str),
+}
+
+/// Decides at accept, from the sockets open (`sockets`) and those from the same address
+/// (`from_ip`, this one not included). A socket counts against its address from accept on,
+/// whatever it turns out to be: a head still being read holds a slot as much as a member
+/// does. Past the per-address cap it is answered `429`; past twice the cap (that many refusals
+/// still being answered) it is dropped, so one address never holds more than that of the table.
+pub(crate) fn at_accept(sockets: usize, from_ip: usize, cfg: &Config) -> AtAccept {
+    let per_ip_cap = cfg.max_connections_per_ip;
+    if sockets >= cfg.max_connections + HANDSHAKE_SLACK {
+        AtAccept::Drop("socket cap reached")
+    } else if from_ip >= per_ip_cap.saturating_mul(2) {
+        AtAccept::Drop("per-address cap reached")
+    } else if from_ip >= per_ip_cap {
+        AtAccept::Refuse
+    } else {
+        AtAccept::Serve
+    }
+}
 
 /// A request that passed: what the connection needs to become a member.
 #[derive(Debug)]
@@ -93,7 +125,7 @@ pub(crate) fn admit(
 mod tests {
     use serde_json::json;
 
-    use super::{Admission, admit};
+    use super::{Admission, AtAccept, admit, at_accept};
     use crate::auth;
     use crate::chat::Refusal;
     use crate::config::Config;
@@ -158,6 +190,29 @@ mod tests {
 
     fn token(claims: serde_json::Value) -> String {
         auth::sign(&claims, b"k")
+    }
+
+    #[test]
+    fn at_accept_serves_then_refuses_then_drops() {
+        let cfg = Config {
+            max_connections: 10,
+            max_connections_per_ip: 3,
+            ..Config::default()
+        };
+        assert_eq!(at_accept(0, 0, &cfg), AtAccept::Serve);
+        assert_eq!(at_accept(5, 2, &cfg), AtAccept::Serve);
+        assert_eq!(at_accept(5, 3, &cfg), AtAccept::Refuse);
+        assert_eq!(at_accept(5, 5, &cfg), AtAccept::Refuse);
+        assert_eq!(
+            at_accept(5, 6, &cfg),
+            AtAccept::Drop("per-address cap reached")
+        );
+        // The table holds the member cap plus room for refusals, whatever the address.
+        assert_eq!(at_accept(10 + 255, 0, &cfg), AtAccept::Serve);
+        assert_eq!(
+            at_accept(10 + 256, 0, &cfg),
+            AtAccept::Drop("socket cap reached")
+        );
     }
 
     #[test]

@@ -18,10 +18,11 @@
 //!
 //! - `mod.rs` — the loop: bind, poll, dispatch an event, the turn (backlog, timers, closes,
 //!   flush), reading frames into the core, dropping a connection.
-//! - `accept.rs` — accepting sockets (socket and per-address caps), reading the head, the
-//!   router, and the switch to WebSocket.
-//! - `admission.rs` — `admit`: whether a `/ws` request becomes a member (handshake headers,
-//!   origin, token, member cap, name), a pure function.
+//! - `accept.rs` — accepting sockets, reading the head, the router, and the switch to
+//!   WebSocket.
+//! - `admission.rs` — pure decisions: `at_accept` (socket and per-address caps) and `admit`,
+//!   whether a `/ws` request becomes a member (handshake headers, origin, token, member cap,
+//!   name).
 //! - `conn.rs` — one connection: its phase, its `Life` (open, close queued, closing, write
 //!   side shut) and the transitions, its socket reads and writes.
 //! - `closing.rs` — every close the server decides: a [`Close`] is queued
