@@ -15,14 +15,26 @@
 //!   - [`chat::protocol`] — `decode` (frame → command or error code), the events, the codes.
 //!   - `chat/rooms.rs` — `Rooms`: room → members and member → rooms, changed together, with
 //!     the room caps; `chat/dedup.rs` — `Dedup`: the `msg_id` window and its cap.
-//!   - [`chat::validate`] — names and texts; `chat/ratelimit.rs` — the token bucket.
+//!   - [`chat::validate`] — names and texts; `chat/ratelimit.rs` — the token bucket;
+//!     [`chat::Close`] — every reason the server closes a connection, with its code and text.
 //! - [`store`] — room history behind [`store::HistoryStore`]: in memory, or SQLite with group
 //!   commit on a writer thread (cargo feature `sqlite`, on by default).
 //! - [`server`] — the transport: the `mio` loop, the `Slab` of connections, HTTP heads with
 //!   `httparse`, the WebSocket handshake and framing with `tungstenite`, bounded write buffers,
-//!   timers and signals. [`server::api`] answers the REST endpoints from the core's views;
-//!   [`server::wire`] is the WebSocket read path without a socket (read budget, fragment cap,
-//!   output bound), which the `connection` fuzz target drives.
+//!   timers and signals. Inside it, one file per concern:
+//!   - `server/mod.rs` — the loop itself: poll, dispatch, the turn, frames into the core.
+//!   - `server/accept.rs` — accept, the head, the router; `server/admission.rs` — the pure
+//!     decisions: `at_accept` (socket and per-address caps) and `admit`, whether a `/ws`
+//!     request becomes a member (handshake headers, origin, token, cap, name).
+//!   - `server/conn.rs` — one connection and its life as a state machine (`Life`: open, close
+//!     queued, closing, write side shut); `server/closing.rs` — the one place a
+//!     [`chat::Close`] (each close's code and reason) becomes a close frame.
+//!   - `server/timers.rs` — the per-connection `TimerTable` and `timer_due`, the one place
+//!     each timer is acted on; `server/output.rs` — the output bound, reply credit and kept
+//!     buffers.
+//!   - [`server::api`] answers the REST endpoints from the core's views; [`server::wire`] is
+//!     the WebSocket read path without a socket (read budget, fragment cap, output bound),
+//!     which the `connection` fuzz target drives.
 //!
 //! The binary (`src/main.rs`) only reads the settings, sets up logging and calls
 //! [`server::Server::run`].

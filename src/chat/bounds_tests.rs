@@ -144,7 +144,7 @@ impl Outbox for Kinds {
     fn reply(&mut self, to: ConnId, payload: &Payload) {
         self.replies.push((to, payload.json().to_string()));
     }
-    fn close(&mut self, _: ConnId, _: u16, _: &'static str) {}
+    fn close(&mut self, _: ConnId, _: Close) {}
 }
 
 fn events(list: &[(ConnId, String)], conn: ConnId) -> Vec<String> {

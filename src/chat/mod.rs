@@ -22,6 +22,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 use crate::config::Config;
 use crate::store::{HistoryStore, Page, Query};
 
+mod close;
 mod commands;
 mod dedup;
 pub mod protocol;
@@ -33,6 +34,8 @@ use dedup::Dedup;
 use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
+
+pub use close::Close;
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -113,8 +116,9 @@ pub trait Outbox {
     fn reply(&mut self, to: ConnId, payload: &Payload) {
         self.send(to, payload);
     }
-    /// Close a connection with a WebSocket close code. The core has already removed its member.
-    fn close(&mut self, to: ConnId, code: u16, reason: &'static str);
+    /// Close a connection for `why` ([`Close`] knows its code and reason). The core has already
+    /// removed its member.
+    fn close(&mut self, to: ConnId, why: Close);
     /// A member message was published to a room (after local delivery). Single-process servers
     /// ignore it; a scale-out engine forwards it.
     fn room_published(&mut self, _room: &str, _payload: &Payload) {}
@@ -136,8 +140,8 @@ impl Outbox for Recorder {
         let event = serde_json::from_str(payload.json()).unwrap_or_default();
         self.sent.push((to, event));
     }
-    fn close(&mut self, to: ConnId, code: u16, reason: &'static str) {
-        self.closed.push((to, code, reason));
+    fn close(&mut self, to: ConnId, why: Close) {
+        self.closed.push((to, why.code(), why.reason()));
     }
 }
 
@@ -410,7 +414,7 @@ impl Chat {
         if member.strikes > flood_after {
             self.stats.flood_closed += 1;
             self.disconnect(conn, out);
-            out.close(conn, 1008, "rate limit exceeded");
+            out.close(conn, Close::RateLimited);
         } else {
             let e = CommandError::new(ErrorCode::RateLimited, "too many commands; slow down");
             let mut cx = Cx {

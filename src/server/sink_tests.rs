@@ -8,10 +8,10 @@ use mio::net::TcpStream;
 use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 
-use super::Sink;
 use super::conn::{Conn, Phase};
+use super::output::Sink;
 use super::wire::{ReadLimits, Wire};
-use crate::chat::{Outbox, Payload};
+use crate::chat::{Close, Outbox, Payload};
 
 const BOUND: usize = 1000;
 
@@ -26,7 +26,7 @@ fn conns(n: usize) -> (Slab<Conn>, Vec<StdStream>) {
         let (stream, addr) = listener.accept().unwrap();
         stream.set_nonblocking(true).unwrap();
         let now = Instant::now();
-        let mut c = Conn::new(TcpStream::from_std(stream), addr.ip(), now, now);
+        let mut c = Conn::new(TcpStream::from_std(stream), addr.ip(), now);
         let limits = ReadLimits::from_config(&crate::config::Config::default());
         c.phase = Phase::Ws(Box::new(Wire::new(
             Vec::new(),
@@ -72,9 +72,21 @@ fn replies_do_not_count_against_the_bound_room_traffic_does() {
     let c = sink.conns.get_mut(3).unwrap();
     c.sent = c.out.len();
     sink.send(3, &frame(1200));
-    let mut closed: Vec<_> = closing.iter().map(|(id, code, _)| (*id, *code)).collect();
-    closed.sort_unstable();
-    assert_eq!(closed, [(0, 1008), (1, 1008), (2, 1008), (3, 1008)]);
+    let mut closed: Vec<_> = closing
+        .iter()
+        .map(|(id, why)| (*id, *why, why.code()))
+        .collect();
+    closed.sort_unstable_by_key(|c| c.0);
+    let slow = Close::SlowConsumer;
+    assert_eq!(
+        closed,
+        [
+            (0, slow, 1008),
+            (1, slow, 1008),
+            (2, slow, 1008),
+            (3, slow, 1008)
+        ]
+    );
     assert_eq!(slab[0].pending(), 600);
     assert_eq!(
         slab[1].pending(),

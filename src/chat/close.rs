@@ -1,0 +1,86 @@
+//! [`Close`]: every reason the server ends a WebSocket connection, the one place that maps a
+//! reason to its close code and text.
+
+/// Why the server closes a connection. The core asks for some ([`Close::RateLimited`]) through
+/// [`super::Outbox::close`]; the transport decides the rest. [`Close::code`] and
+/// [`Close::reason`] are what the client reads in the close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// The output buffer passed its bound: the client does not read fast enough.
+    SlowConsumer,
+    /// No command within the idle timeout.
+    Idle,
+    /// No frame at all (not even a pong) within the pong timeout.
+    PongTimeout,
+    /// Kept flooding after being told to slow down.
+    RateLimited,
+    /// The session's token expired.
+    TokenExpired,
+    /// The server is shutting down.
+    Shutdown,
+    /// A message arrived in more fragments than allowed.
+    TooManyFragments,
+    /// A message or frame over the size limit.
+    MessageTooBig,
+    /// A text message that is not UTF-8.
+    InvalidUtf8,
+    /// A frame that breaks RFC 6455.
+    Protocol,
+}
+
+impl Close {
+    /// The WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            Close::Idle | Close::PongTimeout => 1000,
+            Close::Shutdown => 1001,
+            Close::Protocol => 1002,
+            Close::InvalidUtf8 => 1007,
+            Close::SlowConsumer | Close::RateLimited | Close::TokenExpired => 1008,
+            Close::TooManyFragments => 1008,
+            Close::MessageTooBig => 1009,
+        }
+    }
+
+    /// The reason text sent with the code.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Close::SlowConsumer => "slow consumer",
+            Close::Idle => "idle",
+            Close::PongTimeout => "timeout",
+            Close::RateLimited => "rate limit exceeded",
+            Close::TokenExpired => "token expired",
+            Close::Shutdown => "server shutting down",
+            Close::TooManyFragments => "too many fragments",
+            Close::MessageTooBig => "message too big",
+            Close::InvalidUtf8 => "invalid UTF-8",
+            Close::Protocol => "protocol error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Close;
+
+    #[test]
+    fn codes_and_reasons_are_the_documented_ones() {
+        let all = [
+            (Close::SlowConsumer, 1008, "slow consumer"),
+            (Close::Idle, 1000, "idle"),
+            (Close::PongTimeout, 1000, "timeout"),
+            (Close::RateLimited, 1008, "rate limit exceeded"),
+            (Close::TokenExpired, 1008, "token expired"),
+            (Close::Shutdown, 1001, "server shutting down"),
+            (Close::TooManyFragments, 1008, "too many fragments"),
+            (Close::MessageTooBig, 1009, "message too big"),
+            (Close::InvalidUtf8, 1007, "invalid UTF-8"),
+            (Close::Protocol, 1002, "protocol error"),
+        ];
+        for (close, code, reason) in all {
+            assert_eq!((close.code(), close.reason()), (code, reason), "{close:?}");
+            // A close frame's reason must fit its 123 bytes.
+            assert!(close.reason().len() <= 123);
+        }
+    }
+}
