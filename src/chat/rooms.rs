@@ -19,6 +19,8 @@ pub(crate) struct Room {
     /// The id the next message gets; 0 while unknown (the store could not be read when the
     /// room was created: the next broadcast asks again).
     next_id: u64,
+    /// Every id up to this one may be handed out: the engine said so (`IdsReserved`).
+    reserved: u64,
 }
 
 impl Room {
@@ -35,6 +37,16 @@ impl Room {
     /// Sets the id the next message gets.
     pub(crate) fn set_next_id(&mut self, id: u64) {
         self.next_id = id;
+    }
+
+    /// The highest id the engine has reserved for this room (0: none yet).
+    pub(crate) fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Notes an `IdsReserved` reply: ids up to `up_to` may be handed out.
+    pub(crate) fn reserve_up_to(&mut self, up_to: u64) {
+        self.reserved = self.reserved.max(up_to);
     }
 }
 
@@ -220,6 +232,7 @@ impl Room {
         Room {
             members: Vec::new(),
             next_id,
+            reserved: 0,
         }
     }
 }

@@ -126,6 +126,8 @@ pub struct Server {
     /// Connections dropped since the last heap trim, and when the next one is due.
     dropped_since_trim: usize,
     trim_at: Option<Instant>,
+    /// REST pages the engine has yet to answer: its token → the HTTP connection and room.
+    rest_pages: HashMap<u64, (usize, String)>,
 }
 
 /// The `Outbox` the core writes into: appends to connection buffers and notes what to flush.
@@ -255,7 +257,7 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let notify_waker = waker.clone();
-        let store = crate::store::open(
+        let engine = crate::store::open_engine(
             &cfg.db_path,
             cfg.memory_history_per_room,
             Box::new(move || {
@@ -273,7 +275,7 @@ impl Server {
             signals: None,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
-            chat: Chat::new(cfg, store, Box::new(|| uuid::Uuid::new_v4().to_string())),
+            chat: Chat::new(cfg, engine, Box::new(|| uuid::Uuid::new_v4().to_string())),
             conns: Slab::new(),
             per_ip: HashMap::new(),
             ws_count: 0,
@@ -291,6 +293,7 @@ impl Server {
             close_frames_lost: 0,
             dropped_since_trim: 0,
             trim_at: None,
+            rest_pages: HashMap::new(),
         })
     }
 
@@ -347,7 +350,7 @@ impl Server {
                         if self.stop.load(Ordering::SeqCst) {
                             self.begin_shutdown(now);
                         }
-                        self.core(|chat, sink| chat.release_acks(sink));
+                        self.engine_replies(now);
                     }
                     SIGNAL => {
                         if let Some(s) = &mut self.signals {
@@ -536,7 +539,7 @@ impl Server {
                 }
             }
         }
-        if c.closing {
+        if c.closing || c.page_pending.is_some() {
             return;
         }
         let parsed = http::parse(head);
@@ -554,6 +557,41 @@ impl Server {
             Parsed::Invalid => {
                 self.respond(id, Response::text(400, "malformed HTTP request\n"), now)
             }
+        }
+    }
+
+    /// The engine has replies (its waker fired): the core applies them, and the REST pages
+    /// among them are answered.
+    fn engine_replies(&mut self, now: Instant) {
+        self.core(|chat, sink| chat.handle_engine(sink));
+        self.answer_pages(now);
+    }
+
+    /// HTTP connection `id` waits for REST page `token` of `room`: its answer is written when
+    /// the engine replies (at once, for the memory engine), and the loop does not wait.
+    fn await_page(&mut self, id: usize, token: u64, room: String, now: Instant) {
+        if let Some(c) = self.conns.get_mut(id) {
+            c.page_pending = Some(token);
+            self.rest_pages.insert(token, (id, room));
+        }
+        self.answer_pages(now);
+    }
+
+    /// Writes the REST pages the engine has answered to the connections still waiting for them
+    /// (a connection id may have been reused: the token tells).
+    fn answer_pages(&mut self, now: Instant) {
+        for (token, page) in self.chat.take_rest_pages() {
+            let Some((id, room)) = self.rest_pages.remove(&token) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.page_pending != Some(token) {
+                continue;
+            }
+            c.page_pending = None;
+            self.respond(id, api::page_response(&room, page), now);
         }
     }
 
@@ -597,8 +635,13 @@ impl Server {
                         uptime_secs: self.started.elapsed().as_secs(),
                         close_frames_lost: self.close_frames_lost,
                     };
-                    api::route(&mut self.chat, &head, t)
-                        .unwrap_or_else(|| Response::text(404, "not found\n"))
+                    match self.core(|chat, sink| api::route(chat, &head, t, sink)) {
+                        Some(api::Answer::Now(r)) => r,
+                        Some(api::Answer::Later { token, room }) => {
+                            return self.await_page(id, token, room, now);
+                        }
+                        None => Response::text(404, "not found\n"),
+                    }
                 }
             },
         };
