@@ -36,7 +36,11 @@ fn at_the_smallest_caps_a_member_is_welcomed_into_general() {
         ..Config::default()
     };
     cfg.validate().expect("the smallest caps are valid");
-    let mut chat = Chat::new(cfg, Box::new(Immediate::new(MemoryStore::new(10))), counted_ids());
+    let mut chat = Chat::new(
+        cfg,
+        Box::new(Immediate::new(MemoryStore::new(10))),
+        counted_ids(),
+    );
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),

@@ -421,7 +421,11 @@ fn caps_at_usize_max_do_not_overflow() {
         history_page_cap: usize::MAX,
         ..Config::default()
     };
-    let mut chat = Chat::new(cfg, Box::new(Immediate::new(MemoryStore::new(100))), counted_ids());
+    let mut chat = Chat::new(
+        cfg,
+        Box::new(Immediate::new(MemoryStore::new(100))),
+        counted_ids(),
+    );
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),
@@ -462,7 +466,11 @@ fn ids_are_not_reused_after_many_rooms() {
         rate_burst: 1_000_000,
         ..Config::default()
     };
-    let mut chat = Chat::new(cfg, Box::new(Immediate::new(MemoryStore::new(1))), counted_ids());
+    let mut chat = Chat::new(
+        cfg,
+        Box::new(Immediate::new(MemoryStore::new(1))),
+        counted_ids(),
+    );
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),

@@ -23,7 +23,9 @@ fn chat(cfg: Config) -> Chat {
             rate_burst: 10_000,
             ..cfg
         },
-        Box::new(crate::store::engine::Immediate::new(MemoryStore::new(per_room))),
+        Box::new(crate::store::engine::Immediate::new(MemoryStore::new(
+            per_room,
+        ))),
         counted_ids(),
     )
 }

@@ -35,9 +35,9 @@ mod rooms;
 pub mod validate;
 
 use dedup::Dedup;
-use protocol::{CommandError, ErrorCode, Event, decode};
 pub use pending::RestPage;
 use pending::{Held, JoinWait, Read};
+use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
 
@@ -801,5 +801,7 @@ fn json_len(value: &impl serde::Serialize) -> usize {
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod tests;

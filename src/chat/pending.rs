@@ -386,8 +386,7 @@ impl Chat {
 
     /// Numbers, delivers and stores one broadcast whose id `id` is reserved.
     fn deliver(&mut self, room: &str, id: u64, held: Held, out: &mut impl Outbox) {
-        if !self.is_same_member(held.conn, held.serial) || !self.rooms.is_member(held.conn, room)
-        {
+        if !self.is_same_member(held.conn, held.serial) || !self.rooms.is_member(held.conn, room) {
             // The sender left before its message could be numbered: it was never delivered,
             // stored or acked, so it is dropped.
             return;

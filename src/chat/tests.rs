@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::store::StoredMessage;
 use crate::store::HistoryStore;
+use crate::store::StoredMessage;
 use crate::store::engine::Immediate;
 use crate::store::memory::MemoryStore;
 
@@ -23,7 +23,11 @@ impl T {
     fn with(cfg: Config) -> T {
         let per_room = cfg.memory_history_per_room;
         T {
-            chat: Chat::new(cfg, Box::new(Immediate::new(MemoryStore::new(per_room))), counted_ids()),
+            chat: Chat::new(
+                cfg,
+                Box::new(Immediate::new(MemoryStore::new(per_room))),
+                counted_ids(),
+            ),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -51,7 +55,11 @@ impl T {
             durable: durable.clone(),
         };
         let mut t = T::new();
-        t.chat = Chat::new(Config::default(), Box::new(Immediate::new(store)), counted_ids());
+        t.chat = Chat::new(
+            Config::default(),
+            Box::new(Immediate::new(store)),
+            counted_ids(),
+        );
         (t, durable)
     }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
@@ -166,7 +174,11 @@ fn member_ids_come_from_the_source_unless_authentication_gives_one() {
         next += 7;
         format!("id-{next}")
     });
-    let mut chat = Chat::new(Config::default(), Box::new(Immediate::new(MemoryStore::new(10))), ids);
+    let mut chat = Chat::new(
+        Config::default(),
+        Box::new(Immediate::new(MemoryStore::new(10))),
+        ids,
+    );
     let mut out = Recorder::default();
     for conn in [1, 2] {
         chat.connect(t.now, conn, None, None, &mut out);

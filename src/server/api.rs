@@ -124,12 +124,20 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -
         None => (rest, None),
     };
     let Ok(name) = super::http::percent_decode(name) else {
-        return now(error(400, "invalid", "the room name is badly escaped".into()));
+        return now(error(
+            400,
+            "invalid",
+            "the room name is badly escaped".into(),
+        ));
     };
     if crate::chat::validate::room_name(&name).is_err() {
         // No such room can exist, and the name goes no further (not to the store, whose
         // errors are logged with the room).
-        return now(error(404, "not_found", format!("room '{name}' does not exist")));
+        return now(error(
+            404,
+            "not_found",
+            format!("room '{name}' does not exist"),
+        ));
     }
     match tail {
         None => now(match chat.room_detail(&name) {

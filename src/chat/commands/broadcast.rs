@@ -88,7 +88,10 @@ impl Broadcast {
             mono: cx.now.mono,
             ts: cx.now.unix_ms,
         };
-        chat.held.entry(room.to_string()).or_default().push_back(held);
+        chat.held
+            .entry(room.to_string())
+            .or_default()
+            .push_back(held);
         chat.held_count += 1;
         chat.release_held(room, cx.out);
         Ok(())

@@ -5,9 +5,9 @@
 
 use serde::Deserialize;
 
+use crate::chat::pending::Read;
 use crate::chat::protocol::{CommandError, ErrorCode};
 use crate::chat::rooms::Refused;
-use crate::chat::pending::Read;
 use crate::chat::{Chat, Cx, Outbox, validate};
 use crate::store::Query;
 
