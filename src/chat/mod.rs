@@ -494,9 +494,22 @@ impl Chat {
     /// Shutdown: waits for the engine until `deadline` at most, stops it, and applies its last
     /// replies (the acks that became due). Returns how many broadcasts were not stored.
     pub fn close_store(&mut self, deadline: Instant, out: &mut impl Outbox) -> u64 {
+        // Broadcasts still held were taken but are refused now: they count as not stored.
+        let held = self.held_count as u64;
         let unstored = self.engine.close(deadline);
         self.handle_engine(out);
-        unstored
+        unstored + held
+    }
+
+    /// Broadcasts taken and waiting for their room's id to be reserved (shutdown gives them
+    /// until its deadline: they were taken, so they must be stored).
+    pub fn held_broadcasts(&self) -> usize {
+        self.held_count
+    }
+
+    /// Whether the engine stores appends now (the backlog aside).
+    pub fn engine_writable(&self) -> bool {
+        self.engine.writable()
     }
 
     /// Broadcasts taken and not yet durable: appended and not reported durable, or held

@@ -336,10 +336,15 @@ impl Chat {
                 return;
             }
             let Some(r) = self.rooms.get(room) else {
-                // Every member left: nobody is there to deliver to, and no ack is owed to a
-                // sender who has gone.
+                // Every member left a room other than the default one before its id came:
+                // the room's numbering went with it, so these are not stored (and nobody is
+                // owed an ack). Only a room's first broadcasts after start can be caught so.
                 let n = self.held.remove(room).map_or(0, |q| q.len());
                 self.held_count -= n;
+                log::warn!(
+                    "{n} broadcasts to room {} dropped: every member left before their id was reserved",
+                    crate::log_safe(room)
+                );
                 return;
             };
             let next = r.next_id();
@@ -386,11 +391,8 @@ impl Chat {
 
     /// Numbers, delivers and stores one broadcast whose id `id` is reserved.
     fn deliver(&mut self, room: &str, id: u64, held: Held, out: &mut impl Outbox) {
-        if !self.is_same_member(held.conn, held.serial) || !self.rooms.is_member(held.conn, room) {
-            // The sender left before its message could be numbered: it was never delivered,
-            // stored or acked, so it is dropped.
-            return;
-        }
+        // The sender may have left or disconnected since: the message was taken, so it is
+        // still delivered to the room and stored (only its ack has nobody to go to).
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };

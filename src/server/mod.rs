@@ -390,6 +390,7 @@ impl Server {
         // The store gets until grace + STORE_CLOSE_SLACK after the shutdown began, whatever
         // the disk does; what it could not write by then is counted, and the exit says so.
         let deadline = self.shutdown_at.unwrap_or_else(Instant::now) + STORE_CLOSE_SLACK;
+        self.release_held(deadline);
         let unstored = self.core(|chat, sink| chat.close_store(deadline, sink));
         self.flush_dirty();
         if unstored > 0 {
@@ -556,6 +557,22 @@ impl Server {
             Parsed::Partial => {}
             Parsed::Invalid => {
                 self.respond(id, Response::text(400, "malformed HTTP request\n"), now)
+            }
+        }
+    }
+
+    /// Shutdown: broadcasts taken but still waiting for their id get until `deadline` (while
+    /// the engine can write) to be numbered and stored, so that a command answered before the
+    /// stop means its broadcasts are kept.
+    fn release_held(&mut self, deadline: Instant) {
+        while self.chat.held_broadcasts() > 0
+            && self.chat.engine_writable()
+            && Instant::now() < deadline
+        {
+            self.core(|chat, sink| chat.flush(sink));
+            if self.chat.held_broadcasts() > 0 {
+                // A last id read by the engine's reader thread: not covered by the flush.
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
