@@ -169,34 +169,6 @@ pub(crate) fn page_from_asc(mut asc: Vec<StoredMessage>, limit: usize) -> Page {
     }
 }
 
-/// Opens the store the settings ask for: memory for `:memory:`, SQLite otherwise.
-///
-/// `notify` is called from the SQLite writer thread after each commit, so that the event loop
-/// wakes up and sends the acks that became due.
-pub fn open(
-    db_path: &str,
-    memory_per_room: usize,
-    notify: Box<dyn Fn() + Send>,
-) -> Result<Box<dyn HistoryStore>, String> {
-    if db_path == ":memory:" {
-        drop(notify);
-        return Ok(Box::new(memory::MemoryStore::new(memory_per_room)));
-    }
-    #[cfg(feature = "sqlite")]
-    {
-        let store = sqlite::SqliteStore::open(db_path, notify)
-            .map_err(|e| format!("cannot open history database '{db_path}': {e}"))?;
-        Ok(Box::new(store))
-    }
-    #[cfg(not(feature = "sqlite"))]
-    {
-        drop(notify);
-        Err(format!(
-            "this build has no SQLite support: start it with --db-path :memory: (asked for '{db_path}')"
-        ))
-    }
-}
-
 /// Opens the engine the settings ask for: the memory engine for `:memory:`, SQLite otherwise.
 ///
 /// `notify` is called from the SQLite engine's threads (the writer after each commit or change
