@@ -1,14 +1,14 @@
-//! The SQLite history store: durable across `kill -9`, committed in batches off the event loop.
+//! The SQLite history engine: durable across `kill -9`, committed in batches off the event loop.
 //!
 //! Appends go through a channel to one writer thread, which takes everything queued, writes it in
 //! one transaction (group commit), publishes the highest committed ticket and calls `notify` so
-//! the event loop sends the acks that became due. Until then a message is held in `pending`, so
-//! that pages read on the loop thread (through a second, read-only connection in WAL mode) see
-//! every message appended so far, committed or not.
+//! the event loop polls and sends the acks that became due. Until then a message is held in
+//! `pending`, so that pages (read on a reader thread, with its own read-only connection in WAL
+//! mode) see every message appended so far, committed or not.
 //!
 //! Failure: a commit that fails (disk full, read-only file, I/O error) is retried in smaller
 //! pieces (halving down to one message) with a backoff of up to [`MAX_BACKOFF`]; the store is
-//! not [`writable`](HistoryStore::writable) until a commit lands again, and it logs once per
+//! not [`writable`](super::engine::Engine::writable) until a commit lands again, and it logs once per
 //! change of state. Nothing is acked before it is committed.
 //!
 //! Ids: the table `rooms(room, reserved)` holds a per-room high-water mark written by the writer
@@ -21,8 +21,7 @@
 //! pages and last ids are read on a reader thread with its own read-only connection, never on
 //! the loop thread, and come back through `notify`; a reservation the loop already holds is
 //! answered at once, any other when the writer's commit lands (or `Unavailable` when it cannot
-//! write). The synchronous [`HistoryStore`] methods still read on the loop thread until the
-//! core is wired to the engine.
+//! write). It is only an engine: nothing here reads on the caller's thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
