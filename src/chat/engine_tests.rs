@@ -25,6 +25,10 @@ struct Ctl {
     hold_reservations: bool,
     /// Answer every page `Unavailable`.
     fail_pages: bool,
+    /// Reserve this many ids beyond each one asked for (as the SQLite engine reserves blocks).
+    reserve_ahead: u64,
+    /// The ids `Reserve` was sent for, in order.
+    reserve_log: Vec<u64>,
     /// Let everything held go at the next poll (the test's "the reader thread answered").
     release: bool,
     requests: VecDeque<Request>,
@@ -40,6 +44,9 @@ struct Scripted {
 impl Engine for Scripted {
     fn request(&mut self, req: Request) {
         let mut ctl = self.ctl.borrow_mut();
+        if let Request::Reserve { id, .. } = &req {
+            ctl.reserve_log.push(*id);
+        }
         match req {
             Request::Page { token, room, .. } if ctl.fail_pages => {
                 self.own.push_back(Reply::Unavailable {
@@ -60,8 +67,11 @@ impl Engine for Scripted {
             return Some(r);
         }
         loop {
-            let reply = self.inner.poll()?;
+            let mut reply = self.inner.poll()?;
             let mut ctl = self.ctl.borrow_mut();
+            if let Reply::IdsReserved { up_to, .. } = &mut reply {
+                *up_to += ctl.reserve_ahead;
+            }
             let hold = match reply {
                 Reply::PageReady { .. } => ctl.hold_page_replies,
                 Reply::IdsReserved { .. } => ctl.hold_reservations,
@@ -436,4 +446,24 @@ fn a_rest_page_is_answered_late() {
         matches!(&pages[..], [(tk, Err(_))] if *tk == token),
         "{pages:?}"
     );
+}
+
+/// Every id handed out is announced with `Reserve` once, covered or not, so an engine that
+/// reserves ahead renews its block in time; covered ids go out at once.
+#[test]
+fn every_id_is_announced_once_and_covered_ids_do_not_wait() {
+    let (mut t, h) = setup(Config::default());
+    t.connect(1, "a");
+    t.connect(2, "b");
+    h.ctl.borrow_mut().reserve_ahead = 9;
+    t.out.sent.clear();
+    for i in 1..=25 {
+        t.say(1, "general", &format!("m{i}"));
+        assert_eq!(
+            live_ids(&t.out.take(2)),
+            vec![i],
+            "delivered in the same turn"
+        );
+    }
+    assert_eq!(h.ctl.borrow().reserve_log, (1..=25).collect::<Vec<_>>());
 }

@@ -50,6 +50,9 @@ pub(super) enum Read {
     LastId { room: String },
     /// A reservation of the room's next id.
     Reserve { room: String },
+    /// A reservation of an id already covered, sent so that the engine may renew ahead; no
+    /// broadcast waits for it.
+    Renew { room: String },
 }
 
 /// The live messages of one room held for a member whose join page has not come yet.
@@ -199,6 +202,12 @@ impl Chat {
                     Err(e) => self.refuse_held(&room, &e, out),
                 }
             }
+            (Read::Renew { room }, result) => {
+                if let (Some(r), Ok(Answer::Reserved(up_to))) = (self.rooms.get_mut(&room), result)
+                {
+                    r.reserve_up_to(up_to);
+                }
+            }
             (Read::Reserve { room }, result) => {
                 self.asking.remove(&room);
                 match result {
@@ -306,7 +315,12 @@ impl Chat {
         if self.asking.contains(room) {
             return;
         }
-        let next = self.rooms.get(room).map_or(0, |r| r.next_id());
+        let next = self.rooms.get_mut(room).map_or(0, |r| {
+            if r.next_id() != 0 {
+                r.ask_reserve(r.next_id());
+            }
+            r.next_id()
+        });
         self.asking.insert(room.to_string());
         let name = room.to_string();
         if next == 0 {
@@ -361,6 +375,9 @@ impl Chat {
             }
             let held = queue.pop_front().expect("not empty");
             self.held_count -= 1;
+            if repeat.is_none() {
+                self.renew(room, next);
+            }
             match repeat {
                 Some(first) => {
                     let ticket = self.last_ticket;
@@ -369,6 +386,25 @@ impl Chat {
                 None => self.deliver(room, next, held, out),
             }
         }
+    }
+
+    /// Sends `Reserve` for `id`, already covered, unless it was sent: the engine is told of
+    /// every id handed out (the contract), so one that reserves ahead renews in time.
+    fn renew(&mut self, room: &str, id: u64) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !r.ask_reserve(id) {
+            return;
+        }
+        let name = room.to_string();
+        self.ask(Read::Renew { room: name.clone() }, |token| {
+            Request::Reserve {
+                token,
+                room: name,
+                id,
+            }
+        });
     }
 
     /// Refuses every broadcast held for `room`: its id could not be read or reserved.
@@ -409,7 +445,9 @@ impl Chat {
             left: None,
         };
         let payload = Payload::new(&event.to_json());
-        let skip = (held.echo == Some(false)).then_some(held.conn);
+        // A sender gone since (its connection id maybe reused) has nothing to skip.
+        let sender_here = self.is_same_member(held.conn, held.serial);
+        let skip = (held.echo == Some(false) && sender_here).then_some(held.conn);
         self.fan_out_message(room, &payload, Some(id), skip, out);
         out.room_published(room, &payload);
         if alone && self.is_same_member(held.conn, held.serial) {

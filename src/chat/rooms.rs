@@ -21,6 +21,9 @@ pub(crate) struct Room {
     next_id: u64,
     /// Every id up to this one may be handed out: the engine said so (`IdsReserved`).
     reserved: u64,
+    /// The highest id a `Reserve` was sent for: every id handed out is asked for once, so
+    /// that an engine reserving ahead renews its block before it runs out.
+    asked: u64,
 }
 
 impl Room {
@@ -47,6 +50,15 @@ impl Room {
     /// Notes an `IdsReserved` reply: ids up to `up_to` may be handed out.
     pub(crate) fn reserve_up_to(&mut self, up_to: u64) {
         self.reserved = self.reserved.max(up_to);
+    }
+
+    /// Notes that `Reserve` is sent for `id`; `false` when it was already.
+    pub(crate) fn ask_reserve(&mut self, id: u64) -> bool {
+        if id <= self.asked {
+            return false;
+        }
+        self.asked = id;
+        true
     }
 }
 
@@ -233,6 +245,7 @@ impl Room {
             members: Vec::new(),
             next_id,
             reserved: 0,
+            asked: 0,
         }
     }
 }

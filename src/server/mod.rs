@@ -604,7 +604,8 @@ impl Server {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            if c.page_pending != Some(token) {
+            if c.page_pending != Some(token) || c.closing {
+                // Closed meanwhile (its head timed out, say): the answer has nowhere to go.
                 continue;
             }
             c.page_pending = None;
