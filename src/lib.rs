@@ -17,8 +17,13 @@
 //!     the room caps; `chat/dedup.rs` — `Dedup`: the `msg_id` window and its cap.
 //!   - [`chat::validate`] — names and texts; `chat/ratelimit.rs` — the token bucket;
 //!     [`chat::Close`] — every reason the server closes a connection, with its code and text.
-//! - [`store`] — room history behind [`store::HistoryStore`]: in memory, or SQLite with group
-//!   commit on a writer thread (cargo feature `sqlite`, on by default).
+//!   - `chat/pending.rs` — the core's side of the engine boundary: requests awaited by token,
+//!     joiners' live events held until their page, broadcasts held until their id is reserved.
+//! - [`store`] — room history behind the asynchronous [`store::engine::Engine`] boundary
+//!   (requests in, replies out as inputs to the core; [`store::engine`] is its one
+//!   description): the memory engine, or SQLite with group commit on a writer thread and reads
+//!   on a reader thread (cargo feature `sqlite`, on by default). [`store::HistoryStore`] is the
+//!   synchronous store the memory engine and test doubles are built from.
 //! - [`server`] — the transport: the `mio` loop, the `Slab` of connections, HTTP heads with
 //!   `httparse`, the WebSocket handshake and framing with `tungstenite`, bounded write buffers,
 //!   timers and signals. Inside it, one file per concern:

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use chatterbox::chat::{Chat, Now, Recorder, counted_ids};
 use chatterbox::config::{Cli, Config};
+use chatterbox::store::engine::Immediate;
 use chatterbox::store::memory::MemoryStore;
 
 fn run(args: &[&str]) -> Result<Cli, String> {
@@ -35,7 +36,11 @@ fn at_the_smallest_caps_a_member_is_welcomed_into_general() {
         ..Config::default()
     };
     cfg.validate().expect("the smallest caps are valid");
-    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(10)), counted_ids());
+    let mut chat = Chat::new(
+        cfg,
+        Box::new(Immediate::new(MemoryStore::new(10))),
+        counted_ids(),
+    );
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),

@@ -13,6 +13,7 @@ use chatterbox::chat::protocol::{Broadcast, Command, ErrorCode, Join, decode};
 use chatterbox::chat::{Chat, ConnId, Now, Recorder, counted_ids};
 use chatterbox::config::Config;
 use chatterbox::server::http::{BadEscape, Parsed, parse, percent_decode};
+use chatterbox::store::engine::Immediate;
 use chatterbox::store::memory::MemoryStore;
 use serde_json::Value;
 
@@ -179,7 +180,7 @@ impl Session {
         let cfg = Config::default();
         let store = MemoryStore::new(cfg.memory_history_per_room);
         let mut s = Session {
-            chat: Chat::new(cfg, Box::new(store), counted_ids()),
+            chat: Chat::new(cfg, Box::new(Immediate::new(store)), counted_ids()),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -363,7 +364,7 @@ fn a_nul_smuggled_in_by_escape_is_refused_as_a_name() {
     assert_eq!(name, "al\0ice");
     let chat = Chat::new(
         Config::default(),
-        Box::new(MemoryStore::new(10)),
+        Box::new(Immediate::new(MemoryStore::new(10))),
         counted_ids(),
     );
     assert_eq!(chat.check_name(&name).map_err(|r| r.status), Err(400));
@@ -420,7 +421,11 @@ fn caps_at_usize_max_do_not_overflow() {
         history_page_cap: usize::MAX,
         ..Config::default()
     };
-    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(100)), counted_ids());
+    let mut chat = Chat::new(
+        cfg,
+        Box::new(Immediate::new(MemoryStore::new(100))),
+        counted_ids(),
+    );
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),
@@ -461,7 +466,11 @@ fn ids_are_not_reused_after_many_rooms() {
         rate_burst: 1_000_000,
         ..Config::default()
     };
-    let mut chat = Chat::new(cfg, Box::new(MemoryStore::new(1)), counted_ids());
+    let mut chat = Chat::new(
+        cfg,
+        Box::new(Immediate::new(MemoryStore::new(1))),
+        counted_ids(),
+    );
     let mut out = Recorder::default();
     let now = Now {
         mono: Instant::now(),

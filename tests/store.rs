@@ -149,6 +149,103 @@ fn memory_store_passes_the_contract() {
     contract(&mut MemoryStore::new(100));
 }
 
+/// Any engine as a blocking store, for this suite only: each call is a request, and waits
+/// for its reply. (The server never blocks on an engine; the suite checks what the answers
+/// are, whichever way they are waited for.)
+#[cfg(feature = "sqlite")]
+struct Blocking<E> {
+    engine: E,
+    tickets: u64,
+    durable: u64,
+}
+
+#[cfg(feature = "sqlite")]
+impl<E: chatterbox::store::engine::Engine> Blocking<E> {
+    fn new(engine: E) -> Self {
+        Blocking {
+            engine,
+            tickets: 0,
+            durable: 0,
+        }
+    }
+    fn drain(&mut self) {
+        use chatterbox::store::engine::Reply;
+        while let Some(r) = self.engine.poll() {
+            match r {
+                Reply::DurableUpTo(t) => self.durable = self.durable.max(t),
+                other => panic!("a reply nobody asked for: {other:?}"),
+            }
+        }
+    }
+    fn ask(&mut self, req: chatterbox::store::engine::Request) -> chatterbox::store::engine::Reply {
+        use chatterbox::store::engine::Reply;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        self.engine.request(req);
+        loop {
+            match self.engine.poll() {
+                Some(Reply::DurableUpTo(t)) => self.durable = self.durable.max(t),
+                Some(reply) => return reply,
+                None => {
+                    assert!(std::time::Instant::now() < deadline, "no reply");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl<E: chatterbox::store::engine::Engine> HistoryStore for Blocking<E> {
+    fn last_id(&mut self, room: &str) -> Result<u64, chatterbox::store::StoreError> {
+        use chatterbox::store::engine::{Reply, Request};
+        let room = room.to_string();
+        match self.ask(Request::LastId { token: 1, room }) {
+            Reply::LastId { last_id, .. } => Ok(last_id),
+            Reply::Unavailable { error, .. } => Err(error),
+            other => panic!("{other:?}"),
+        }
+    }
+    fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
+        let room = room.to_string();
+        self.engine
+            .request(chatterbox::store::engine::Request::Append { room, msg });
+        self.tickets += 1;
+        self.tickets
+    }
+    fn durable(&mut self) -> u64 {
+        self.drain();
+        self.durable
+    }
+    fn page(&mut self, room: &str, query: Query) -> Page {
+        use chatterbox::store::engine::{Reply, Request};
+        let room = room.to_string();
+        match self.ask(Request::Page {
+            token: 2,
+            room,
+            query,
+        }) {
+            Reply::PageReady { page, .. } => page,
+            other => panic!("{other:?}"),
+        }
+    }
+    fn flush(&mut self) {
+        self.engine.flush();
+        self.drain();
+    }
+    fn reserve(&mut self, room: &str, id: u64) -> Result<(), chatterbox::store::StoreError> {
+        use chatterbox::store::engine::{Reply, Request};
+        let room = room.to_string();
+        match self.ask(Request::Reserve { token: 3, room, id }) {
+            Reply::IdsReserved { up_to, .. } if up_to >= id => Ok(()),
+            Reply::Unavailable { error, .. } => Err(error),
+            other => panic!("{other:?}"),
+        }
+    }
+    fn writable(&self) -> bool {
+        self.engine.writable()
+    }
+}
+
 #[cfg(feature = "sqlite")]
 #[test]
 fn sqlite_store_passes_the_contract() {
@@ -157,9 +254,11 @@ fn sqlite_store_passes_the_contract() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("h.db").to_string_lossy().into_owned();
-    contract(&mut SqliteStore::open(&path, Box::new(|| {})).unwrap());
+    contract(&mut Blocking::new(
+        SqliteStore::open(&path, Box::new(|| {})).unwrap(),
+    ));
     // The same messages, read back by a fresh process's store.
-    let mut reopened = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+    let mut reopened = Blocking::new(SqliteStore::open(&path, Box::new(|| {})).unwrap());
     let p = reopened.page(
         "a",
         Query::After {

@@ -420,7 +420,11 @@ impl World {
             last: HashMap::new(),
         };
         World {
-            chat: Chat::new(cfg.clone(), Box::new(store), counted_ids()),
+            chat: Chat::new(
+                cfg.clone(),
+                Box::new(chatterbox::store::engine::Immediate::new(store)),
+                counted_ids(),
+            ),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),

@@ -23,7 +23,9 @@ fn chat(cfg: Config) -> Chat {
             rate_burst: 10_000,
             ..cfg
         },
-        Box::new(MemoryStore::new(per_room)),
+        Box::new(crate::store::engine::Immediate::new(MemoryStore::new(
+            per_room,
+        ))),
         counted_ids(),
     )
 }
@@ -123,7 +125,12 @@ fn the_issues_bombs_make_cut_pages_that_page_on_to_the_first() {
         seen.splice(0..0, got);
     }
     assert_eq!(seen, (1..=50).collect::<Vec<_>>());
-    let rest = chat.history_page("general", None, Some(200)).unwrap();
+    let token = chat.request_rest_page("general", None, Some(200), &mut out);
+    let mut pages = chat.take_rest_pages();
+    assert_eq!(pages.len(), 1, "the memory engine answers at once");
+    let (answered, page) = pages.remove(0);
+    assert_eq!(answered, token);
+    let rest = page.unwrap().unwrap();
     assert!(
         rest.more && rest.messages.len() < 50,
         "the REST page is cut too"

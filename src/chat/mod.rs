@@ -2,9 +2,12 @@
 //!
 //! [`Chat`] never touches a socket, a clock or a file. The transport tells it what happened —
 //! a member connected ([`Chat::connect`]), a text frame arrived ([`Chat::handle_text`]), a
-//! connection ended ([`Chat::disconnect`]) — with the time as a [`Now`], and the core answers by
-//! calling an [`Outbox`]: frames to send to connections, connections to close. History goes
-//! through the [`HistoryStore`] trait; member ids come from the [`MemberIds`] it is given.
+//! connection ended ([`Chat::disconnect`]), the history engine answered
+//! ([`Chat::handle_engine`]) — with the time as a [`Now`], and the core answers by calling an
+//! [`Outbox`]: frames to send to connections, connections to close. History goes through the
+//! asynchronous [`Engine`] boundary (requests in, replies out; see [`crate::store::engine`]);
+//! what the core awaits from it is in `pending.rs`. Member ids come from the [`MemberIds`] it
+//! is given.
 //!
 //! Where things are: every command, its fields and its `apply`, in its own file under
 //! `commands/` (the list and the dispatch in `commands/mod.rs`); membership, both ways, in
@@ -12,7 +15,7 @@
 //! and events in [`protocol`]. Chat's fields are private: the transport and the REST API read
 //! through methods, and only code in this module tree changes state.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use log::info;
@@ -20,17 +23,21 @@ use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::config::Config;
-use crate::store::{HistoryStore, Page, Query};
+use crate::store::engine::{Engine, Request, RequestToken};
+use crate::store::{Page, Query};
 
 mod close;
 mod commands;
 mod dedup;
+mod pending;
 pub mod protocol;
 mod ratelimit;
 mod rooms;
 pub mod validate;
 
 use dedup::Dedup;
+pub use pending::RestPage;
+use pending::{Held, JoinWait, Read};
 use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
@@ -104,7 +111,7 @@ impl Payload {
 
 /// Where the core's effects go. The transport implements it over sockets; tests record.
 ///
-/// This and [`HistoryStore`] are the seams a broker-backed engine would implement to share rooms
+/// This and [`Engine`] are the seams a broker-backed engine would implement to share rooms
 /// across processes: every room delivery passes through [`Outbox::send`] after
 /// [`Outbox::room_published`], and every stored message through the store.
 pub trait Outbox {
@@ -218,12 +225,29 @@ pub struct Chat {
     order: BTreeMap<u64, ConnId>,
     /// Who is in which room, both ways.
     rooms: Rooms,
-    store: Box<dyn HistoryStore>,
+    /// The history engine: requests in, replies out (see [`crate::store::engine`]).
+    engine: Box<dyn Engine>,
     /// `msg_id`s seen per room, for the dedup window.
     dedup: Dedup,
     pending_acks: VecDeque<PendingAck>,
-    /// The ticket of the newest append.
+    /// The ticket of the newest append (the engine numbers appends 1, 2, 3, … too).
     last_ticket: u64,
+    /// The highest ticket the engine reported durable (`DurableUpTo`).
+    durable: u64,
+    /// The last request token handed out.
+    next_token: RequestToken,
+    /// Requests awaiting their reply, by token.
+    reads: HashMap<RequestToken, Read>,
+    /// Joiners waiting for their page, by connection and room, with the live events held.
+    waits: HashMap<(ConnId, String), JoinWait>,
+    /// Broadcasts waiting for their room's id, in order, by room.
+    held: HashMap<String, VecDeque<Held>>,
+    /// How many broadcasts `held` holds (they count against `--max-unstored`).
+    held_count: usize,
+    /// Rooms with a `LastId` or `Reserve` in flight.
+    asking: HashSet<String>,
+    /// REST pages answered, for the transport to take.
+    rest_pages: Vec<(RequestToken, RestPage)>,
     next_serial: u64,
     next_auto_name: u64,
     member_ids: MemberIds,
@@ -239,27 +263,39 @@ struct Cx<'a, O: Outbox> {
 }
 
 impl Chat {
-    /// A chat with the default room, the given store, and member ids from `member_ids`
-    /// (the server: UUID v4; tests: [`counted_ids`]).
-    pub fn new(cfg: Config, mut store: Box<dyn HistoryStore>, member_ids: MemberIds) -> Self {
+    /// A chat with the default room, the given history engine, and member ids from
+    /// `member_ids` (the server: UUID v4; tests: [`counted_ids`]). The default room's last id
+    /// is asked for at once; its broadcasts wait for the answer.
+    pub fn new(cfg: Config, engine: Box<dyn Engine>, member_ids: MemberIds) -> Self {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
-        let general_next = store.last_id(DEFAULT_ROOM).map_or(0, |last| last + 1);
-        let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, general_next);
-        Chat {
+        let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, 0);
+        let mut chat = Chat {
             cfg,
             members: HashMap::new(),
             names: HashMap::new(),
             order: BTreeMap::new(),
             rooms,
-            store,
+            engine,
             dedup,
             pending_acks: VecDeque::new(),
             last_ticket: 0,
+            durable: 0,
+            next_token: 0,
+            reads: HashMap::new(),
+            waits: HashMap::new(),
+            held: HashMap::new(),
+            held_count: 0,
+            asking: HashSet::new(),
+            rest_pages: Vec::new(),
             next_serial: 0,
             next_auto_name: 0,
             member_ids,
             stats: Stats::default(),
-        }
+        };
+        chat.ask_ids(DEFAULT_ROOM);
+        // Nothing can be owed to anyone yet: the replies only set the default room's ids.
+        chat.handle_engine(&mut Recorder::default());
+        chat
     }
 
     /// The settings in force.
@@ -333,6 +369,7 @@ impl Chat {
         // Joining `general` cannot fail: it always exists, a new member is in no room, and
         // both room caps are at least 1 (`Config::validate`).
         let _ = join.apply(self, &mut cx);
+        self.handle_engine(out);
     }
 
     /// The connection ended (close, reset, timeout, kick): the member leaves every room, each
@@ -344,6 +381,9 @@ impl Chat {
         };
         self.names.remove(&member.name.to_ascii_lowercase());
         self.order.remove(&member.serial);
+        if !self.waits.is_empty() {
+            self.waits.retain(|(c, _), _| *c != conn);
+        }
         for room in self.rooms.leave_all(conn) {
             self.notice(&room, &member.name, false, out);
         }
@@ -370,7 +410,7 @@ impl Chat {
         if let Err(e) = result {
             self.send_error(&mut cx, &e);
         }
-        self.release_acks(out);
+        self.handle_engine(out);
     }
 
     /// One binary frame from connection `conn`: commands are JSON text, so it is `bad_json`.
@@ -428,13 +468,9 @@ impl Chat {
         false
     }
 
-    /// Sends the acks whose messages the store now holds durably. Call after the store reports
-    /// progress (the SQLite writer wakes the loop); `handle_text` calls it itself.
-    pub fn release_acks(&mut self, out: &mut impl Outbox) {
-        if self.pending_acks.is_empty() {
-            return;
-        }
-        let durable = self.store.durable();
+    /// Sends the acks whose messages the engine reported durable.
+    fn send_due_acks(&mut self, out: &mut impl Outbox) {
+        let durable = self.durable;
         while let Some(ack) = self.pending_acks.front() {
             if ack.ticket > durable {
                 break;
@@ -452,29 +488,44 @@ impl Chat {
         }
     }
 
-    /// Flushes the history store, then sends every remaining ack.
+    /// Blocks until the engine holds every append durably, then applies its replies (every
+    /// remaining ack goes out). For tests and tools, never on the loop.
     pub fn flush(&mut self, out: &mut impl Outbox) {
-        self.store.flush();
-        self.release_acks(out);
+        self.engine.flush();
+        self.handle_engine(out);
     }
 
-    /// Shutdown: waits for the store until `deadline` at most, sends the acks that became due,
-    /// and stops the store. Returns how many broadcasts were not stored.
+    /// Shutdown: waits for the engine until `deadline` at most, stops it, and applies its last
+    /// replies (the acks that became due). Returns how many broadcasts were not stored.
     pub fn close_store(&mut self, deadline: Instant, out: &mut impl Outbox) -> u64 {
-        let unstored = self.store.close(deadline);
-        self.release_acks(out);
-        unstored
+        // Broadcasts still held were taken but are refused now: they count as not stored.
+        let held = self.held_count as u64;
+        let unstored = self.engine.close(deadline);
+        self.handle_engine(out);
+        unstored + held
     }
 
-    /// Broadcasts appended to the store and not yet durable.
+    /// Broadcasts taken and waiting for their room's id to be reserved (shutdown gives them
+    /// until its deadline: they were taken, so they must be stored).
+    pub fn held_broadcasts(&self) -> usize {
+        self.held_count
+    }
+
+    /// Whether the engine stores appends now (the backlog aside).
+    pub fn engine_writable(&self) -> bool {
+        self.engine.writable()
+    }
+
+    /// Broadcasts taken and not yet durable: appended and not reported durable, or held
+    /// waiting for their room's id.
     pub fn unstored(&mut self) -> u64 {
-        self.last_ticket.saturating_sub(self.store.durable())
+        self.last_ticket.saturating_sub(self.durable) + self.held_count as u64
     }
 
-    /// Whether broadcasts are taken now: the store can write and its backlog has room.
+    /// Whether broadcasts are taken now: the engine can write and its backlog has room.
     /// `/health` answers 503 while this is false.
     pub fn store_available(&mut self) -> bool {
-        self.store.writable() && self.unstored() < self.cfg.max_unstored as u64
+        self.engine.writable() && self.unstored() < self.cfg.max_unstored as u64
     }
 
     // ----- helpers shared by the commands -----
@@ -526,14 +577,53 @@ impl Chat {
         skip: Option<ConnId>,
         out: &mut impl Outbox,
     ) {
+        self.fan_out_message(room, payload, None, skip, out);
+    }
+
+    /// [`Chat::fan_out`] for a payload that is message `id` of the room (`None`: a notice).
+    /// A member still waiting for its join page of `room` gets it held, not sent (see
+    /// `pending.rs`); one whose held events pass `--max-pending-output` is closed as a slow
+    /// consumer, as it would be by the transport.
+    fn fan_out_message(
+        &mut self,
+        room: &str,
+        payload: &Payload,
+        id: Option<u64>,
+        skip: Option<ConnId>,
+        out: &mut impl Outbox,
+    ) {
         let mut sent = 0;
-        for &m in self.rooms.members(room) {
-            if Some(m) != skip {
-                out.send(m, payload);
-                sent += 1;
+        if self.waits.is_empty() {
+            for &m in self.rooms.members(room) {
+                if Some(m) != skip {
+                    out.send(m, payload);
+                    sent += 1;
+                }
+            }
+            self.stats.messages_out += sent;
+            return;
+        }
+        let members = self.rooms.members(room).to_vec();
+        let mut over = Vec::new();
+        for m in members {
+            if Some(m) == skip {
+                continue;
+            }
+            match self.buffer_for_waiter(m, room, id, payload) {
+                Ok(false) => {
+                    out.send(m, payload);
+                    sent += 1;
+                }
+                Ok(true) => {}
+                Err(()) => over.push(m),
             }
         }
         self.stats.messages_out += sent;
+        for m in over {
+            // Counted by the transport when it closes it, like every slow consumer.
+            self.disconnect(m, out);
+            out.close(m, Close::SlowConsumer);
+        }
     }
 
     /// The `has joined!` / `has left!` notice, unless the room is too big for notices.
@@ -600,27 +690,50 @@ impl Chat {
         Some((names.collect(), r.next_id().saturating_sub(1)))
     }
 
-    /// A page of `room`'s history: `limit` (capped) messages older than `before`.
-    /// `None` when the room is neither in memory nor has stored history.
-    pub fn history_page(
+    /// Asks the engine for a REST page of `room`: `limit` (capped) messages older than
+    /// `before`. The answer comes from [`Chat::take_rest_pages`] with the token returned, once
+    /// the engine has replied (the memory engine: before this returns): `Ok(None)` when the
+    /// room is neither in memory nor has stored history, `Err` when it cannot be read now.
+    pub fn request_rest_page(
         &mut self,
         room: &str,
         before: Option<u64>,
         limit: Option<u64>,
-    ) -> Option<Page> {
-        if !self.rooms.contains(room) && self.store.last_id(room).unwrap_or(0) == 0 {
-            return None;
-        }
+        out: &mut impl Outbox,
+    ) -> RequestToken {
         let limit = self.page_limit(limit);
-        Some(self.read_page(room, Query::Before { before, limit }))
+        let query = Query::Before { before, limit };
+        self.next_token += 1;
+        let rest = self.next_token;
+        let read = Read::Rest {
+            query,
+            room: room.to_string(),
+            rest,
+        };
+        let name = room.to_string();
+        if self.rooms.contains(room) {
+            self.ask(read, |token| Request::Page {
+                token,
+                room: name,
+                query,
+            });
+        } else {
+            // Tells an empty room from one that never was; the page follows when it was.
+            self.ask(read, |token| Request::LastId { token, room: name });
+        }
+        self.handle_engine(out);
+        rest
     }
 
-    /// A page of `room` from the store, cut to `--max-page-bytes` (see [`cut_page`]).
-    fn read_page(&mut self, room: &str, query: Query) -> Page {
-        let mut page = self.store.page(room, query);
-        let backwards = matches!(query, Query::Before { .. });
-        cut_page(&mut page, self.cfg.page_bytes(), backwards);
-        page
+    /// Asks for the page a member gets in `room` (`history`, `join`, the welcome).
+    fn request_page(&mut self, read: Read, room: &str, query: Query) -> RequestToken {
+        let name = room.to_string();
+        self.ask(read, |token| Request::Page {
+            token,
+            room: name,
+            query,
+        });
+        self.next_token
     }
 
     fn page_limit(&self, limit: Option<u64>) -> usize {
@@ -705,5 +818,7 @@ fn json_len(value: &impl serde::Serialize) -> usize {
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,11 @@ pub(crate) struct Room {
     /// The id the next message gets; 0 while unknown (the store could not be read when the
     /// room was created: the next broadcast asks again).
     next_id: u64,
+    /// Every id up to this one may be handed out: the engine said so (`IdsReserved`).
+    reserved: u64,
+    /// The highest id a `Reserve` was sent for: every id handed out is asked for once, so
+    /// that an engine reserving ahead renews its block before it runs out.
+    asked: u64,
 }
 
 impl Room {
@@ -35,6 +40,25 @@ impl Room {
     /// Sets the id the next message gets.
     pub(crate) fn set_next_id(&mut self, id: u64) {
         self.next_id = id;
+    }
+
+    /// The highest id the engine has reserved for this room (0: none yet).
+    pub(crate) fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Notes an `IdsReserved` reply: ids up to `up_to` may be handed out.
+    pub(crate) fn reserve_up_to(&mut self, up_to: u64) {
+        self.reserved = self.reserved.max(up_to);
+    }
+
+    /// Notes that `Reserve` is sent for `id`; `false` when it was already.
+    pub(crate) fn ask_reserve(&mut self, id: u64) -> bool {
+        if id <= self.asked {
+            return false;
+        }
+        self.asked = id;
+        true
     }
 }
 
@@ -220,6 +244,8 @@ impl Room {
         Room {
             members: Vec::new(),
             next_id,
+            reserved: 0,
+            asked: 0,
         }
     }
 }

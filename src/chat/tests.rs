@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::store::HistoryStore;
 use crate::store::StoredMessage;
+use crate::store::engine::Immediate;
 use crate::store::memory::MemoryStore;
 
 struct T {
@@ -21,7 +23,11 @@ impl T {
     fn with(cfg: Config) -> T {
         let per_room = cfg.memory_history_per_room;
         T {
-            chat: Chat::new(cfg, Box::new(MemoryStore::new(per_room)), counted_ids()),
+            chat: Chat::new(
+                cfg,
+                Box::new(Immediate::new(MemoryStore::new(per_room))),
+                counted_ids(),
+            ),
             out: Recorder::default(),
             now: Now {
                 mono: Instant::now(),
@@ -49,7 +55,11 @@ impl T {
             durable: durable.clone(),
         };
         let mut t = T::new();
-        t.chat = Chat::new(Config::default(), Box::new(store), counted_ids());
+        t.chat = Chat::new(
+            Config::default(),
+            Box::new(Immediate::new(store)),
+            counted_ids(),
+        );
         (t, durable)
     }
     fn connect(&mut self, conn: ConnId, name: Option<&str>) {
@@ -164,7 +174,11 @@ fn member_ids_come_from_the_source_unless_authentication_gives_one() {
         next += 7;
         format!("id-{next}")
     });
-    let mut chat = Chat::new(Config::default(), Box::new(MemoryStore::new(10)), ids);
+    let mut chat = Chat::new(
+        Config::default(),
+        Box::new(Immediate::new(MemoryStore::new(10))),
+        ids,
+    );
     let mut out = Recorder::default();
     for conn in [1, 2] {
         chat.connect(t.now, conn, None, None, &mut out);
@@ -690,7 +704,7 @@ fn ack_waits_for_the_store_but_delivery_does_not() {
     assert_eq!(out.events(2, "broadcast").len(), 2, "delivered at once");
     assert!(out.events(1, "ack").is_empty(), "not durable, not acked");
     durable.set(1);
-    chat.release_acks(out);
+    chat.handle_engine(out);
     let acks = out.events(1, "ack");
     assert_eq!(acks.len(), 1);
     assert_eq!(acks[0]["request_id"], "r1");
@@ -779,7 +793,7 @@ fn with_faulty_store(max_unstored: usize) -> (T, Cells) {
         ..Config::default()
     };
     let mut t = T::new();
-    t.chat = Chat::new(cfg, Box::new(store), counted_ids());
+    t.chat = Chat::new(cfg, Box::new(Immediate::new(store)), counted_ids());
     (t, (durable, failing))
 }
 
@@ -810,7 +824,7 @@ fn a_full_backlog_refuses_broadcasts_until_the_store_catches_up() {
     );
 
     durable.set(3);
-    t.chat.release_acks(&mut t.out);
+    t.chat.handle_engine(&mut t.out);
     assert_eq!(t.out.events(1, "ack").len(), 3);
     assert!(t.chat.store_available());
     t.send(

@@ -115,7 +115,7 @@ impl Server {
                 }
             }
         }
-        if c.life != Life::Open {
+        if c.life != Life::Open || c.page_pending.is_some() {
             return;
         }
         let parsed = http::parse(head);
@@ -176,8 +176,13 @@ impl Server {
                         uptime_secs: self.started.elapsed().as_secs(),
                         close_frames_lost: self.close_frames_lost,
                     };
-                    api::route(&mut self.chat, &head, t)
-                        .unwrap_or_else(|| Response::text(404, "not found\n"))
+                    match self.core(|chat, sink| api::route(chat, &head, t, sink)) {
+                        Some(api::Answer::Now(r)) => r,
+                        Some(api::Answer::Later { token, room }) => {
+                            return self.await_page(id, token, room, now);
+                        }
+                        None => Response::text(404, "not found\n"),
+                    }
                 }
             },
         };

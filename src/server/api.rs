@@ -1,4 +1,8 @@
 //! The REST API and `/metrics`: read-only views of the chat core, rendered as JSON or text.
+//!
+//! Everything is answered from the core's memory at once, except a room's messages: that page
+//! is asked of the history engine, and the HTTP answer ([`page_response`]) is written when the
+//! engine replies ([`Answer::Later`]); the loop does not wait.
 
 use std::fmt::Write as _;
 
@@ -7,9 +11,25 @@ use serde_json::json;
 
 use super::http::{Head, Response};
 use crate::auth::{self, AuthError, Policy};
-use crate::chat::Chat;
+use crate::chat::{Chat, Outbox, RestPage};
 use crate::config::Config;
 use crate::store::StoredMessage;
+use crate::store::engine::RequestToken;
+
+/// What a request to the API gets.
+#[derive(Debug)]
+pub enum Answer {
+    /// The response, now.
+    Now(Response),
+    /// The response waits for the engine's page with this token (see
+    /// [`Chat::take_rest_pages`]); [`page_response`] renders it.
+    Later {
+        /// The token [`Chat::request_rest_page`] gave.
+        token: RequestToken,
+        /// The room asked for, decoded.
+        room: String,
+    },
+}
 
 /// Gauges the transport knows and the core does not.
 #[derive(Debug, Clone, Copy)]
@@ -53,8 +73,14 @@ pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Respons
         .map_err(refused)
 }
 
-/// Answers `/api/...` and `/metrics`; `None` when the path is not one of them.
-pub fn route(chat: &mut Chat, head: &Head, t: TransportStats) -> Option<Response> {
+/// Answers `/api/...` and `/metrics`; `None` when the path is not one of them. `out` takes
+/// what the core sends while a page is asked for (the memory engine answers at once).
+pub fn route(
+    chat: &mut Chat,
+    head: &Head,
+    t: TransportStats,
+    out: &mut impl Outbox,
+) -> Option<Answer> {
     let path = head.path.as_str();
     let known = path == "/metrics"
         || path == "/api/stats"
@@ -65,9 +91,12 @@ pub fn route(chat: &mut Chat, head: &Head, t: TransportStats) -> Option<Response
         return None;
     }
     if head.method != "GET" {
-        return Some(Response::method_not_allowed("GET"));
+        return Some(Answer::Now(Response::method_not_allowed("GET")));
     }
-    Some(match path {
+    if let Some(rest) = path.strip_prefix("/api/rooms/") {
+        return Some(room_route(chat, head, rest, out));
+    }
+    Some(Answer::Now(match path {
         "/api/stats" => Response::json(200, &stats_json(chat, t)),
         "/api/members" => Response::json(200, &chat.member_names()),
         "/api/rooms" => {
@@ -84,31 +113,40 @@ pub fn route(chat: &mut Chat, head: &Head, t: TransportStats) -> Option<Response
             headers: Vec::new(),
             body: metrics(chat, t).into_bytes(),
         },
-        _ => room_route(chat, head, &path["/api/rooms/".len()..]),
-    })
+        _ => Response::text(404, "not found\n"),
+    }))
 }
 
-fn room_route(chat: &mut Chat, head: &Head, rest: &str) -> Response {
+fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -> Answer {
+    let now = |r: Response| Answer::Now(r);
     let (name, tail) = match rest.split_once('/') {
         Some((n, t)) => (n, Some(t)),
         None => (rest, None),
     };
     let Ok(name) = super::http::percent_decode(name) else {
-        return error(400, "invalid", "the room name is badly escaped".into());
+        return now(error(
+            400,
+            "invalid",
+            "the room name is badly escaped".into(),
+        ));
     };
     if crate::chat::validate::room_name(&name).is_err() {
         // No such room can exist, and the name goes no further (not to the store, whose
         // errors are logged with the room).
-        return error(404, "not_found", format!("room '{name}' does not exist"));
+        return now(error(
+            404,
+            "not_found",
+            format!("room '{name}' does not exist"),
+        ));
     }
     match tail {
-        None => match chat.room_detail(&name) {
+        None => now(match chat.room_detail(&name) {
             Some((members, messages)) => Response::json(
                 200,
                 &json!({"name": name, "members": members, "messages": messages}),
             ),
             None => error(404, "not_found", format!("room '{name}' does not exist")),
-        },
+        }),
         Some("messages") => {
             let number = |key: &str| -> Result<Option<u64>, Response> {
                 match head.query_param(key) {
@@ -125,32 +163,44 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str) -> Response {
             };
             let (limit, before) = match (number("limit"), number("before")) {
                 (Ok(l), Ok(b)) => (l, b),
-                (Err(r), _) | (_, Err(r)) => return r,
+                (Err(r), _) | (_, Err(r)) => return now(r),
             };
-            match chat.history_page(&name, before, limit) {
-                Some(page) => {
-                    #[derive(Serialize)]
-                    struct Body<'a> {
-                        room: &'a str,
-                        messages: &'a [StoredMessage],
-                        more: bool,
-                    }
-                    Response::json(
-                        200,
-                        &Body {
-                            room: &name,
-                            messages: &page.messages,
-                            more: page.more,
-                        },
-                    )
-                }
-                None => error(404, "not_found", format!("room '{name}' does not exist")),
-            }
+            let token = chat.request_rest_page(&name, before, limit, out);
+            Answer::Later { token, room: name }
         }
-        Some(_) => error(
+        Some(_) => now(error(
             404,
             "not_found",
             format!("no such resource under room '{name}'"),
+        )),
+    }
+}
+
+/// The answer to `GET /api/rooms/{room}/messages` once the engine replied: the page, `404` for
+/// a room that never was, `503` when the history cannot be read now.
+pub fn page_response(room: &str, page: RestPage) -> Response {
+    match page {
+        Ok(Some(page)) => {
+            #[derive(Serialize)]
+            struct Body<'a> {
+                room: &'a str,
+                messages: &'a [StoredMessage],
+                more: bool,
+            }
+            Response::json(
+                200,
+                &Body {
+                    room,
+                    messages: &page.messages,
+                    more: page.more,
+                },
+            )
+        }
+        Ok(None) => error(404, "not_found", format!("room '{room}' does not exist")),
+        Err(e) => error(
+            503,
+            "unavailable",
+            format!("the history of room '{room}' cannot be read now ({e}); retry later"),
         ),
     }
 }

@@ -74,6 +74,9 @@ pub(crate) struct Conn {
     pub(crate) reply_credit: usize,
     /// The loop turn whose read budget the connection is spending.
     pub(crate) read_turn: u64,
+    /// A REST page this HTTP connection waits for (the engine's token); its head is not read
+    /// again meanwhile.
+    pub(crate) page_pending: Option<u64>,
 }
 
 /// What discarding input gave.
@@ -118,6 +121,7 @@ impl Conn {
             timer_at: None,
             reply_credit: 0,
             read_turn: 0,
+            page_pending: None,
         }
     }
 

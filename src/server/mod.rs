@@ -138,6 +138,8 @@ pub struct Server {
     /// Connections dropped since the last heap trim, and when the next one is due.
     dropped_since_trim: usize,
     trim_at: Option<Instant>,
+    /// REST pages the engine has yet to answer: its token → the HTTP connection and room.
+    rest_pages: HashMap<u64, (usize, String)>,
 }
 
 fn now_of(mono: Instant) -> Now {
@@ -197,7 +199,7 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let notify_waker = waker.clone();
-        let store = crate::store::open(
+        let engine = crate::store::open_engine(
             &cfg.db_path,
             cfg.memory_history_per_room,
             Box::new(move || {
@@ -215,7 +217,7 @@ impl Server {
             signals: None,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
-            chat: Chat::new(cfg, store, Box::new(|| uuid::Uuid::new_v4().to_string())),
+            chat: Chat::new(cfg, engine, Box::new(|| uuid::Uuid::new_v4().to_string())),
             conns: Slab::new(),
             per_ip: HashMap::new(),
             ws_count: 0,
@@ -233,6 +235,7 @@ impl Server {
             close_frames_lost: 0,
             dropped_since_trim: 0,
             trim_at: None,
+            rest_pages: HashMap::new(),
         })
     }
 
@@ -289,7 +292,7 @@ impl Server {
                         if self.stop.load(Ordering::SeqCst) {
                             self.begin_shutdown(now);
                         }
-                        self.core(|chat, sink| chat.release_acks(sink));
+                        self.engine_replies(now);
                     }
                     SIGNAL => {
                         if let Some(s) = &mut self.signals {
@@ -329,6 +332,7 @@ impl Server {
         // The store gets until grace + STORE_CLOSE_SLACK after the shutdown began, whatever
         // the disk does; what it could not write by then is counted, and the exit says so.
         let deadline = self.shutdown_at.unwrap_or_else(Instant::now) + STORE_CLOSE_SLACK;
+        self.release_held(deadline);
         let unstored = self.core(|chat, sink| chat.close_store(deadline, sink));
         self.flush_dirty();
         if unstored > 0 {
@@ -378,6 +382,58 @@ impl Server {
             Some(true) => self.read_head(id, now),
             Some(false) => self.read_frames(id, now),
             None => {}
+        }
+    }
+
+    /// Shutdown: broadcasts taken but still waiting for their id get until `deadline` (while
+    /// the engine can write) to be numbered and stored, so that a command answered before the
+    /// stop means its broadcasts are kept.
+    fn release_held(&mut self, deadline: Instant) {
+        while self.chat.held_broadcasts() > 0
+            && self.chat.engine_writable()
+            && Instant::now() < deadline
+        {
+            self.core(|chat, sink| chat.flush(sink));
+            if self.chat.held_broadcasts() > 0 {
+                // A last id read by the engine's reader thread: not covered by the flush.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// The engine has replies (its waker fired): the core applies them, and the REST pages
+    /// among them are answered.
+    fn engine_replies(&mut self, now: Instant) {
+        self.core(|chat, sink| chat.handle_engine(sink));
+        self.answer_pages(now);
+    }
+
+    /// HTTP connection `id` waits for REST page `token` of `room`: its answer is written when
+    /// the engine replies (at once, for the memory engine), and the loop does not wait.
+    fn await_page(&mut self, id: usize, token: u64, room: String, now: Instant) {
+        if let Some(c) = self.conns.get_mut(id) {
+            c.page_pending = Some(token);
+            self.rest_pages.insert(token, (id, room));
+        }
+        self.answer_pages(now);
+    }
+
+    /// Writes the REST pages the engine has answered to the connections still waiting for them
+    /// (a connection id may have been reused: the token tells).
+    fn answer_pages(&mut self, now: Instant) {
+        for (token, page) in self.chat.take_rest_pages() {
+            let Some((id, room)) = self.rest_pages.remove(&token) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.page_pending != Some(token) || c.life != Life::Open {
+                // Closed meanwhile (its head timed out, say): the answer has nowhere to go.
+                continue;
+            }
+            c.page_pending = None;
+            self.respond(id, api::page_response(&room, page), now);
         }
     }
 

@@ -91,14 +91,15 @@
 //!    every message after it, so nothing is missing; the drop removes the overlap. A forward
 //!    page (`since`) cut at the resume cap (`more: true`) leaves a gap the client fills with
 //!    `history`, as today.
-//! 3. On `Unavailable { token, .. }` for a join page the core sends what it sends today for a
-//!    failed read (an empty history; or `unavailable`, if the lead decides that), then the
-//!    buffer.
-//! 4. The buffer is bounded by the member's output bound: a member who leaves, disconnects or
-//!    overflows it before the page comes loses the buffer with the connection, as any slow
-//!    consumer does. A reply whose token the core no longer knows is dropped.
+//! 3. On `Unavailable { token, .. }` for a join page the core sends an empty history (what a
+//!    failed read gave before the engine: joining is not refused for it), then the buffer.
+//! 4. The buffer is bounded by `--max-pending-output` (the member's output bound): a member who
+//!    overflows it is closed as a slow consumer; one who leaves the room or disconnects before
+//!    the page comes loses the buffer. A reply whose token the core no longer knows, or whose
+//!    member is gone (a connection id reused: the member's serial tells), is dropped.
 //!
-//! `history` (the command) and the REST page need no buffer: they send the page when it comes.
+//! `history` (the command) and the REST page need no buffer: they send the page when it comes
+//! (`Unavailable`: the command gets the error `unavailable`, the REST page `503`).
 //! The REST endpoint answers from the reply too (the HTTP response waits, the loop does not).
 //!
 //! **Numbering (ids never block the loop).** When a room comes into memory the core sends
@@ -126,22 +127,19 @@
 //! id is 0) and writes the HTTP response when the replies come; the connection waits, the loop
 //! does not.
 //!
-//! # Until the core is wired
+//! # Where each side lives
 //!
-//! The core still calls the synchronous [`HistoryStore`] methods, each of which may read SQLite
-//! on the loop thread or (`reserve`) wait up to a second for a commit.
-//! The wiring step makes the core hold a `Box<dyn Engine>` (from
-//! [`open_engine`](super::open_engine) instead of [`open`](super::open)) and removes:
+//! The core holds a `Box<dyn Engine>` (from [`open_engine`](super::open_engine)); its side of
+//! the boundary — what it awaits by token, the joiners' buffers, the held broadcasts — is
+//! `src/chat/pending.rs`, and [`Chat::handle_engine`](crate::chat::Chat::handle_engine) applies
+//! the replies. Every input of the core ends by calling it, so an engine that answers during
+//! `request` (the memory one) is never left waiting for a wake-up; the server calls it when the
+//! engine's waker fires. At shutdown the server gives held broadcasts until the store's deadline
+//! (through [`Engine::flush`]) before [`Engine::close`].
 //!
-//! - the core's calls to `HistoryStore::last_id`, `page`, `reserve`, `durable`, `flush` and
-//!   `close` (in `Chat::ensure_room`, `read_page`, `history_page`, `release_acks`, `flush`,
-//!   `close_store`, `unstored`, and `broadcast::next_id`), replaced by requests and replies;
-//! - `impl HistoryStore for SqliteStore`, with its loop-thread read connection and the
-//!   blocking wait of its `reserve` (`RESERVE_WAIT`), and `store::open`.
-//!
-//! `HistoryStore` itself stays, as the building block of [`Immediate`]: the memory store and the
-//! core's test doubles are synchronous stores turned into engines. Until the wiring both paths
-//! work side by side on one store: `SqliteStore` implements both traits.
+//! [`HistoryStore`] is a synchronous store, not an engine: the building block of [`Immediate`]
+//! (the memory store and the core's test doubles). The SQLite engine does not implement it:
+//! no history read, and no wait for a commit, happens on the loop thread.
 
 use std::collections::VecDeque;
 use std::time::Instant;

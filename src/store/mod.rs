@@ -1,21 +1,17 @@
-//! History storage: the [`HistoryStore`] trait and its two implementations.
+//! History storage: the engines the chat core talks to, and the stores they are built from.
 //!
-//! The chat core appends every member broadcast and asks for pages of a room's history. Appends
-//! return a *ticket*; a message is durable once [`HistoryStore::durable`] has reached its ticket,
-//! and only then does the core send its `ack`. The in-memory store is durable at once; the SQLite
-//! store commits in batches on a writer thread (group commit) and reports progress through a
-//! callback, so the event loop never waits for the disk.
+//! The core talks to history only through the asynchronous boundary in [`engine`] (requests in,
+//! replies out, no I/O on the loop thread); its module docs are the one description of that
+//! boundary. [`open_engine`] opens the one the settings name: the memory engine
+//! ([`engine::Immediate`] over [`memory::MemoryStore`]) or SQLite ([`sqlite::SqliteStore`]:
+//! group commit on a writer thread, reads on a reader thread).
 //!
-//! A store that cannot write (full disk, read-only file, I/O error) says so through
-//! [`HistoryStore::writable`]; the core then stops taking broadcasts once its backlog is full.
-//! Ids are never handed out twice, even across a crash: before the core delivers id N it asks
-//! [`HistoryStore::reserve`], and the SQLite store keeps a durable per-room high-water mark
-//! ahead of delivery (see `docs/PROTOCOL.md`).
-//!
-//! The asynchronous boundary the core moves to is [`engine`]: requests in, replies out, no
-//! I/O on the loop thread. Its module docs are the one description of that boundary; the
-//! synchronous [`HistoryStore`] calls the core still makes are listed there with what the
-//! wiring step removes.
+//! [`HistoryStore`] is the synchronous store an [`engine::Immediate`] wraps: calls that never
+//! wait for I/O (the memory ring, test doubles). Appends return a *ticket*; a message is
+//! durable once [`HistoryStore::durable`] has reached its ticket. Ids are never handed out
+//! twice, even across a crash: before the core delivers id N it asks for a reservation, and the
+//! SQLite engine keeps a durable per-room high-water mark ahead of delivery (see
+//! `docs/PROTOCOL.md`).
 
 use std::fmt;
 use std::time::Instant;
@@ -166,34 +162,6 @@ pub(crate) fn page_from_asc(mut asc: Vec<StoredMessage>, limit: usize) -> Page {
     Page {
         messages: asc,
         more,
-    }
-}
-
-/// Opens the store the settings ask for: memory for `:memory:`, SQLite otherwise.
-///
-/// `notify` is called from the SQLite writer thread after each commit, so that the event loop
-/// wakes up and sends the acks that became due.
-pub fn open(
-    db_path: &str,
-    memory_per_room: usize,
-    notify: Box<dyn Fn() + Send>,
-) -> Result<Box<dyn HistoryStore>, String> {
-    if db_path == ":memory:" {
-        drop(notify);
-        return Ok(Box::new(memory::MemoryStore::new(memory_per_room)));
-    }
-    #[cfg(feature = "sqlite")]
-    {
-        let store = sqlite::SqliteStore::open(db_path, notify)
-            .map_err(|e| format!("cannot open history database '{db_path}': {e}"))?;
-        Ok(Box::new(store))
-    }
-    #[cfg(not(feature = "sqlite"))]
-    {
-        drop(notify);
-        Err(format!(
-            "this build has no SQLite support: start it with --db-path :memory: (asked for '{db_path}')"
-        ))
     }
 }
 

@@ -1,14 +1,14 @@
-//! The SQLite history store: durable across `kill -9`, committed in batches off the event loop.
+//! The SQLite history engine: durable across `kill -9`, committed in batches off the event loop.
 //!
 //! Appends go through a channel to one writer thread, which takes everything queued, writes it in
 //! one transaction (group commit), publishes the highest committed ticket and calls `notify` so
-//! the event loop sends the acks that became due. Until then a message is held in `pending`, so
-//! that pages read on the loop thread (through a second, read-only connection in WAL mode) see
-//! every message appended so far, committed or not.
+//! the event loop polls and sends the acks that became due. Until then a message is held in
+//! `pending`, so that pages (read on a reader thread, with its own read-only connection in WAL
+//! mode) see every message appended so far, committed or not.
 //!
 //! Failure: a commit that fails (disk full, read-only file, I/O error) is retried in smaller
 //! pieces (halving down to one message) with a backoff of up to [`MAX_BACKOFF`]; the store is
-//! not [`writable`](HistoryStore::writable) until a commit lands again, and it logs once per
+//! not [`writable`](super::engine::Engine::writable) until a commit lands again, and it logs once per
 //! change of state. Nothing is acked before it is committed.
 //!
 //! Ids: the table `rooms(room, reserved)` holds a per-room high-water mark written by the writer
@@ -21,8 +21,7 @@
 //! pages and last ids are read on a reader thread with its own read-only connection, never on
 //! the loop thread, and come back through `notify`; a reservation the loop already holds is
 //! answered at once, any other when the writer's commit lands (or `Unavailable` when it cannot
-//! write). The synchronous [`HistoryStore`] methods still read on the loop thread until the
-//! core is wired to the engine.
+//! write). It is only an engine: nothing here reads on the caller's thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,7 +33,7 @@ use log::{debug, error, info, warn};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::engine::{Reply, Request, RequestToken};
-use super::{HistoryStore, Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
+use super::{Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
 use crate::chat::protocol::RawJson;
 
 /// Most messages written in one transaction.
@@ -45,9 +44,6 @@ pub const ID_BLOCK: u64 = 1000;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// First pause after a failed commit.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
-/// How long a broadcast waits for its room's ids to become durable while the store is healthy
-/// (a room's first message after start, or a burst faster than the renewal).
-const RESERVE_WAIT: Duration = Duration::from_secs(1);
 /// Rooms whose reservation the loop keeps in memory; beyond it the cache starts over from the
 /// database (which is always right, only slower).
 const MAX_CACHED_ROOMS: usize = if cfg!(test) { 16 } else { 4096 };
@@ -148,7 +144,6 @@ impl Shared {
 
 /// History in a SQLite file (WAL journal, `synchronous=FULL`).
 pub struct SqliteStore {
-    reader: Connection,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<thread::JoinHandle<()>>,
     /// Disconnects when the writer thread ends.
@@ -229,19 +224,13 @@ impl SqliteStore {
             [unix_secs()],
         )?;
         tx.commit()?;
-        let reader = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        reader.busy_timeout(Duration::from_secs(1))?;
-        // Pages are read by primary key and the OS caches the file: a small cache keeps an idle
-        // server small (256 KiB at most per connection).
-        reader.execute_batch("PRAGMA cache_size = -256;")?;
         let thread_reader = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        // Off the loop a read may wait for a busy file as long as the writer does.
+        // Off the loop a read may wait for a busy file as long as the writer does. Pages are
+        // read by primary key and the OS caches the file: a small cache keeps an idle server
+        // small (256 KiB at most per connection).
         thread_reader.busy_timeout(Duration::from_secs(5))?;
         thread_reader.execute_batch("PRAGMA cache_size = -256;")?;
         let shared = Arc::new(Shared {
@@ -283,7 +272,6 @@ impl SqliteStore {
             }
         };
         Ok(SqliteStore {
-            reader,
             jobs: Some(tx),
             writer: Some(writer),
             writer_done,
@@ -314,31 +302,6 @@ impl SqliteStore {
 
     fn send(&self, job: Job) -> bool {
         self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
-    }
-
-    /// The committed rows a page of `room` is cut from; a failed read is logged and empty.
-    fn query(&self, room: &str, query: Query) -> Vec<StoredMessage> {
-        fetch_rows(&self.reader, room, query).unwrap_or_else(|e| {
-            error!("history read failed for room '{room}': {e}");
-            Vec::new()
-        })
-    }
-
-    /// The highest id that may have been handed out in `room`: queued, stored or reserved.
-    fn read_last_id(&mut self, room: &str) -> Result<u64, StoreError> {
-        self.prune_pending();
-        let queued = self
-            .pending
-            .iter()
-            .rev()
-            .find(|(_, r, _)| r == room)
-            .map_or(0, |(_, _, m)| m.id);
-        last_id_from(&self.reader, &self.shared, room, queued)
-    }
-
-    /// The committed high-water mark of `room`, 0 when it has none.
-    fn stored_reservation(&self, room: &str) -> Result<u64, StoreError> {
-        stored_reservation(&self.reader, room)
     }
 }
 
@@ -723,16 +686,11 @@ fn merge(
     rows.into_iter().chain(pending).map(|m| (m.id, m)).collect()
 }
 
-impl HistoryStore for SqliteStore {
-    fn last_id(&mut self, room: &str) -> Result<u64, StoreError> {
-        let result = self.read_last_id(room);
-        self.read_failed = result.is_err();
-        result
-    }
-
+impl SqliteStore {
+    /// Queues `msg` for the writer and returns its ticket (tickets grow by one per append).
     fn append(&mut self, room: &str, msg: StoredMessage) -> u64 {
-        // Pruned here too: a stream of broadcasts without request_id never asks `durable()`,
-        // and `pending` must not keep what the disk already holds.
+        // Pruned here too: a stream of broadcasts without request_id never asks for
+        // durability, and `pending` must not keep what the disk already holds.
         self.prune_pending();
         self.tickets += 1;
         let ticket = self.tickets;
@@ -749,78 +707,13 @@ impl HistoryStore for SqliteStore {
         ticket
     }
 
-    fn durable(&mut self) -> u64 {
-        self.prune_pending();
-        self.shared.durable.load(Ordering::Acquire)
-    }
-
-    fn reserve(&mut self, room: &str, id: u64) -> Result<(), StoreError> {
-        let mut map = self.shared.reserved();
-        if !map.contains_key(room) {
-            drop(map);
-            let stored = self.stored_reservation(room)?;
-            map = self.shared.reserved();
-            if map.len() >= MAX_CACHED_ROOMS {
-                map.clear();
-            }
-            map.entry(room.to_string()).or_insert(Reservation {
-                durable: stored,
-                asked: stored,
-                floor: stored,
-            });
-        }
-        let Some(r) = map.get_mut(room) else {
-            return Err(StoreError("reservation lost".into()));
-        };
-        // Renewed once a quarter of the block is used (a small upsert in the next commit), so
-        // that a busy room does not run out while the writer is in the middle of a commit.
-        if id.saturating_add(ID_BLOCK * 3 / 4) > r.asked {
-            let upto = id.saturating_add(ID_BLOCK - 1);
-            r.asked = upto;
-            let job = Job::Reserve {
-                room: room.to_string(),
-                upto,
-            };
-            if !self.send(job) {
-                return Err(StoreError("the history writer has stopped".into()));
-            }
-        }
-        let deadline = Instant::now() + RESERVE_WAIT;
-        loop {
-            if map.get(room).is_some_and(|r| r.durable >= id) {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !self.shared.writable.load(Ordering::Acquire) || left.is_zero() {
-                return Err(StoreError(format!(
-                    "message id {id} of room '{room}' cannot be made durable now"
-                )));
-            }
-            map = self
-                .shared
-                .changed
-                .wait_timeout(map, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    fn writable(&self) -> bool {
+    /// Whether the writer commits and the last read of a room's last id worked.
+    fn store_writable(&self) -> bool {
         self.shared.writable.load(Ordering::Acquire) && !self.read_failed
     }
 
-    fn page(&mut self, room: &str, query: Query) -> Page {
-        self.prune_pending();
-        let rows = self.query(room, query);
-        let pending = self
-            .pending
-            .iter()
-            .filter(|(_, r, _)| r == room)
-            .map(|(_, _, m)| m.clone());
-        page_of(rows, pending, query)
-    }
-
-    fn flush(&mut self) {
+    /// Blocks until the writer has committed everything queued (tests and tools only).
+    fn flush_writer(&mut self) {
         let (tx, rx) = mpsc::channel();
         if self.send(Job::Flush(tx)) {
             let _ = rx.recv();
@@ -828,7 +721,9 @@ impl HistoryStore for SqliteStore {
         self.prune_pending();
     }
 
-    fn close(&mut self, deadline: Instant) -> u64 {
+    /// Commits what is queued until `deadline`, stops both threads, and counts what was not
+    /// stored.
+    fn close_threads(&mut self, deadline: Instant) -> u64 {
         let (tx, rx) = mpsc::channel();
         if self.send(Job::Flush(tx)) {
             let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
@@ -1083,7 +978,7 @@ impl super::engine::Engine for SqliteStore {
         }
         match req {
             Request::Append { room, msg } => {
-                HistoryStore::append(self, &room, msg);
+                self.append(&room, msg);
             }
             Request::Page { token, room, query } => {
                 self.prune_pending();
@@ -1140,18 +1035,18 @@ impl super::engine::Engine for SqliteStore {
     }
 
     fn writable(&self) -> bool {
-        !self.engine_closed && HistoryStore::writable(self)
+        !self.engine_closed && self.store_writable()
     }
 
     fn flush(&mut self) {
-        HistoryStore::flush(self);
+        self.flush_writer();
     }
 
     fn close(&mut self, deadline: Instant) -> u64 {
         if self.engine_closed {
             return 0;
         }
-        let unstored = HistoryStore::close(self, deadline);
+        let unstored = self.close_threads(deadline);
         self.engine_closed = true;
         self.fail_reads("the history engine is closed");
         self.resolve_waiting(true);
@@ -1206,6 +1101,73 @@ impl Drop for SqliteStore {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    /// Blocking calls for these tests, made through the engine (requests and replies), so
+    /// that no synchronous read path exists outside them.
+    impl SqliteStore {
+        fn ask(&mut self, req: Request) -> Reply {
+            use super::super::engine::Engine;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            Engine::request(self, req);
+            loop {
+                match Engine::poll(self) {
+                    Some(Reply::DurableUpTo(_)) => {}
+                    Some(reply) => return reply,
+                    None => {
+                        assert!(Instant::now() < deadline, "the engine did not answer");
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        fn flush(&mut self) {
+            self.flush_writer();
+        }
+        fn durable(&mut self) -> u64 {
+            self.prune_pending();
+            self.shared.durable.load(Ordering::Acquire)
+        }
+        fn writable(&self) -> bool {
+            self.store_writable()
+        }
+        fn last_id(&mut self, room: &str) -> Result<u64, StoreError> {
+            let room = room.to_string();
+            match self.ask(Request::LastId {
+                token: u64::MAX,
+                room,
+            }) {
+                Reply::LastId { last_id, .. } => Ok(last_id),
+                Reply::Unavailable { error, .. } => Err(error),
+                other => panic!("not an answer to LastId: {other:?}"),
+            }
+        }
+        fn page(&mut self, room: &str, query: Query) -> Page {
+            let room = room.to_string();
+            match self.ask(Request::Page {
+                token: u64::MAX,
+                room,
+                query,
+            }) {
+                Reply::PageReady { page, .. } => page,
+                other => panic!("not a page: {other:?}"),
+            }
+        }
+        fn reserve(&mut self, room: &str, id: u64) -> Result<(), StoreError> {
+            let room = room.to_string();
+            match self.ask(Request::Reserve {
+                token: u64::MAX,
+                room,
+                id,
+            }) {
+                Reply::IdsReserved { up_to, .. } => {
+                    assert!(up_to >= id);
+                    Ok(())
+                }
+                Reply::Unavailable { error, .. } => Err(error),
+                other => panic!("not an answer to Reserve: {other:?}"),
+            }
+        }
+    }
 
     fn temp_db(name: &str) -> String {
         let dir =
@@ -1519,9 +1481,10 @@ mod tests {
             );
         }
         assert_eq!(answered.len() as u64, rooms, "one reply per request");
+        let check = Connection::open(&path).unwrap();
         for token in 0..rooms {
             let room = format!("room{token}");
-            assert!(s.stored_reservation(&room).unwrap() >= 1, "{room}");
+            assert!(stored_reservation(&check, &room).unwrap() >= 1, "{room}");
         }
     }
 
@@ -1543,11 +1506,11 @@ mod tests {
             let path = temp_db("joiner");
             let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
             for id in 1..=50 {
-                HistoryStore::append(&mut s, "r", super::super::test_message(id));
+                s.append("r", super::super::test_message(id));
             }
-            HistoryStore::flush(&mut s);
+            s.flush_writer();
             for id in 51..=55 {
-                HistoryStore::append(&mut s, "r", super::super::test_message(id));
+                s.append("r", super::super::test_message(id));
             }
             // The member joins: the page is asked for, and the reader is slow.
             set_read_gate(&s, false);
@@ -1567,7 +1530,7 @@ mod tests {
                 buffer.push(id);
                 assert_eq!(engine_replies(&mut s), vec![], "the page is held");
             }
-            HistoryStore::flush(&mut s);
+            s.flush_writer();
             set_read_gate(&s, true);
             let deadline = Instant::now() + Duration::from_secs(20);
             let page = loop {

@@ -1,15 +1,17 @@
 //! `broadcast`: a message to a room, numbered, stored, delivered to every member.
 //!
 //! The message gets the room's next id, is serialized and framed once, copied to each member's
-//! output, and appended to the history store. Delivery does not wait for the store; the `ack`
-//! does (see [`Chat::ack_when_durable`]). When the store's backlog is full, or the id cannot be
-//! reserved durably, the broadcast is refused with `unavailable` before anything happens.
+//! output, and appended to the history engine. Delivery does not wait for the disk; the `ack`
+//! does (see [`Chat::ack_when_durable`]). The id must be reserved first: the room's broadcasts
+//! wait, in order, until the engine says `IdsReserved` (at once, mostly: engines reserve ahead)
+//! and are refused with `unavailable` when it cannot (see `pending.rs`). When the engine's
+//! backlog is full the broadcast is refused with `unavailable` before anything happens.
 
 use serde::Deserialize;
 
+use crate::chat::pending::Held;
 use crate::chat::protocol::{CommandError, ErrorCode, Event, RawJson};
-use crate::chat::{Chat, Cx, DEFAULT_ROOM, Outbox, Payload, validate};
-use crate::store::StoredMessage;
+use crate::chat::{Chat, Cx, DEFAULT_ROOM, Outbox, validate};
 
 /// `{"command":"broadcast","message","room"?,"data"?,"echo"?,"msg_id"?}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -28,7 +30,7 @@ pub struct Broadcast {
     pub msg_id: Option<String>,
 }
 
-const ALONE: &str = "No other members are currently connected.";
+pub(in crate::chat) const ALONE: &str = "No other members are currently connected.";
 
 impl Broadcast {
     pub(in crate::chat) fn apply<O: Outbox>(
@@ -52,8 +54,11 @@ impl Broadcast {
             ));
         }
         let sender = member.name.clone();
+        let serial = member.serial;
 
-        if let Some(msg_id) = &self.msg_id {
+        // Behind held broadcasts of the room, a repeat is recognised when its turn comes.
+        let waiting = chat.held.contains_key(room);
+        if let (Some(msg_id), false) = (&self.msg_id, waiting) {
             if let Some(first) = chat.dedup.get(cx.now.mono, room, msg_id) {
                 // A repeat: not delivered or stored again; the ack names the first id. The first
                 // copy's ack may still be waiting for the disk, so this one waits behind it.
@@ -63,80 +68,34 @@ impl Broadcast {
             }
         }
 
-        // Store call 1 of 3: is its backlog full?
+        // Is the engine's backlog (held broadcasts included) full?
         if chat.unstored() >= chat.cfg.max_unstored as u64 {
             return Err(CommandError::new(
                 ErrorCode::Unavailable,
                 "the history store is not keeping up; nothing was sent, retry later",
             ));
         }
-        // Store call 2 of 3: the id, reserved.
-        let id = next_id(chat, room)?;
-        let Some(r) = chat.rooms.get_mut(room) else {
-            return Ok(());
-        };
-        r.set_next_id(id + 1);
-        let alone = r.members().len() == 1;
-        let ts = cx.now.unix_ms;
-        let event = Event::Broadcast {
-            room,
-            member: &sender,
-            message: &self.message,
-            id: Some(id),
-            ts: Some(ts),
-            data: self.data.as_ref(),
-            joined: None,
-            left: None,
-        };
-        let payload = Payload::new(&event.to_json());
-        let skip = (self.echo == Some(false)).then_some(cx.conn);
-        chat.fan_out(room, &payload, skip, cx.out);
-        cx.out.room_published(room, &payload);
-        if alone {
-            chat.send_event(cx.conn, &Event::System { message: ALONE }, cx.out);
-        }
-        log::info!(
-            "📤 Broadcast from {}: {}",
-            crate::log_safe(&sender),
-            crate::log_safe(&self.message)
-        );
-
-        let stored = StoredMessage {
-            id,
-            member: sender,
+        // Numbered, delivered and stored in turn, once the room's next id is reserved.
+        let held = Held {
+            conn: cx.conn,
+            serial,
+            sender,
             message: self.message,
-            ts,
             data: self.data,
+            echo: self.echo,
+            msg_id: self.msg_id,
+            request_id: cx.request_id.map(str::to_string),
+            mono: cx.now.mono,
+            ts: cx.now.unix_ms,
         };
-        // Store call 3 of 3: the message, after delivery; the ack waits for it.
-        let ticket = chat.store.append(room, stored);
-        chat.last_ticket = ticket;
-        chat.stats.broadcasts += 1;
-        if let Some(msg_id) = self.msg_id {
-            chat.dedup.remember(cx.now.mono, room, &msg_id, id);
-        }
-        ack_when_durable(chat, cx, room, id, ticket);
+        chat.held
+            .entry(room.to_string())
+            .or_default()
+            .push_back(held);
+        chat.held_count += 1;
+        chat.release_held(room, cx.out);
         Ok(())
     }
-}
-
-/// The id the room's next message gets, reserved in the store: an id a restart could hand out
-/// again is never used.
-fn next_id(chat: &mut Chat, room: &str) -> Result<u64, CommandError> {
-    let unavailable = |e: crate::store::StoreError| {
-        CommandError::new(
-            ErrorCode::Unavailable,
-            format!("the history store cannot take messages now ({e}); retry later"),
-        )
-    };
-    let known = chat.rooms.get(room).map_or(0, |r| r.next_id());
-    let id = if known == 0 {
-        chat.store.last_id(room).map_err(unavailable)? + 1
-    } else {
-        known
-    };
-    chat.store.reserve(room, id).map_err(unavailable)?;
-    Ok(id)
 }
 
 /// With a `request_id`, queues the `ack` naming `id`, sent once the store holds `ticket`.

@@ -2,9 +2,10 @@
 
 use serde::Deserialize;
 
-use crate::chat::protocol::{CommandError, Event};
+use crate::chat::pending::Read;
+use crate::chat::protocol::CommandError;
 use crate::chat::{Chat, Cx, Outbox, validate};
-use crate::store::Page;
+use crate::store::Query;
 
 /// `{"command":"history","room","before"?,"limit"?}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -24,29 +25,24 @@ impl History {
         cx: &mut Cx<'_, O>,
     ) -> Result<(), CommandError> {
         validate::room_name(&self.room)?;
-        // The store is read here, through the view the REST page uses too. A room that never had a
-        // message answers with an empty page rather than an error: history is public, and
-        // "nothing yet" is the truth.
-        let page = chat
-            .history_page(&self.room, self.before, self.limit)
-            .unwrap_or_default();
-        send_page(chat, cx, &self.room, &page);
+        let Some(serial) = chat.members.get(&cx.conn).map(|m| m.serial) else {
+            return Ok(());
+        };
+        // The page is sent when the engine answers. A room that never had a message answers
+        // with an empty page rather than an error: history is public, and "nothing yet" is
+        // the truth. A page that cannot be read is `unavailable`.
+        let limit = chat.page_limit(self.limit);
+        let query = Query::Before {
+            before: self.before,
+            limit,
+        };
+        let read = Read::History {
+            conn: cx.conn,
+            serial,
+            room: self.room.clone(),
+            request_id: cx.request_id.map(str::to_string),
+        };
+        chat.request_page(read, &self.room, query);
         Ok(())
     }
-}
-
-/// Sends `page` of `room` to the member who asked (`history`, `join`, the welcome).
-pub(in crate::chat) fn send_page<O: Outbox>(
-    chat: &mut Chat,
-    cx: &mut Cx<'_, O>,
-    room: &str,
-    page: &Page,
-) {
-    let event = Event::History {
-        room,
-        messages: &page.messages,
-        more: page.more,
-        request_id: cx.request_id,
-    };
-    chat.send_event(cx.conn, &event, cx.out);
 }

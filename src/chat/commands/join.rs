@@ -1,13 +1,15 @@
 //! `join`: enter a room (creating it on demand), tell the room, send the joiner its history.
+//!
+//! The history comes from the engine, maybe turns later: until it does, the joiner's live
+//! events of the room are held (`pending.rs`), then sent after it without the overlap.
 
 use serde::Deserialize;
 
+use crate::chat::pending::Read;
 use crate::chat::protocol::{CommandError, ErrorCode};
 use crate::chat::rooms::Refused;
 use crate::chat::{Chat, Cx, Outbox, validate};
 use crate::store::Query;
-
-use super::history::send_page;
 
 /// `{"command":"join","room","last_n"?,"since"?}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -32,13 +34,12 @@ impl Join {
             return Ok(());
         };
         let name = member.name.clone();
-        let store = &mut chat.store;
-        // Store call 1 of 2: a room new to memory continues its ids from the store (or asks
-        // again at its next broadcast when the store cannot be read now).
-        let first_id = || store.last_id(room).map_or(0, |last| last + 1);
+        let serial = member.serial;
+        let new_room = !chat.rooms.contains(room);
+        // A room new to memory learns its next id from the engine (`LastId`, below).
         let joined = chat
             .rooms
-            .join(cx.conn, room, first_id)
+            .join(cx.conn, room, || 0)
             .map_err(|refused| match refused {
                 Refused::MemberLimit(max) => CommandError::new(
                     ErrorCode::LimitReached,
@@ -49,6 +50,9 @@ impl Join {
                     format!("the server holds at most {max} rooms"),
                 ),
             })?;
+        if new_room {
+            chat.ask_ids(room);
+        }
         if joined {
             chat.notice(room, &name, true, cx.out);
         }
@@ -65,9 +69,16 @@ impl Join {
                 }
             }
         };
-        // Store call 2 of 2: the joiner's page.
-        let page = chat.read_page(room, query);
-        send_page(chat, cx, room, &page);
+        // The joiner's page; from here on its live events of the room wait for it.
+        let read = Read::Join {
+            conn: cx.conn,
+            serial,
+            room: room.to_string(),
+            backwards: matches!(query, Query::Before { .. }),
+            request_id: cx.request_id.map(str::to_string),
+        };
+        let token = chat.request_page(read, room, query);
+        chat.wait_for_page(cx.conn, room, token);
         Ok(())
     }
 }

@@ -32,6 +32,9 @@ impl Leave {
         let name = member.name.clone();
         // Sent before the removal so that the leaver hears it too: a client that sent no
         // request_id still learns that its leave happened.
+        // A join page still on its way is dropped when it comes, and the events held for it
+        // go now: the leaver hears its own notice.
+        chat.stop_waiting(cx.conn, room);
         chat.notice(room, &name, false, cx.out);
         chat.rooms.leave(cx.conn, room);
         if let Some(request_id) = cx.request_id {
