@@ -157,3 +157,51 @@ fn a_joiner_gets_its_page_then_exactly_the_newer_messages_and_rest_reads_are_ans
     srv.stop();
     let _ = std::fs::remove_dir_all(std::path::Path::new(&path).parent().unwrap());
 }
+
+/// Each connection's commands are answered in the order they came, whichever engine answers
+/// and however late: a broadcast to a room new to the server waits for the room's last id and
+/// a reservation (reader and writer threads), and the `ping` sent right behind it is not
+/// answered before it; a `join` page read on the reader thread comes before the answers to
+/// the commands behind it.
+#[test]
+fn a_connections_answers_keep_the_order_of_its_commands() {
+    let path = temp_db("order");
+    let srv = sqlite(&path);
+    let mut a = Raw::connect(&srv, "a");
+    while a.recv()["event"] != "history" {}
+    let rounds = 20;
+    for i in 0..rounds {
+        let room = format!("fresh{i}");
+        a.send(json!({"command":"join","room":room}));
+        a.send(json!({"command":"broadcast","room":room,"message":"first"}));
+        a.send(json!({"command":"ping"}));
+    }
+    let mut order = Vec::new();
+    let mut pongs = 0;
+    while pongs < rounds {
+        let e = a.recv();
+        let tag = match e["event"].as_str() {
+            Some("pong") => {
+                pongs += 1;
+                "pong".to_string()
+            }
+            Some("history") => format!("history {}", e["room"].as_str().unwrap()),
+            Some("broadcast") if e["id"].is_u64() => {
+                format!("echo {}", e["room"].as_str().unwrap())
+            }
+            _ => continue,
+        };
+        order.push(tag);
+    }
+    let expected: Vec<String> = (0..rounds)
+        .flat_map(|i| {
+            [
+                format!("history fresh{i}"),
+                format!("echo fresh{i}"),
+                "pong".into(),
+            ]
+        })
+        .collect();
+    assert_eq!(order, expected, "answers out of the order of the commands");
+    srv.stop();
+}

@@ -467,3 +467,73 @@ fn every_id_is_announced_once_and_covered_ids_do_not_wait() {
     }
     assert_eq!(h.ctl.borrow().reserve_log, (1..=25).collect::<Vec<_>>());
 }
+
+/// A room whose only member leaves while its broadcast waits for an id stays in memory until
+/// the broadcast is numbered and stored, then goes: the message is kept, acked, and a later
+/// joiner finds it. The sender is reported as waiting until then (the transport reads nothing
+/// more from it, so its answers keep the order of its commands).
+#[test]
+fn a_room_whose_broadcasts_wait_for_their_ids_outlives_its_last_member() {
+    let (mut t, h) = setup(Config::default());
+    t.connect(1, "a");
+    t.send(1, json!({"command":"join","room":"side"}));
+    t.out.sent.clear();
+    assert!(
+        !t.chat.is_waiting(1),
+        "the memory engine answered the join at once"
+    );
+    h.ctl.borrow_mut().hold_reservations = true;
+    t.send(
+        1,
+        json!({"command":"broadcast","room":"side","message":"kept","request_id":"k"}),
+    );
+    assert!(t.chat.is_waiting(1), "its broadcast waits for an id");
+    assert!(!t.chat.is_waiting(2), "nobody else waits");
+    t.send(1, json!({"command":"leave","room":"side"}));
+    assert_eq!(
+        t.chat.room_count(),
+        2,
+        "the empty room stays while it holds a broadcast"
+    );
+    t.release(&h);
+    assert!(!t.chat.is_waiting(1));
+    assert_eq!(
+        t.chat.room_count(),
+        1,
+        "and goes once the broadcast is numbered"
+    );
+    let acks = t.out.events(1, "ack");
+    assert_eq!(
+        acks.iter()
+            .map(|a| (a["request_id"].clone(), a["id"].clone()))
+            .collect::<Vec<_>>(),
+        vec![(json!("k"), json!(1))],
+        "stored and acked"
+    );
+    t.connect(2, "b");
+    t.send(2, json!({"command":"join","room":"side"}));
+    let page = t.out.events(2, "history");
+    let side = page
+        .iter()
+        .find(|p| p["room"] == "side")
+        .expect("side's page");
+    assert_eq!(history_ids(side), vec![1], "a later joiner finds it");
+    assert_eq!(side["messages"][0]["message"], "kept");
+}
+
+/// A `history` whose page is late keeps its asker waiting; the answer ends the wait.
+#[test]
+fn a_member_waits_while_its_history_page_is_on_its_way() {
+    let (mut t, h) = setup(Config::default());
+    t.connect(1, "a");
+    t.out.sent.clear();
+    h.ctl.borrow_mut().hold_page_replies = true;
+    t.send(
+        1,
+        json!({"command":"history","room":"general","request_id":"h"}),
+    );
+    assert!(t.chat.is_waiting(1));
+    t.release(&h);
+    assert!(!t.chat.is_waiting(1));
+    assert_eq!(t.out.events(1, "history")[0]["request_id"], "h");
+}

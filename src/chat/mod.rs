@@ -505,6 +505,18 @@ impl Chat {
         unstored + held
     }
 
+    /// Whether `conn` has a command whose answer waits for the engine: its join or `history`
+    /// page, or a broadcast waiting for its id. The transport reads nothing more from such a
+    /// connection until it is answered, so every connection's commands are answered in the
+    /// order they came, whichever engine answers and however late. With the memory engine
+    /// this is never true between inputs.
+    pub fn is_waiting(&self, conn: ConnId) -> bool {
+        use pending::Read;
+        self.reads.values().any(|r| {
+            matches!(r, Read::Join { conn: c, .. } | Read::History { conn: c, .. } if *c == conn)
+        }) || self.held.values().any(|q| q.iter().any(|h| h.conn == conn))
+    }
+
     /// Broadcasts taken and waiting for their room's id to be reserved (shutdown gives them
     /// until its deadline: they were taken, so they must be stored).
     pub fn held_broadcasts(&self) -> usize {

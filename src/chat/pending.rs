@@ -347,12 +347,13 @@ impl Chat {
             };
             if queue.is_empty() {
                 self.held.remove(room);
+                // Numbered and stored: an empty room may go now.
+                self.rooms.unpin(room);
                 return;
             }
             let Some(r) = self.rooms.get(room) else {
-                // Every member left a room other than the default one before its id came:
-                // the room's numbering went with it, so these are not stored (and nobody is
-                // owed an ack). Only a room's first broadcasts after start can be caught so.
+                // Cannot happen: a room with held broadcasts is pinned in memory until they
+                // are numbered (see `Rooms::pin`). Kept as a guard that says what it lost.
                 let n = self.held.remove(room).map_or(0, |q| q.len());
                 self.held_count -= n;
                 log::warn!(
@@ -411,6 +412,7 @@ impl Chat {
     fn refuse_held(&mut self, room: &str, e: &StoreError, out: &mut impl Outbox) {
         let queue: VecDeque<Held> = self.held.remove(room).unwrap_or_default();
         self.held_count -= queue.len();
+        self.rooms.unpin(room);
         let message = format!("the history store cannot take messages now ({e}); retry later");
         for held in queue {
             if !self.is_same_member(held.conn, held.serial) {

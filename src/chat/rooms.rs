@@ -3,7 +3,9 @@
 //!
 //! A room's members are in join order (`list`, the REST API), a member's rooms too (`me`). A
 //! room other than [`DEFAULT_ROOM`] is dropped from memory when its last member leaves (its
-//! stored history stays); [`DEFAULT_ROOM`] always exists. Joining is refused at
+//! stored history stays) — unless it is *pinned*: a room whose broadcasts wait for their ids
+//! stays until they are numbered and stored, so that its numbering is not lost with it;
+//! [`DEFAULT_ROOM`] always exists. Joining is refused at
 //! `--max-rooms-per-member` rooms for the member and, for a room that does not exist yet, at
 //! `--max-rooms` rooms in the server.
 
@@ -24,6 +26,8 @@ pub(crate) struct Room {
     /// The highest id a `Reserve` was sent for: every id handed out is asked for once, so
     /// that an engine reserving ahead renews its block before it runs out.
     asked: u64,
+    /// Kept in memory while empty: broadcasts to it wait for their ids (see [`Rooms::pin`]).
+    pinned: bool,
 }
 
 impl Room {
@@ -187,8 +191,24 @@ impl Rooms {
         self.rooms.iter().map(|(name, r)| (name.as_str(), r))
     }
 
+    /// Keeps `room` in memory while empty, until [`Rooms::unpin`]: its broadcasts wait for
+    /// their ids. `false` when the room is not in memory.
+    pub(crate) fn pin(&mut self, room: &str) -> bool {
+        self.rooms.get_mut(room).map(|r| r.pinned = true).is_some()
+    }
+
+    /// Ends [`Rooms::pin`]: the room is dropped now if it is empty (and not the default room).
+    pub(crate) fn unpin(&mut self, room: &str) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.pinned = false;
+            if r.members.is_empty() && room != DEFAULT_ROOM {
+                self.rooms.remove(room);
+            }
+        }
+    }
+
     /// Takes `conn` out of `room`'s side and drops the room when it is empty (except the
-    /// default room). The member's side is the caller's.
+    /// default room and pinned rooms). The member's side is the caller's.
     fn remove_member(&mut self, conn: ConnId, room: &str) {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
@@ -196,7 +216,7 @@ impl Rooms {
         if let Some(i) = r.members.iter().position(|&m| m == conn) {
             r.members.remove(i);
         }
-        if r.members.is_empty() && room != DEFAULT_ROOM {
+        if r.members.is_empty() && room != DEFAULT_ROOM && !r.pinned {
             self.rooms.remove(room);
         }
     }
@@ -211,7 +231,7 @@ impl Rooms {
         assert!(self.rooms.len() <= self.max_rooms.max(1), "too many rooms");
         for (name, room) in &self.rooms {
             assert!(
-                !room.members.is_empty() || name == DEFAULT_ROOM,
+                !room.members.is_empty() || name == DEFAULT_ROOM || room.pinned,
                 "empty room {name} kept"
             );
             for (i, conn) in room.members.iter().enumerate() {
@@ -246,6 +266,7 @@ impl Room {
             next_id,
             reserved: 0,
             asked: 0,
+            pinned: false,
         }
     }
 }

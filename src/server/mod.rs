@@ -121,6 +121,8 @@ pub struct Server {
     dirty: Vec<usize>,
     /// Connections that still had messages to read when their budget ran out.
     backlog: Vec<usize>,
+    /// Connections not read while a command of theirs waits for the engine (see `unpark`).
+    parked: Vec<usize>,
     closing: Vec<(usize, Close)>,
     ws_config: WebSocketConfig,
     read_limits: ReadLimits,
@@ -224,6 +226,7 @@ impl Server {
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             backlog: Vec::new(),
+            parked: Vec::new(),
             closing: Vec::new(),
             ws_config,
             started: Instant::now(),
@@ -319,6 +322,7 @@ impl Server {
             }
             self.fire_timers(now);
             self.process_closing(now);
+            self.unpark();
             self.flush_dirty();
             if self.trim_at.is_some_and(|at| now >= at) {
                 self.trim_idle();
@@ -450,6 +454,14 @@ impl Server {
                 // its input is served; once the close is under way the rest is discarded.
                 return;
             }
+            if self.chat.is_waiting(id) {
+                // Its last command waits for the engine (a page, an id): the next one is read
+                // once that is answered, so its answers keep the order of its commands.
+                if !self.parked.contains(&id) {
+                    self.parked.push(id);
+                }
+                return;
+            }
             let next = c.read_message(self.iteration, max_pending);
             if !matches!(next, Next::Blocked) {
                 c.timers.set(Timer::Pong, now + pong);
@@ -502,6 +514,24 @@ impl Server {
         self.defer(id);
     }
 
+    /// Connections parked while a command of theirs waited for the engine go back to reading
+    /// (through the backlog, so the next poll does not sleep) once it is answered.
+    fn unpark(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.parked) {
+            if !self.conns.contains(id) {
+                continue;
+            }
+            if self.chat.is_waiting(id) {
+                self.parked.push(id);
+            } else {
+                self.defer(id);
+            }
+        }
+    }
+
     /// Puts a connection whose read budget ran out on the backlog for the next turn.
     fn defer(&mut self, id: usize) {
         if self.conns.contains(id) && !self.backlog.contains(&id) {
@@ -527,6 +557,7 @@ impl Server {
             }
         }
         self.backlog.retain(|&b| b != id);
+        self.parked.retain(|&b| b != id);
         self.dropped_since_trim += 1;
         if self.trim_at.is_none()
             && (self.dropped_since_trim >= TRIM_AFTER_DROPS || self.conns.is_empty())
@@ -544,6 +575,7 @@ impl Server {
             self.conns.shrink_to_fit();
             self.per_ip.shrink_to_fit();
             self.backlog.shrink_to_fit();
+            self.parked.shrink_to_fit();
             self.dirty.shrink_to_fit();
         }
         trim_heap();

@@ -93,6 +93,8 @@ impl Broadcast {
             .or_default()
             .push_back(held);
         chat.held_count += 1;
+        // Until it is numbered, the room stays in memory even if every member leaves it.
+        chat.rooms.pin(room);
         chat.release_held(room, cx.out);
         Ok(())
     }
