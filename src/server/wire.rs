@@ -252,7 +252,12 @@ impl Wire {
         max_pending: usize,
     ) -> Next {
         if self.refused {
-            // Even frames already buffered (they came with the request head) stay unread.
+            // Even frames already buffered (they came with the request head) stay unread. The
+            // bound is checked first here too: output over it (the server's own ping, say) is
+            // `OverBound` on every path, as the contract says.
+            if out.len().saturating_sub(sent) > max_pending {
+                return Next::OverBound;
+            }
             return Next::TooManyFragments;
         }
         let mut spent = false;
@@ -423,6 +428,29 @@ mod tests {
         };
         let mut w = Wire::new(msg, WebSocketConfig::default(), limits);
         let (mut src, mut out) = (io::Cursor::new(Vec::new()), Vec::new());
+        assert!(matches!(
+            w.read(&mut src, &mut out, 0, 1024),
+            Next::TooManyFragments
+        ));
+    }
+
+    /// Found by the `connection` fuzz target: a refused message (too many fragments) and, on
+    /// the same turn, a server ping that took the output past the bound; `read` said
+    /// `TooManyFragments` with the output over the bound instead of `OverBound`.
+    #[test]
+    fn output_over_the_bound_is_reported_on_a_refused_connection_too() {
+        let mut msg = frame(false, 1, b"a");
+        msg.extend(frame(false, 0, b"b"));
+        msg.extend(frame(true, 0, b"c"));
+        let limits = ReadLimits {
+            budget_bytes: 1 << 20,
+            max_fragments: 2,
+        };
+        let mut w = Wire::new(msg, WebSocketConfig::default(), limits);
+        let (mut src, mut out) = (io::Cursor::new(Vec::new()), Vec::new());
+        w.ping(&mut out);
+        assert_eq!(out.len(), 2, "an empty ping is two bytes");
+        assert!(matches!(w.read(&mut src, &mut out, 0, 1), Next::OverBound));
         assert!(matches!(
             w.read(&mut src, &mut out, 0, 1024),
             Next::TooManyFragments
