@@ -110,4 +110,19 @@ def run_all(targets, scenarios, params, outdir, args, records):
             rec = run_one(t, scen, params[scen], outdir, args)
             records.append(rec)
             status = f"ok ({rec.get('seconds', 0)} s)" if rec["ok"] else "PROBLEMS: " + "; ".join(rec["problems"][:4])
-            log(f"{t.label} / {scen}: {status}")
+            log(f"{t.label} / {scen}: {status}{summary_line(rec)}")
+
+
+def summary_line(rec):
+    """The latencies of a finished run, for the progress log: per traffic step
+    `rate: p50/p95/p99 ms`, for a storm the handshake's."""
+    res = rec.get("result") or {}
+    if res.get("steps"):
+        return "; p50/p95/p99 ms " + ", ".join(
+            f"{s['offered_rate']:g}/s {s['latency_ms']['p50']:.2f}/{s['latency_ms'].get('p95', 0):.2f}/"
+            f"{s['latency_ms']['p99']:.2f}" for s in res["steps"])
+    h = res.get("handshake_ms")
+    if h:
+        return (f"; {res.get('handshakes_per_sec', 0):g} handshakes/s, handshake p50/p95/p99 "
+                f"{h['p50']:.2f}/{h.get('p95', 0):.2f}/{h['p99']:.2f} ms")
+    return ""

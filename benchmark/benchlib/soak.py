@@ -175,7 +175,8 @@ def write_soak_report(outdir, args, params, cmd, verdict, rows, lg, server_exit,
            f"- room deliveries checked (every id against the last + 1): {c.get('room_msgs_checked', 0):,}; "
            f"gaps {c.get('gaps', 0)}, duplicates {c.get('duplicates', 0)}, out of order {c.get('out_of_order', 0)}, "
            f"sender-sequence gaps {c.get('seq_gaps', 0)}",
-           f"- churn cycles: {c.get('churn_cycles', 0):,} ({c.get('named_connects', 0):,} with `?name=`); "
+           f"- churn cycles: {c.get('churn_cycles', 0):,} ({c.get('named_connects', 0):,} with `?name=`, "
+           f"{c.get('connects', 0) / max(1.0, seconds):,.1f} connects/s); "
            f"closes: {c.get('closes_clean', 0):,} clean, {c.get('closes_fin', 0):,} FIN, {c.get('closes_rst', 0):,} RST; "
            f"{c.get('leaves', 0):,} leaves; connect failures {c.get('connect_failures', 0)}",
            f"- churn messages: {c.get('churn_msgs_sent', 0):,} sent, {c.get('acks', 0):,} acks (messages + leaves), "
