@@ -49,6 +49,21 @@ def build(no_build):
             sys.exit(f"missing {p}: build it or drop --no-build")
 
 
+def chatterbox_bins(args):
+    """[(tag, path)] of the chatterbox binaries to measure: `--chatterbox-bin TAG=PATH`
+    (repeatable: before and after in one run), or [(None, the worktree's release build)]."""
+    out = []
+    for spec in getattr(args, "chatterbox_bin", None) or []:
+        tag, sep, path = spec.partition("=")
+        if not sep or not tag or not path:
+            sys.exit(f"--chatterbox-bin wants TAG=PATH, got '{spec}'")
+        path = os.path.abspath(path)
+        if not os.access(path, os.X_OK):
+            sys.exit(f"--chatterbox-bin {tag}: {path} is not an executable")
+        out.append((tag, path))
+    return out or [(None, CHATTERBOX)]
+
+
 def descendants(pid):
     """pid and every process below it (peers may fork workers)."""
     children = {}

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from .common import BENCH, LOADGEN, build, env_lines, fmt, free_port, log, pinned, shown
+from .common import BENCH, LOADGEN, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
 from .targets import Target
 
 PREFILL = os.path.join(BENCH, "prefill")
@@ -128,10 +128,24 @@ def run_joins(args):
     os.makedirs(outdir, exist_ok=True)
     build(args.no_build)
     env_lines(args)
+    runs, info = [], {}
+    for tag, path in chatterbox_bins(args):
+        info = joins_one(Target("chatterbox", store, path, tag), store, p, args, outdir, runs)
+    with open(os.path.join(outdir, "joins.json"), "w") as f:
+        json.dump({"params": p, "info": info, "runs": [{"name": n, **r} for n, r in runs]}, f, indent=1)
+    write_joins_report(outdir, args, p, info, runs)
+    bad = [x for _, r in runs for x in r["problems"]]
+    log(f"joins: {'clean' if not bad else 'PROBLEMS'}; {os.path.relpath(outdir)}/joins.md")
+    for x in bad[:10]:
+        log(f"  {x}")
+    return 1 if bad or len(runs) < 2 * len(chatterbox_bins(args)) else 0
+
+
+def joins_one(target, store, p, args, outdir, runs):
+    """Prefill, drop the cache, one server, the two loadgen runs (appended to `runs`)."""
     tmp = tempfile.mkdtemp(prefix="chatterbox-joins-", dir=args.joins_dir)
     info = {"store": store, "db_mib": 0, "fill_s": 0, "dropped": False}
-    target = Target("chatterbox", store)
-    runs = []
+    who = target.label
     try:
         if store == "sqlite":
             db = os.path.join(tmp, "cold.db")
@@ -145,13 +159,13 @@ def run_joins(args):
         if not info["dropped"]:
             log("cannot drop the page cache (not root): history reads may be warm")
         port = free_port()
-        pids = target.start(port, os.path.join(outdir, "server.log"), args.server_core)
+        pids = target.start(port, os.path.join(outdir, f"{who}.log"), args.server_core)
         pid = ",".join(map(str, pids))
         budget = 360 + 2 * float(p["duration"])
         for name, scen, prefix in (("fan-out alone", "fanout", "b"), ("fan-out + joins", "joins", "j")):
             if scen == "joins" and info["dropped"]:
                 drop_caches()
-            out = os.path.join(outdir, f"{scen}.json")
+            out = os.path.join(outdir, f"{who}-{scen}.json")
             if os.path.exists(out):
                 os.remove(out)
             cmd = loadgen_cmd(scen, port, pid, out, p, prefix, args.quiet)
@@ -159,21 +173,16 @@ def run_joins(args):
             problems = list((res or {}).get("problems", []))
             if rc not in (0, 2):
                 problems.append(f"loadgen exit {rc}")
-            runs.append((name, {"command": shown(cmd), "result": res, "problems": problems}))
+            runs.append((f"{who}: {name}", {"command": shown(cmd), "result": res, "problems": problems}))
             if not target.alive():
                 break
         alive = target.alive()
         code = target.stop()
         if not alive:
-            runs[-1][1]["problems"].append(f"the server died (exit {code}), see server.log")
+            runs[-1][1]["problems"].append(f"the server died (exit {code}), see {who}.log")
+    except Exception as e:
+        runs.append((f"{who}: setup", {"command": "-", "result": None, "problems": [str(e)]}))
     finally:
         target.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    with open(os.path.join(outdir, "joins.json"), "w") as f:
-        json.dump({"params": p, "info": info, "runs": [{"name": n, **r} for n, r in runs]}, f, indent=1)
-    write_joins_report(outdir, args, p, info, runs)
-    bad = [x for _, r in runs for x in r["problems"]]
-    log(f"joins: {'clean' if not bad else 'PROBLEMS'}; {os.path.relpath(outdir)}/joins.md")
-    for x in bad[:10]:
-        log(f"  {x}")
-    return 1 if bad or len(runs) < 2 else 0
+    return info

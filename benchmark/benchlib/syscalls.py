@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from .common import BENCH, LOADGEN, build, env_lines, fmt, free_port, log, pinned, shown
+from .common import BENCH, LOADGEN, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
 from .targets import Target
 
 SYSCALLS_DEFAULTS = {"members": 1000, "senders": 10, "rate": 50, "window": 10}
@@ -257,6 +257,8 @@ def run_syscalls(args):
         if v is not None:
             p[k] = v
     tool = args.syscalls_tool
+    if args.db == "both":
+        sys.exit("--syscalls runs one store: --db memory (default) or --db sqlite")
     if not shutil.which(tool):
         sys.exit(f"--syscalls needs {tool} (apt-get install {'linux-perf' if tool == 'perf' else 'strace'})")
     outdir = os.path.abspath(args.out or os.path.join(BENCH, "results", "syscalls"))
@@ -264,9 +266,14 @@ def run_syscalls(args):
     build(args.no_build)
     env_lines(args)
     names = [t for t in (args.targets or "chatterbox,bun").split(",") if t]
-    recs = []
+    targets = []
     for name in names:
-        target = Target(name, args.db or "memory") if name == "chatterbox" else Target(name, "n/a")
+        if name == "chatterbox":
+            targets += [Target(name, args.db or "memory", path, tag) for tag, path in chatterbox_bins(args)]
+        else:
+            targets.append(Target(name, "n/a"))
+    recs = []
+    for target in targets:
         try:
             recs.append(measure(target, p, args, outdir))
         except KeyboardInterrupt:

@@ -41,13 +41,15 @@ CHATTERBOX_FLAGS = [
 class Target:
     """One server under test: chatterbox (with a store variant) or a peer."""
 
-    def __init__(self, name, db):
+    def __init__(self, name, db, binary=None, tag=None):
         self.name = name
         self.db = db
+        self.binary = binary or CHATTERBOX
         if name == "chatterbox":
             self.proto, self.path, self.ready = "chatterbox", "/ws", "http"
             self.self_delivery = True
-            self.label = "chatterbox" if db == "memory" else "chatterbox-sqlite"
+            self.label = ("chatterbox" + (f"-{tag}" if tag else "")
+                          + ("" if db == "memory" else "-sqlite"))
         else:
             start = os.path.join(PEERS, name, "start")
             if not os.access(start, os.X_OK):
@@ -83,7 +85,7 @@ class Target:
                 db_path = os.path.join(self.tmp, "bench.db")
             else:
                 db_path = ":memory:"
-            cmd = [CHATTERBOX, "--port", str(port), "--db-path", db_path] + CHATTERBOX_FLAGS
+            cmd = [self.binary, "--port", str(port), "--db-path", db_path] + CHATTERBOX_FLAGS
         else:
             cmd = [os.path.join(PEERS, self.name, "start")]
         self.log = open(logfile, "w")
