@@ -21,6 +21,10 @@ def traffic_table(rec):
             notes.append(f"{s['closed']} closed by server {s.get('close_codes')}")
         if s.get("errors"):
             notes.append(f"errors {s['errors']}")
+        threads = srv.get("threads") or {}
+        if len(threads) > 1:
+            notes.append("server threads (CPU s / run-queue wait s): " + ", ".join(
+                f"{n} {t['cpu_s']:.2f}/{t['runq_wait_s']:.2f}" for n, t in sorted(threads.items())))
         rows.append(
             f"| {fmt(s['offered_rate'], 0)} | {fmt(s['deliveries_per_sec'], 0)} | {fmt(lat['p50'], 2)} | "
             f"{fmt(lat.get('p90'), 2)} | {fmt(lat.get('p95'), 2)} | {fmt(lat['p99'], 2)} | {fmt(lat['p999'], 2)} | {fmt(lat['max'], 2)} | {fmt(s.get('late', 0), 0)}/{fmt(s['lost'], 0)} | "

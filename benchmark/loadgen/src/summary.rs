@@ -33,6 +33,22 @@ struct Delta {
     wall_s: f64,
 }
 
+/// Per thread name: CPU and run-queue wait between two samples.
+fn thread_deltas(s: &Sampler, a: &str, b: &str) -> Value {
+    let (Some(x), Some(y)) = (s.get(a), s.get(b)) else {
+        return json!({});
+    };
+    let mut out = serde_json::Map::new();
+    for (name, t1) in &y.threads {
+        let t0 = x.threads.get(name).copied().unwrap_or_default();
+        out.insert(
+            name.clone(),
+            json!({"cpu_s": r3(t1.cpu_s - t0.cpu_s), "runq_wait_s": r3(t1.runq_wait_s - t0.runq_wait_s)}),
+        );
+    }
+    Value::Object(out)
+}
+
 fn delta(s: &Sampler, a: &str, b: &str) -> Option<Delta> {
     let (x, y) = (s.get(a)?, s.get(b)?);
     Some(Delta {
@@ -337,8 +353,9 @@ fn server_and_machine(
     t: &StepTotals,
     noise: &mut Vec<String>,
 ) -> (Option<Value>, Option<Value>) {
-    let label = format!("step{step}");
-    let d = delta(sampler, &format!("{label}-start"), &format!("{label}-end"));
+    let (a, b) = (format!("step{step}-start"), format!("step{step}-end"));
+    let d = delta(sampler, &a, &b);
+    let threads = thread_deltas(sampler, &a, &b);
     let received = t.received;
     let server = d.as_ref().filter(|_| sampler.has_pids()).map(|d| {
         if d.runq_wait_s > 0.05 * d.wall_s {
@@ -350,6 +367,7 @@ fn server_and_machine(
             "cpu_s_per_million_deliveries": if received > 0 { r3(d.cpu_s / (received as f64 / 1e6)) } else { 0.0 },
             "rss_kb": d.rss_kb,
             "runq_wait_s": r3(d.runq_wait_s),
+            "threads": threads,
         })
     });
     let machine = d.as_ref().map(|d| {
