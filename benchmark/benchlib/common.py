@@ -131,8 +131,8 @@ def _env_lines(args):
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- chatterbox commit: `{sh(['git', 'rev-parse', '--short', 'HEAD'])}`"
         + (" (work tree has changes)" if sh(['git', 'status', '--porcelain', '--', 'src', 'Cargo.toml']) else ""),
-        f"- machine: {os.cpu_count()} cores ({model}); server pinned to core {args.server_core}, "
-        f"loadgen to core {args.gen_core}" + ("" if have_taskset() else " (taskset unavailable: not pinned)"),
+        f"- machine: {os.cpu_count()} cores ({model}); server pinned to CPU(s) {args.server_core}, "
+        f"loadgen to CPU(s) {args.gen_core}" + ("" if have_taskset() else " (taskset unavailable: not pinned)"),
         f"- command: `benchmark/run {' '.join(sys.argv[1:])}`",
     ]
 
