@@ -219,6 +219,11 @@ impl Tally<'_> {
             }
             Ev::Closed { code } => {
                 self.closed += 1;
+                // A join that can no longer be answered: refused, as far as the step goes.
+                if conn.user.joiner && conn.user.join.take().is_some() {
+                    self.joins.errors += 1;
+                    self.joins.pending -= 1;
+                }
                 let code = code.map_or("none".to_string(), |c| c.to_string());
                 if !conn.user.ready {
                     self.failed += 1;
