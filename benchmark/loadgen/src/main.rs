@@ -142,135 +142,139 @@ enum Plan {
 
 fn parse_plan(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
     match scenario {
-        "fanout" | "rooms" | "joins" => {
-            let fan = scenario != "rooms";
-            let (rooms, room_size, rpm, senders) = if fan {
-                let m: u32 = a.get("members", 1000)?;
-                (1, m, 1, a.get("senders", 10u32)?)
-            } else {
-                let rooms: u32 = a.get("rooms", 1000)?;
-                let size: u32 = a.get("room-size", 10)?;
-                (
-                    rooms,
-                    size,
-                    a.get("rooms-per-member", 1u32)?,
-                    a.get("senders", rooms * size)?,
-                )
-            };
-            if c.proto == Proto::Raw && rooms != 1 {
-                return Err("the raw protocol has no rooms: use fanout".into());
-            }
-            if rooms == 0 || room_size == 0 || rooms as u64 * room_size as u64 > 200_000 {
-                return Err("members must be 1..200000".into());
-            }
-            let default_rates: &[f64] = if scenario == "joins" {
-                &[500.0]
-            } else {
-                &[500.0, 1000.0, 1500.0]
-            };
-            let rates: Vec<f64> = a.list("rates", default_rates)?;
-            if rates.is_empty() || rates.iter().any(|&r| !(r > 0.0 && r <= 2_000_000.0)) {
-                return Err("--rates must be in (0, 2e6]".into());
-            }
-            let duration: f64 = a.get("duration", 5.0)?;
-            let drain: f64 = a.get("drain", 3.0)?;
-            if !(0.1..=120.0).contains(&duration) || !(0.0..=60.0).contains(&drain) {
-                return Err("--duration must be 0.1..120 s and --drain 0..60 s".into());
-            }
-            let msg_size: usize = a.get("msg-size", 64)?;
-            let room = a.str_or("room", "bench");
-            let room_names = if fan {
-                vec![room]
-            } else {
-                (0..rooms).map(|i| format!("r{i}")).collect()
-            };
-            let slo: f64 = a.get("slo-ms", 50.0)?;
-            let self_delivery: bool = a.get("self-delivery", true)?;
-            let joins = if scenario == "joins" {
-                Some(parse_joins(a, c)?)
-            } else {
-                None
-            };
-            let mut params = json!({});
-            if let Some(j) = &joins {
-                params = json!({"joiners": j.joiners, "join_rate": j.rate,
-                                "cold_rooms": j.rooms, "cold_prefix": j.prefix});
-            }
-            let cfg = traffic::TrafficCfg {
-                scenario: match scenario {
-                    "fanout" => "fanout",
-                    "rooms" => "rooms",
-                    _ => "joins",
-                },
-                proto: c.proto,
-                target: c.target,
-                srcs: c.srcs.clone(),
-                path: c.path.clone(),
-                name_prefix: c.name_prefix.clone(),
-                rooms,
-                room_size,
-                rooms_per_member: rpm.max(1),
-                senders,
-                rates: rates.clone(),
-                duration,
-                drain,
-                msg_size: msg_size.clamp(24, 900),
-                concurrency: c.concurrency,
-                self_delivery: c.proto == Proto::Chatterbox || self_delivery,
-                setup_timeout: a.get("setup-timeout", 120.0)?,
-                room_names,
-                max_pending: 64 << 20,
-                stop_p99_ms: if a.flag("no-early-stop") {
-                    0.0
-                } else {
-                    10.0 * slo
-                },
-                joins,
-            };
-            let base = json!({
-                "rooms": rooms, "room_size": room_size, "members": rooms * room_size,
-                "rooms_per_member": rpm, "senders": cfg.senders.min(rooms * room_size),
-                "rates": rates, "duration_s": duration, "drain_s": drain, "msg_size": cfg.msg_size,
-                "self_delivery": cfg.self_delivery, "slo_ms": slo,
-            });
-            if let (Value::Object(p), Value::Object(b)) = (&mut params, base) {
-                p.extend(b);
-            }
-            Ok((Plan::Traffic(cfg, slo), params))
-        }
-        "idle" | "storm" => {
-            let cfg = conns::ConnCfg {
-                proto: c.proto,
-                target: c.target,
-                srcs: c.srcs.clone(),
-                path: c.path.clone(),
-                name_prefix: c.name_prefix.clone(),
-                concurrency: c.concurrency,
-                timeout: a.get("timeout", 10.0)?,
-            };
-            let n: u32 = a.get("conns", 1000)?;
-            if n > 1_000_000 {
-                return Err("--conns at most 1,000,000".into());
-            }
-            if scenario == "idle" {
-                let mut levels: Vec<u32> = a.list("levels", &[n])?;
-                levels.sort_unstable();
-                levels.dedup();
-                levels.retain(|&l| l > 0);
-                let hold: f64 = a.get("hold", 5.0)?;
-                if !(0.0..=3600.0).contains(&hold) {
-                    return Err("--hold must be 0..3600 s".into());
-                }
-                let params =
-                    json!({"levels": levels, "hold_s": hold, "concurrency": c.concurrency});
-                Ok((Plan::Idle(cfg, levels, hold), params))
-            } else {
-                let params =
-                    json!({"conns": n, "concurrency": c.concurrency, "timeout_s": cfg.timeout});
-                Ok((Plan::Storm(cfg, n), params))
-            }
-        }
+        "fanout" | "rooms" | "joins" => parse_traffic(scenario, a, c),
+        "idle" | "storm" => parse_conns(scenario, a, c),
         other => Err(format!("unknown scenario '{other}' (see `loadgen help`)")),
+    }
+}
+
+/// `fanout`, `rooms` and `joins`: the topology, the sweep, the joiners.
+fn parse_traffic(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
+    let fan = scenario != "rooms";
+    let (rooms, room_size, rpm, senders) = if fan {
+        let m: u32 = a.get("members", 1000)?;
+        (1, m, 1, a.get("senders", 10u32)?)
+    } else {
+        let rooms: u32 = a.get("rooms", 1000)?;
+        let size: u32 = a.get("room-size", 10)?;
+        (
+            rooms,
+            size,
+            a.get("rooms-per-member", 1u32)?,
+            a.get("senders", rooms * size)?,
+        )
+    };
+    if c.proto == Proto::Raw && rooms != 1 {
+        return Err("the raw protocol has no rooms: use fanout".into());
+    }
+    if rooms == 0 || room_size == 0 || rooms as u64 * room_size as u64 > 200_000 {
+        return Err("members must be 1..200000".into());
+    }
+    let default_rates: &[f64] = if scenario == "joins" {
+        &[500.0]
+    } else {
+        &[500.0, 1000.0, 1500.0]
+    };
+    let rates: Vec<f64> = a.list("rates", default_rates)?;
+    if rates.is_empty() || rates.iter().any(|&r| !(r > 0.0 && r <= 2_000_000.0)) {
+        return Err("--rates must be in (0, 2e6]".into());
+    }
+    let duration: f64 = a.get("duration", 5.0)?;
+    let drain: f64 = a.get("drain", 3.0)?;
+    if !(0.1..=120.0).contains(&duration) || !(0.0..=60.0).contains(&drain) {
+        return Err("--duration must be 0.1..120 s and --drain 0..60 s".into());
+    }
+    let msg_size: usize = a.get("msg-size", 64)?;
+    let room = a.str_or("room", "bench");
+    let room_names = if fan {
+        vec![room]
+    } else {
+        (0..rooms).map(|i| format!("r{i}")).collect()
+    };
+    let slo: f64 = a.get("slo-ms", 50.0)?;
+    let self_delivery: bool = a.get("self-delivery", true)?;
+    let joins = if scenario == "joins" {
+        Some(parse_joins(a, c)?)
+    } else {
+        None
+    };
+    let mut params = json!({});
+    if let Some(j) = &joins {
+        params = json!({"joiners": j.joiners, "join_rate": j.rate,
+                        "cold_rooms": j.rooms, "cold_prefix": j.prefix});
+    }
+    let cfg = traffic::TrafficCfg {
+        scenario: match scenario {
+            "fanout" => "fanout",
+            "rooms" => "rooms",
+            _ => "joins",
+        },
+        proto: c.proto,
+        target: c.target,
+        srcs: c.srcs.clone(),
+        path: c.path.clone(),
+        name_prefix: c.name_prefix.clone(),
+        rooms,
+        room_size,
+        rooms_per_member: rpm.max(1),
+        senders,
+        rates: rates.clone(),
+        duration,
+        drain,
+        msg_size: msg_size.clamp(24, 900),
+        concurrency: c.concurrency,
+        self_delivery: c.proto == Proto::Chatterbox || self_delivery,
+        setup_timeout: a.get("setup-timeout", 120.0)?,
+        room_names,
+        max_pending: 64 << 20,
+        stop_p99_ms: if a.flag("no-early-stop") {
+            0.0
+        } else {
+            10.0 * slo
+        },
+        joins,
+    };
+    let base = json!({
+        "rooms": rooms, "room_size": room_size, "members": rooms * room_size,
+        "rooms_per_member": rpm, "senders": cfg.senders.min(rooms * room_size),
+        "rates": rates, "duration_s": duration, "drain_s": drain, "msg_size": cfg.msg_size,
+        "self_delivery": cfg.self_delivery, "slo_ms": slo,
+    });
+    if let (Value::Object(p), Value::Object(b)) = (&mut params, base) {
+        p.extend(b);
+    }
+    Ok((Plan::Traffic(cfg, slo), params))
+}
+
+/// `idle` and `storm`: how many connections, in which levels, held how long.
+fn parse_conns(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
+    let cfg = conns::ConnCfg {
+        proto: c.proto,
+        target: c.target,
+        srcs: c.srcs.clone(),
+        path: c.path.clone(),
+        name_prefix: c.name_prefix.clone(),
+        concurrency: c.concurrency,
+        timeout: a.get("timeout", 10.0)?,
+    };
+    let n: u32 = a.get("conns", 1000)?;
+    if n > 1_000_000 {
+        return Err("--conns at most 1,000,000".into());
+    }
+    if scenario == "idle" {
+        let mut levels: Vec<u32> = a.list("levels", &[n])?;
+        levels.sort_unstable();
+        levels.dedup();
+        levels.retain(|&l| l > 0);
+        let hold: f64 = a.get("hold", 5.0)?;
+        if !(0.0..=3600.0).contains(&hold) {
+            return Err("--hold must be 0..3600 s".into());
+        }
+        let params = json!({"levels": levels, "hold_s": hold, "concurrency": c.concurrency});
+        Ok((Plan::Idle(cfg, levels, hold), params))
+    } else {
+        let params = json!({"conns": n, "concurrency": c.concurrency, "timeout_s": cfg.timeout});
+        Ok((Plan::Storm(cfg, n), params))
     }
 }
 
