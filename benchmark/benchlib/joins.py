@@ -96,10 +96,14 @@ def step_row(name, res):
 def write_joins_report(outdir, args, p, info, runs):
     md = ["# chatterbox: join latency under fan-out, cold history", ""]
     md += env_lines(args)
-    md += [f"- store: {info['store']}; database {info['db_mib']} MiB ({p['rooms']} rooms x {p['messages']} "
-           f"messages, written by `benchmark/prefill` in {info['fill_s']} s)",
+    if info.get("store") == "memory":
+        md += ["- store: memory: the joined rooms have no stored history (what a join costs without a read)"]
+    else:
+        md += [f"- store: sqlite; database {info.get('db_mib')} MiB ({p['rooms']} rooms x {p['messages']} "
+               f"messages, written by `benchmark/prefill` in {info.get('fill_s')} s)"]
+    md += [
            f"- page cache dropped before the server started and before the joins run: "
-           f"{'yes' if info['dropped'] else 'NO (not root): reads may come from the page cache'}",
+           f"{'yes' if info.get('dropped') else 'NO (not root): reads may come from the page cache'}",
            f"- load: one room of {p['members']} members, {p['senders']} senders, {p['fanout_rate']:g} msg/s "
            f"({int(p['members'] * p['fanout_rate']):,} deliveries/s) for {p['duration']:g} s; "
            f"joins run: {p['joiners']} joiners, {p['rate']:g} joins/s, each to a room not joined before, "
