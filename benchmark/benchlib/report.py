@@ -41,6 +41,13 @@ def traffic_table(rec):
             line += " — the generator flagged itself at that step"
     else:
         line = f"No step met p99 < {slo:g} ms without loss."
+    for s in res.get("steps", []):
+        j = s.get("joins")
+        if j:
+            jl = j.get("latency_ms") or {}
+            line += (f"\n\nJoins at {fmt(s['offered_rate'], 0)} msg/s: {j['sent']} sent, {j['answered']} answered, "
+                     f"{j['errors']} refused, {j['skipped']} skipped; join → history p50 {fmt(jl.get('p50'), 2)} ms, "
+                     f"p95 {fmt(jl.get('p95'), 2)} ms, p99 {fmt(jl.get('p99'), 2)} ms, max {fmt(jl.get('max'), 2)} ms.")
     setup = res.get("setup") or {}
     if setup.get("connects_per_sec"):
         line += (f"\n\nSetup: {fmt(setup.get('ready'), 0)} connections ready in {setup.get('setup_s', 0):.2f} s "
@@ -86,7 +93,8 @@ def write_report(records, outdir, args, plot_note):
            "50 ms, or preempted off its core by another process); *noise* means other processes "
            "on the machine took CPU during the step, or the server or loadgen waited to be "
            "scheduled. Steps with such notes are upper bounds on latency.", ""]
-    for scen, title in (("fanout", "Fan-out: one room"), ("rooms", "Many rooms")):
+    for scen, title in (("fanout", "Fan-out: one room"), ("rooms", "Many rooms"),
+                        ("joins", "Joins during fan-out")):
         recs = [r for r in records if r["scenario"] == scen]
         if not recs:
             continue
@@ -96,9 +104,13 @@ def write_report(records, outdir, args, plot_note):
             md += [f"{p.get('members', '?')} members in one room, {p.get('senders', '?')} of them senders; "
                    f"each step offers a fixed message rate for {p.get('duration_s', '?')} s; "
                    f"every message is delivered to every member (sender included).", ""]
-        else:
+        elif scen == "rooms":
             md += [f"{p.get('rooms', '?')} rooms of {p.get('room_size', '?')} members; every member sends "
                    f"to its own room; the offered rate is the total over all rooms.", ""]
+        else:
+            md += [f"The fan-out of {p.get('members', '?')} members, and {p.get('joiners', '?')} joiners that join "
+                   f"{p.get('join_rate', '?')} rooms/s during each step (each room once) and leave again. These "
+                   "rooms have no stored history here; `run --joins` measures joins that read cold history.", ""]
         if len(recs) > 1:
             md += ["| target | highest rate with p99 < SLO, no loss | deliveries/s there | p99 ms there | server CPU s / M deliveries there |",
                    "|---|---:|---:|---:|---:|"]

@@ -1,5 +1,5 @@
-"""The load scenarios (fanout, rooms, idle, storm): their sizes, one loadgen run per target
-and scenario, each on a fresh server."""
+"""The load scenarios (fanout, rooms, idle, storm, joins): their sizes, one loadgen run per
+target and scenario, each on a fresh server."""
 
 import json
 import os
@@ -8,7 +8,11 @@ import time
 
 from .common import LOADGEN, free_port, log, pinned, shown
 
-SCENARIOS = ["fanout", "rooms", "idle", "storm"]
+SCENARIOS = ["fanout", "rooms", "idle", "storm", "joins"]
+# What a run does without --scenarios. `joins` here joins rooms with no stored history (it
+# keeps the scenario working in the smoke run); `run --joins` is the cold-history measurement.
+DEFAULT_SCENARIOS = ["fanout", "rooms", "idle", "storm"]
+SMOKE_SCENARIOS = DEFAULT_SCENARIOS + ["joins"]
 
 FULL = {
     "fanout": {"members": 1000, "senders": 10, "rates": "100,250,500,1000,1600,2500,4000,6000",
@@ -16,19 +20,26 @@ FULL = {
     "rooms": {"rooms": 1000, "room_size": 10, "rates": "5000,20000,50000", "duration": 5, "drain": 3},
     "idle": {"levels": "1000,2500,5000,10000,15000", "hold": 5},
     "storm": {"conns": 5000, "concurrency": 500},
+    "joins": {"members": 1000, "senders": 10, "rates": "500", "duration": 10, "drain": 3,
+              "joiners": 50, "join_rate": 20, "cold_rooms": 10000},
 }
 SMOKE = {
     "fanout": {"members": 20, "senders": 2, "rates": "100,200", "duration": 1.5, "drain": 1},
     "rooms": {"rooms": 10, "room_size": 5, "rates": "50,100", "duration": 1.5, "drain": 1},
     "idle": {"levels": "50,100", "hold": 1},
     "storm": {"conns": 200, "concurrency": 50},
+    "joins": {"members": 20, "senders": 2, "rates": "100", "duration": 1.5, "drain": 1,
+              "joiners": 4, "join_rate": 8, "cold_rooms": 100},
 }
 
 
 def loadgen_args(scenario, p):
-    if scenario == "fanout":
-        return ["--members", p["members"], "--senders", p["senders"], "--rates", p["rates"],
-                "--duration", p["duration"], "--drain", p["drain"]]
+    if scenario in ("fanout", "joins"):
+        out = ["--members", p["members"], "--senders", p["senders"], "--rates", p["rates"],
+               "--duration", p["duration"], "--drain", p["drain"]]
+        if scenario == "joins":
+            out += ["--joiners", p["joiners"], "--join-rate", p["join_rate"], "--cold-rooms", p["cold_rooms"]]
+        return out
     if scenario == "rooms":
         return ["--rooms", p["rooms"], "--room-size", p["room_size"], "--rates", p["rates"],
                 "--duration", p["duration"], "--drain", p["drain"]]
@@ -38,7 +49,7 @@ def loadgen_args(scenario, p):
 
 
 def budget(scenario, p):
-    if scenario in ("fanout", "rooms"):
+    if scenario in ("fanout", "rooms", "joins"):
         steps = len(str(p["rates"]).split(","))
         return 150 + steps * (float(p["duration"]) + float(p["drain"]) + 5)
     if scenario == "idle":
@@ -104,8 +115,8 @@ def run_all(targets, scenarios, params, outdir, args, records):
             records.append({"target": t.label, "scenario": "setup", "ok": False, "problems": [str(e)]})
             continue
         for scen in scenarios:
-            if scen == "rooms" and t.proto == "raw":
-                log(f"{t.label}: skipping rooms (the raw peer protocol has no rooms)")
+            if scen in ("rooms", "joins") and t.proto == "raw":
+                log(f"{t.label}: skipping {scen} (the raw peer protocol has no rooms)")
                 continue
             rec = run_one(t, scen, params[scen], outdir, args)
             records.append(rec)
