@@ -11,7 +11,10 @@ loadgen runs on that server, one after the other:
    broadcast latency of the room's members while the joins happen.
 
 If the loop stalls on a page read, the second run's broadcast p99 rises above the first
-one's, and the join latency carries the read.
+one's, and the join latency carries the read. To see the reads themselves, the event loop's
+thread (the server's main thread) has its `pread64` calls counted with
+`perf stat -e syscalls:sys_enter_pread64 -t TID` for a window inside each run's step: a loop
+that reads no pages makes none.
 """
 
 import json
@@ -20,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from .common import BENCH, LOADGEN, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
@@ -59,29 +63,82 @@ def loadgen_cmd(scenario, port, pid, out, p, prefix, quiet):
            "--duration", p["duration"], "--drain", p["drain"], "--no-early-stop"]
     if scenario == "joins":
         cmd += ["--joiners", p["joiners"], "--join-rate", p["rate"], "--cold-rooms", p["rooms"]]
-    if quiet:
-        cmd.append("--quiet")
     return [str(x) for x in cmd]
 
 
-def run_loadgen(cmd, args, timeout):
+# The loop thread's calls counted during each run's step.
+LOOP_CALLS = ["pread64", "preadv", "read", "fcntl", "fsync", "fdatasync"]
+
+
+def count_loop_calls(tid, window):
+    """The thread's LOOP_CALLS and all its syscalls over `window` s ({name: n}), None without perf."""
+    if not shutil.which("perf"):
+        return None
+    events = [f"syscalls:sys_enter_{n}" for n in LOOP_CALLS
+              if os.path.isdir(f"/sys/kernel/tracing/events/syscalls/sys_enter_{n}")] + ["raw_syscalls:sys_enter"]
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
+        r = subprocess.run(["perf", "stat", "-x,", "-o", out.name, "-e", ",".join(events), "-t", str(tid),
+                            "--", "sleep", str(window)], capture_output=True, text=True, timeout=window + 60)
+        counts = {}
+        for line in out.read().splitlines():
+            f = line.split(",")
+            if len(f) >= 3 and f[0].isdigit():
+                counts[f[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all")] = int(f[0])
+        return counts if r.returncode == 0 else None
+
+
+class StepWatch(threading.Thread):
+    """Reads loadgen's progress lines (forwarding them unless quiet) and notes the step's start."""
+
+    def __init__(self, stream, quiet):
+        super().__init__(daemon=True)
+        self.stream, self.quiet = stream, quiet
+        self.started = threading.Event()
+
+    def run(self):
+        for line in self.stream:
+            if " step 1/" in line:
+                self.started.set()
+            if not self.quiet or "PROBLEM" in line:
+                sys.stderr.write(line)
+
+
+def run_loadgen(cmd, args, timeout, loop_tid, window):
+    """Runs loadgen; while its step runs, counts the loop thread's calls for `window` s."""
     log(shown(cmd))
+    lg = subprocess.Popen(pinned(args.gen_core, cmd), stderr=subprocess.PIPE, text=True)
+    watch = StepWatch(lg.stderr, args.quiet)
+    watch.start()
+    calls = None
     try:
-        rc = subprocess.run(pinned(args.gen_core, cmd), timeout=timeout).returncode
+        if watch.started.wait(timeout=timeout) and lg.poll() is None:
+            time.sleep(1.0)
+            calls = count_loop_calls(loop_tid, window)
+        rc = lg.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        lg.kill()
+        lg.wait()
         rc = "timeout"
+    watch.join(timeout=5)
     out = cmd[cmd.index("--out") + 1]
     res = None
     if os.path.exists(out):
         with open(out) as f:
             res = json.load(f)
-    return rc, res
+    return rc, res, calls
 
 
-def step_row(name, res):
+def step_row(name, res, calls, p):
     st = ((res or {}).get("steps") or [{}])[0]
     lat = st.get("latency_ms") or {}
     srv = st.get("server") or {}
+    threads = ", ".join(f"{n} {t.get('cpu_s', 0):.2f}" for n, t in sorted((srv.get("threads") or {}).items()))
+    loop = "-"
+    if calls:
+        w = calls.get("window_s") or 1
+        loop = f"{calls.get('pread64', 0) / w:,.0f} / {calls.get('fcntl', 0) / w:,.0f} / {calls.get('all', 0) / w:,.0f}"
+        if st.get("joins"):
+            loop += f" ({calls.get('pread64', 0) / (w * float(p['rate'])):.1f} pread64 per join)"
     j = st.get("joins") or {}
     jl = j.get("latency_ms") or {}
     noise = "; ".join(st.get("noise") or []) + ("; loadgen-bound" if (st.get("generator") or {}).get("bottleneck") else "")
@@ -90,7 +147,8 @@ def step_row(name, res):
             f"{fmt(j.get('sent'), 0) if j else '-'} | {fmt(j.get('answered'), 0) if j else '-'} | "
             f"{fmt(j.get('skipped'), 0) if j else '-'} | "
             f"{fmt(jl.get('p50'), 2)} | {fmt(jl.get('p95'), 2)} | {fmt(jl.get('p99'), 2)} | {fmt(jl.get('max'), 2)} | "
-            f"{fmt(100 * srv['cpu_frac_of_core'], 0) + '%' if srv else '-'} | {noise.strip('; ') or '-'} |")
+            f"{fmt(100 * srv['cpu_frac_of_core'], 0) + '%' if srv else '-'} | {threads or '-'} | {loop} | "
+            f"{noise.strip('; ') or '-'} |")
 
 
 def write_joins_report(outdir, args, p, info, runs):
@@ -109,12 +167,15 @@ def write_joins_report(outdir, args, p, info, runs):
            f"joins run: {p['joiners']} joiners, {p['rate']:g} joins/s, each to a room not joined before, "
            f"then `leave`", ""]
     md += ["| run | deliveries/s | broadcast p50 ms | p95 ms | p99 ms | max ms | lost | joins | answered | skipped | "
-           "join→history p50 ms | p95 ms | p99 ms | max ms | server CPU | notes |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "join→history p50 ms | p95 ms | p99 ms | max ms | server CPU | CPU s per thread | "
+           "event loop thread: pread64 / fcntl / all syscalls per s | notes |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for name, r in runs:
-        md.append(step_row(name, r["result"]))
+        md.append(step_row(name, r["result"], r.get("loop_calls"), p))
     md += ["", "Broadcast latency: intended send time to arrival at each of the room's members (open loop). "
-           "Join latency: the joiner's `join` written to its `history` read.", ""]
+           "Join latency: the joiner's `join` written to its `history` read. *Event loop thread*: the "
+           "server's main thread, its calls counted with `perf stat -t` for a window inside the step "
+           "(a page read on the loop shows as `pread64`; SQLite's locks as `fcntl`).", ""]
     problems = [f"{name}: {x}" for name, r in runs for x in r["problems"]]
     if problems:
         md += ["Problems:", ""] + [f"- {x}" for x in problems[:20]] + [""]
@@ -173,11 +234,15 @@ def joins_one(target, store, p, args, outdir, runs):
             if os.path.exists(out):
                 os.remove(out)
             cmd = loadgen_cmd(scen, port, pid, out, p, prefix, args.quiet)
-            rc, res = run_loadgen(cmd, args, budget)
+            window = max(1.0, float(p["duration"]) - 3)
+            rc, res, calls = run_loadgen(cmd, args, budget, pids[0], window)
+            if calls is not None:
+                calls["window_s"] = window
             problems = list((res or {}).get("problems", []))
             if rc not in (0, 2):
                 problems.append(f"loadgen exit {rc}")
-            runs.append((f"{who}: {name}", {"command": shown(cmd), "result": res, "problems": problems}))
+            runs.append((f"{who}: {name}", {"command": shown(cmd), "result": res, "problems": problems,
+                                            "loop_calls": calls}))
             if not target.alive():
                 break
         alive = target.alive()
