@@ -26,7 +26,10 @@ def traffic_plot(records, scenario, outdir, fname, title):
         slo = r["result"]["params"].get("slo_ms", 50)
         x = [s["offered_rate"] for s in steps]
         c = colors[i % len(colors)]
-        for q, style, name in (("p50", ":", "p50"), ("p99", "-", "p99"), ("p999", "--", "p99.9")):
+        for q, style, name in (("p50", ":", "p50"), ("p95", "-.", "p95"), ("p99", "-", "p99"),
+                               ("p999", "--", "p99.9")):
+            if any(q not in s["latency_ms"] for s in steps):
+                continue  # results written before loadgen reported it
             ax.plot(x, [max(s["latency_ms"][q], 0.001) for s in steps], style, color=c, marker="o",
                     markersize=3, label=f"{r['target']} {name}")
         # Steps where the generator says it was the limit are marked with an x.

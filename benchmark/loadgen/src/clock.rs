@@ -42,6 +42,49 @@ pub struct ProcSample {
     pub listen_overflows: u64,
 }
 
+/// One thread name of the server: CPU (utime + stime) and run-queue wait, summed over the
+/// threads of that name (`/proc/PID/task/TID/{stat,schedstat}`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ThreadSample {
+    pub cpu_s: f64,
+    pub runq_wait_s: f64,
+}
+
+/// The pids' threads by name: where a multi-threaded server (the event loop and a store
+/// writer, say) spends its CPU, and which thread waited for a core.
+pub fn sample_threads(pids: &[u32]) -> std::collections::BTreeMap<String, ThreadSample> {
+    let tck = clk_tck();
+    let mut out = std::collections::BTreeMap::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let name = stat[open + 1..close].to_string();
+            let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            if f.len() <= 13 {
+                continue;
+            }
+            let ut: f64 = f[11].parse().unwrap_or(0.0);
+            let st: f64 = f[12].parse().unwrap_or(0.0);
+            let wait = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+                .unwrap_or(0u64);
+            let e: &mut ThreadSample = out.entry(name).or_default();
+            e.cpu_s += (ut + st) / tck;
+            e.runq_wait_s += wait as f64 / 1e9;
+        }
+    }
+    out
+}
+
 pub fn listen_overflows() -> u64 {
     let Ok(text) = std::fs::read_to_string("/proc/net/netstat") else {
         return 0;

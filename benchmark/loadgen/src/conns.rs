@@ -187,6 +187,7 @@ pub fn run_idle(
     ctx.barrier("level-0")?;
     let mut from = 0;
     for &level in levels {
+        let t_open = mono_ns();
         open_range(
             cfg,
             ctx,
@@ -196,6 +197,7 @@ pub fn run_idle(
             level,
             &format!("idle level {level}"),
         )?;
+        let open_s = secs(mono_ns() - t_open);
         from = level;
         // Let the server finish what the joins set off (notices, history) before sampling.
         pump(cfg, &mut net, &mut count, 0.5)?;
@@ -203,6 +205,7 @@ pub fn run_idle(
             level: level as u64,
             open: net.live() as u64,
             failed: count.failed,
+            open_s,
         });
         if !ctx.quiet {
             eprintln!(

@@ -9,7 +9,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use crate::clock::{ProcSample, mono_ns, sample_procs};
+use std::collections::BTreeMap;
+
+use crate::clock::{ProcSample, ThreadSample, mono_ns, sample_procs, sample_threads};
 
 use crate::report::ShardResult;
 
@@ -19,6 +21,9 @@ pub struct Sample {
     pub t_s: f64,
     #[serde(flatten)]
     pub proc: ProcSample,
+    /// The server's threads by name (empty without --server-pid).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub threads: BTreeMap<String, ThreadSample>,
 }
 
 pub struct Sampler {
@@ -38,11 +43,13 @@ impl Sampler {
 
     pub fn take(&mut self, label: &str) {
         let proc = sample_procs(&self.pids);
+        let threads = sample_threads(&self.pids);
         let t_s = (mono_ns() - self.t0) as f64 / 1e9;
         self.samples.push(Sample {
             label: label.to_string(),
             t_s,
             proc,
+            threads,
         });
     }
 

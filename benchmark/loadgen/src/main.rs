@@ -7,7 +7,8 @@
 //! - `ws`: the client transport (mio, shared read buffer, frame codec, timerfd).
 //! - `proto`: payload stamps and the bits of chatterbox's event format we read.
 //! - `traffic`: `fanout` and `rooms`; `conns`: `idle` and `storm`; `soak`: the long run.
-//! - `coord`: worker processes and barriers; `report`: raw results and merging.
+//! - `coord`: worker processes and barriers; `report`: raw results; `summary`: merging them
+//!   into the JSON report.
 
 mod args;
 mod clock;
@@ -16,10 +17,10 @@ mod coord;
 mod proto;
 mod report;
 mod soak;
+mod summary;
 mod traffic;
 mod ws;
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde_json::{Value, json};
@@ -28,7 +29,7 @@ use args::Args;
 use clock::mono_ns;
 use coord::{Coord, Ctx, Sampler};
 use proto::Proto;
-use report::{ShardResult, StepShard};
+use report::ShardResult;
 
 const HELP: &str = "\
 loadgen SCENARIO --target 127.0.0.1:PORT [options]
@@ -40,6 +41,10 @@ Scenarios
   idle     open --levels L1,L2,.. connections (or --conns N), sample the server at each
            level, hold --hold seconds
   storm    open --conns N connections as fast as possible, at most --concurrency in flight
+  joins    fanout (defaults: --members 1000, --rates 500) plus --joiners J members that join
+           rooms with stored history (--cold-rooms R named --cold-prefix P: P0 .. P{R-1},
+           filled beforehand, e.g. by benchmark/prefill) at --join-rate X joins/s during
+           each step, each room once; reports join -> history latency per step
   soak     chatterbox only, one process: --seconds S of steady traffic to --rooms R rooms of
            --room-size N stable members with churn, checking every per-room id (see below)
 
@@ -66,6 +71,11 @@ Traffic (fanout, rooms)
   --room NAME            fanout room (default bench)
   --self-delivery B      raw proto: does the sender get its own frame (default true)
   --setup-timeout S      connect + join (default 120)
+Joins (besides the fanout options)
+  --joiners J            joiner connections, at most one join waiting each (default 50)
+  --join-rate X          joins per second during each step (default 20)
+  --cold-rooms R         rooms with stored history (default 10000)
+  --cold-prefix P        their name prefix (default cold)
 Soak (defaults in brackets)
   --seconds S            length of the traffic [600]
   --rooms R              rooms [20]                    --room-size N  stable members each [25]
@@ -132,113 +142,165 @@ enum Plan {
 
 fn parse_plan(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
     match scenario {
-        "fanout" | "rooms" => {
-            let fan = scenario == "fanout";
-            let (rooms, room_size, rpm, senders) = if fan {
-                let m: u32 = a.get("members", 1000)?;
-                (1, m, 1, a.get("senders", 10u32)?)
-            } else {
-                let rooms: u32 = a.get("rooms", 1000)?;
-                let size: u32 = a.get("room-size", 10)?;
-                (
-                    rooms,
-                    size,
-                    a.get("rooms-per-member", 1u32)?,
-                    a.get("senders", rooms * size)?,
-                )
-            };
-            if c.proto == Proto::Raw && rooms != 1 {
-                return Err("the raw protocol has no rooms: use fanout".into());
-            }
-            if rooms == 0 || room_size == 0 || rooms as u64 * room_size as u64 > 200_000 {
-                return Err("members must be 1..200000".into());
-            }
-            let rates: Vec<f64> = a.list("rates", &[500.0, 1000.0, 1500.0])?;
-            if rates.is_empty() || rates.iter().any(|&r| !(r > 0.0 && r <= 2_000_000.0)) {
-                return Err("--rates must be in (0, 2e6]".into());
-            }
-            let duration: f64 = a.get("duration", 5.0)?;
-            let drain: f64 = a.get("drain", 3.0)?;
-            if !(0.1..=120.0).contains(&duration) || !(0.0..=60.0).contains(&drain) {
-                return Err("--duration must be 0.1..120 s and --drain 0..60 s".into());
-            }
-            let msg_size: usize = a.get("msg-size", 64)?;
-            let room = a.str_or("room", "bench");
-            let room_names = if fan {
-                vec![room]
-            } else {
-                (0..rooms).map(|i| format!("r{i}")).collect()
-            };
-            let slo: f64 = a.get("slo-ms", 50.0)?;
-            let self_delivery: bool = a.get("self-delivery", true)?;
-            let cfg = traffic::TrafficCfg {
-                scenario: if fan { "fanout" } else { "rooms" },
-                proto: c.proto,
-                target: c.target,
-                srcs: c.srcs.clone(),
-                path: c.path.clone(),
-                name_prefix: c.name_prefix.clone(),
-                rooms,
-                room_size,
-                rooms_per_member: rpm.max(1),
-                senders,
-                rates: rates.clone(),
-                duration,
-                drain,
-                msg_size: msg_size.clamp(24, 900),
-                concurrency: c.concurrency,
-                self_delivery: c.proto == Proto::Chatterbox || self_delivery,
-                setup_timeout: a.get("setup-timeout", 120.0)?,
-                room_names,
-                max_pending: 64 << 20,
-                stop_p99_ms: if a.flag("no-early-stop") {
-                    0.0
-                } else {
-                    10.0 * slo
-                },
-            };
-            let params = json!({
-                "rooms": rooms, "room_size": room_size, "members": rooms * room_size,
-                "rooms_per_member": rpm, "senders": cfg.senders.min(rooms * room_size),
-                "rates": rates, "duration_s": duration, "drain_s": drain, "msg_size": cfg.msg_size,
-                "self_delivery": cfg.self_delivery, "slo_ms": slo,
-            });
-            Ok((Plan::Traffic(cfg, slo), params))
-        }
-        "idle" | "storm" => {
-            let cfg = conns::ConnCfg {
-                proto: c.proto,
-                target: c.target,
-                srcs: c.srcs.clone(),
-                path: c.path.clone(),
-                name_prefix: c.name_prefix.clone(),
-                concurrency: c.concurrency,
-                timeout: a.get("timeout", 10.0)?,
-            };
-            let n: u32 = a.get("conns", 1000)?;
-            if n > 1_000_000 {
-                return Err("--conns at most 1,000,000".into());
-            }
-            if scenario == "idle" {
-                let mut levels: Vec<u32> = a.list("levels", &[n])?;
-                levels.sort_unstable();
-                levels.dedup();
-                levels.retain(|&l| l > 0);
-                let hold: f64 = a.get("hold", 5.0)?;
-                if !(0.0..=3600.0).contains(&hold) {
-                    return Err("--hold must be 0..3600 s".into());
-                }
-                let params =
-                    json!({"levels": levels, "hold_s": hold, "concurrency": c.concurrency});
-                Ok((Plan::Idle(cfg, levels, hold), params))
-            } else {
-                let params =
-                    json!({"conns": n, "concurrency": c.concurrency, "timeout_s": cfg.timeout});
-                Ok((Plan::Storm(cfg, n), params))
-            }
-        }
+        "fanout" | "rooms" | "joins" => parse_traffic(scenario, a, c),
+        "idle" | "storm" => parse_conns(scenario, a, c),
         other => Err(format!("unknown scenario '{other}' (see `loadgen help`)")),
     }
+}
+
+/// `fanout`, `rooms` and `joins`: the topology, the sweep, the joiners.
+fn parse_traffic(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
+    let fan = scenario != "rooms";
+    let (rooms, room_size, rpm, senders) = if fan {
+        let m: u32 = a.get("members", 1000)?;
+        (1, m, 1, a.get("senders", 10u32)?)
+    } else {
+        let rooms: u32 = a.get("rooms", 1000)?;
+        let size: u32 = a.get("room-size", 10)?;
+        (
+            rooms,
+            size,
+            a.get("rooms-per-member", 1u32)?,
+            a.get("senders", rooms * size)?,
+        )
+    };
+    if c.proto == Proto::Raw && rooms != 1 {
+        return Err("the raw protocol has no rooms: use fanout".into());
+    }
+    if rooms == 0 || room_size == 0 || rooms as u64 * room_size as u64 > 200_000 {
+        return Err("members must be 1..200000".into());
+    }
+    let default_rates: &[f64] = if scenario == "joins" {
+        &[500.0]
+    } else {
+        &[500.0, 1000.0, 1500.0]
+    };
+    let rates: Vec<f64> = a.list("rates", default_rates)?;
+    if rates.is_empty() || rates.iter().any(|&r| !(r > 0.0 && r <= 2_000_000.0)) {
+        return Err("--rates must be in (0, 2e6]".into());
+    }
+    let duration: f64 = a.get("duration", 5.0)?;
+    let drain: f64 = a.get("drain", 3.0)?;
+    if !(0.1..=120.0).contains(&duration) || !(0.0..=60.0).contains(&drain) {
+        return Err("--duration must be 0.1..120 s and --drain 0..60 s".into());
+    }
+    let msg_size: usize = a.get("msg-size", 64)?;
+    let room = a.str_or("room", "bench");
+    let room_names = if fan {
+        vec![room]
+    } else {
+        (0..rooms).map(|i| format!("r{i}")).collect()
+    };
+    let slo: f64 = a.get("slo-ms", 50.0)?;
+    let self_delivery: bool = a.get("self-delivery", true)?;
+    let joins = if scenario == "joins" {
+        Some(parse_joins(a, c)?)
+    } else {
+        None
+    };
+    let mut params = json!({});
+    if let Some(j) = &joins {
+        params = json!({"joiners": j.joiners, "join_rate": j.rate,
+                        "cold_rooms": j.rooms, "cold_prefix": j.prefix});
+    }
+    let cfg = traffic::TrafficCfg {
+        scenario: match scenario {
+            "fanout" => "fanout",
+            "rooms" => "rooms",
+            _ => "joins",
+        },
+        proto: c.proto,
+        target: c.target,
+        srcs: c.srcs.clone(),
+        path: c.path.clone(),
+        name_prefix: c.name_prefix.clone(),
+        rooms,
+        room_size,
+        rooms_per_member: rpm.max(1),
+        senders,
+        rates: rates.clone(),
+        duration,
+        drain,
+        msg_size: msg_size.clamp(24, 900),
+        concurrency: c.concurrency,
+        self_delivery: c.proto == Proto::Chatterbox || self_delivery,
+        setup_timeout: a.get("setup-timeout", 120.0)?,
+        room_names,
+        max_pending: 64 << 20,
+        stop_p99_ms: if a.flag("no-early-stop") {
+            0.0
+        } else {
+            10.0 * slo
+        },
+        joins,
+    };
+    let base = json!({
+        "rooms": rooms, "room_size": room_size, "members": rooms * room_size,
+        "rooms_per_member": rpm, "senders": cfg.senders.min(rooms * room_size),
+        "rates": rates, "duration_s": duration, "drain_s": drain, "msg_size": cfg.msg_size,
+        "self_delivery": cfg.self_delivery, "slo_ms": slo,
+    });
+    if let (Value::Object(p), Value::Object(b)) = (&mut params, base) {
+        p.extend(b);
+    }
+    Ok((Plan::Traffic(cfg, slo), params))
+}
+
+/// `idle` and `storm`: how many connections, in which levels, held how long.
+fn parse_conns(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
+    let cfg = conns::ConnCfg {
+        proto: c.proto,
+        target: c.target,
+        srcs: c.srcs.clone(),
+        path: c.path.clone(),
+        name_prefix: c.name_prefix.clone(),
+        concurrency: c.concurrency,
+        timeout: a.get("timeout", 10.0)?,
+    };
+    let n: u32 = a.get("conns", 1000)?;
+    if n > 1_000_000 {
+        return Err("--conns at most 1,000,000".into());
+    }
+    if scenario == "idle" {
+        let mut levels: Vec<u32> = a.list("levels", &[n])?;
+        levels.sort_unstable();
+        levels.dedup();
+        levels.retain(|&l| l > 0);
+        let hold: f64 = a.get("hold", 5.0)?;
+        if !(0.0..=3600.0).contains(&hold) {
+            return Err("--hold must be 0..3600 s".into());
+        }
+        let params = json!({"levels": levels, "hold_s": hold, "concurrency": c.concurrency});
+        Ok((Plan::Idle(cfg, levels, hold), params))
+    } else {
+        let params = json!({"conns": n, "concurrency": c.concurrency, "timeout_s": cfg.timeout});
+        Ok((Plan::Storm(cfg, n), params))
+    }
+}
+
+fn parse_joins(a: &Args, c: &Common) -> Result<traffic::JoinCfg, String> {
+    if c.proto != Proto::Chatterbox {
+        return Err("joins needs --proto chatterbox (it joins rooms)".into());
+    }
+    let joiners: u32 = a.get("joiners", 50)?;
+    let rate: f64 = a.get("join-rate", 20.0)?;
+    let rooms: u32 = a.get("cold-rooms", 10_000)?;
+    let prefix = a.str_or("cold-prefix", "cold");
+    if !(1..=10_000).contains(&joiners) {
+        return Err("--joiners must be 1..10000".into());
+    }
+    if !(rate > 0.0 && rate <= 100_000.0) {
+        return Err("--join-rate must be in (0, 100000]".into());
+    }
+    if rooms == 0 || prefix.is_empty() || prefix.len() > 50 {
+        return Err("--cold-rooms must be at least 1 and --cold-prefix 1..50 characters".into());
+    }
+    Ok(traffic::JoinCfg {
+        joiners,
+        rate,
+        rooms,
+        prefix,
+    })
 }
 
 fn run_shard(plan: &Plan, ctx: &mut Ctx) -> ShardResult {
@@ -250,356 +312,6 @@ fn run_shard(plan: &Plan, ctx: &mut Ctx) -> ShardResult {
         Plan::Storm(cfg, n) => conns::run_storm(cfg, *n, ctx).map(ShardResult::Storm),
     };
     r.unwrap_or_else(ShardResult::Error)
-}
-
-fn lat_json(h: &hdrhistogram::Histogram<u64>) -> Value {
-    json!({
-        "p50": report::ms(h, 0.5), "p90": report::ms(h, 0.9), "p99": report::ms(h, 0.99),
-        "p999": report::ms(h, 0.999), "max": report::ms(h, 1.0),
-        "mean": (h.mean() / 1000.0 * 1000.0).round() / 1000.0, "count": h.len(),
-    })
-}
-
-/// (server cpu s, server rss kb at `b`, server run-queue wait s, machine busy cpu-s, wall s)
-/// between two barrier samples.
-struct Delta {
-    cpu_s: f64,
-    rss_kb: u64,
-    runq_wait_s: f64,
-    busy_s: f64,
-    wall_s: f64,
-}
-
-fn delta(s: &Sampler, a: &str, b: &str) -> Option<Delta> {
-    let (x, y) = (s.get(a)?, s.get(b)?);
-    Some(Delta {
-        cpu_s: y.proc.cpu_s - x.proc.cpu_s,
-        rss_kb: y.proc.rss_kb,
-        runq_wait_s: y.proc.runq_wait_s - x.proc.runq_wait_s,
-        busy_s: y.proc.machine_busy_s - x.proc.machine_busy_s,
-        wall_s: (y.t_s - x.t_s).max(1e-9),
-    })
-}
-
-fn r3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-fn summarize_traffic(
-    shards: &[report::TrafficShard],
-    sampler: &Sampler,
-    slo: f64,
-    problems: &mut Vec<String>,
-) -> Value {
-    let mut setup = report::SetupShard::default();
-    for s in shards {
-        setup.conns += s.setup.conns;
-        setup.ready += s.setup.ready;
-        setup.failed += s.setup.failed;
-        setup.setup_s = setup.setup_s.max(s.setup.setup_s);
-        report::add_map(&mut setup.fail_kinds, &s.setup.fail_kinds);
-    }
-    let mut steps = Vec::new();
-    let mut best: Option<Value> = None;
-    let n_steps = shards.first().map_or(0, |s| s.steps.len());
-    for i in 0..n_steps {
-        let parts: Vec<&StepShard> = shards.iter().map(|s| &s.steps[i]).collect();
-        let first = parts[0];
-        let mut lat = report::new_hist();
-        let mut lag = report::new_hist();
-        let mut errors = BTreeMap::new();
-        let mut close_codes = BTreeMap::new();
-        let sum = |f: &dyn Fn(&StepShard) -> u64| parts.iter().map(|p| f(p)).sum::<u64>();
-        let maxf = |f: &dyn Fn(&StepShard) -> f64| parts.iter().map(|p| f(p)).fold(0.0, f64::max);
-        for p in &parts {
-            p.latency_us.add_to(&mut lat);
-            p.send_lag_us.add_to(&mut lag);
-            report::add_map(&mut errors, &p.errors);
-            report::add_map(&mut close_codes, &p.close_codes);
-        }
-        let expected = sum(&|p| p.expected);
-        let received = sum(&|p| p.received);
-        let late = sum(&|p| p.late);
-        let sent = sum(&|p| p.sent);
-        let gaps = sum(&|p| p.gaps);
-        let dups = sum(&|p| p.duplicates);
-        let unexpected = sum(&|p| p.unexpected);
-        let lost = expected.saturating_sub(received);
-        let window = maxf(&|p| p.send_window_s).max(1e-9);
-        let last = maxf(&|p| p.last_delivery_s).max(window);
-        let cpu_send: f64 = parts.iter().map(|p| p.gen_cpu_send_s).sum();
-        let cpu_frac = cpu_send / window;
-        let lag_p99 = report::ms(&lag, 0.99);
-        let max_loop = maxf(&|p| p.max_batch_ms);
-        let reads = sum(&|p| p.reads);
-        let frames = sum(&|p| p.frames_in);
-        let mut warnings = Vec::new();
-        if cpu_frac > 0.85 {
-            warnings.push(format!(
-                "loadgen used {:.0}% of a core while sending: one sweep over its sockets (longest {:.1} ms) adds that much to the latencies it measures",
-                cpu_frac * 100.0,
-                max_loop
-            ));
-        }
-        if lag_p99 > 5.0 {
-            warnings.push(format!(
-                "send schedule fell behind (send lag p99 {lag_p99:.1} ms)"
-            ));
-        }
-        if max_loop > 50.0 {
-            warnings.push(format!(
-                "loadgen loop stalled {max_loop:.0} ms on one batch"
-            ));
-        }
-        let gen_cpu: f64 = parts.iter().map(|p| p.gen_cpu_s).sum();
-        let gen_wait = maxf(&|p| p.gen_runq_wait_s);
-        let step_wall = maxf(&|p| p.step_wall_s).max(1e-9);
-        let wakeups = sum(&|p| p.gen_wakeups);
-        let preempted = sum(&|p| p.gen_preemptions);
-        let mut noise = Vec::new();
-        if gen_wait > 0.05 * step_wall {
-            if preempted as f64 / step_wall > 20.0 {
-                warnings.push(format!(
-                    "loadgen was preempted {preempted} times and waited {:.0} ms ({:.0}% of the step) for its core: another process ran on it",
-                    gen_wait * 1e3,
-                    100.0 * gen_wait / step_wall
-                ));
-            } else {
-                // Runnable-but-not-running time spread over many wake-ups is the scheduler's
-                // (and, in a VM, the hypervisor's) wake-up latency, not a competing process.
-                noise.push(format!(
-                    "loadgen spent {:.0} ms being woken ({:.1} µs per wake-up, {wakeups} wake-ups)",
-                    gen_wait * 1e3,
-                    gen_wait * 1e6 / (wakeups + preempted).max(1) as f64
-                ));
-            }
-        }
-        let label = format!("step{}", first.step);
-        let d = delta(sampler, &format!("{label}-start"), &format!("{label}-end"));
-        let server = d.as_ref().filter(|_| sampler.has_pids()).map(|d| {
-            if d.runq_wait_s > 0.05 * d.wall_s {
-                noise.push(format!("server waited {:.0} ms for its CPU", d.runq_wait_s * 1e3));
-            }
-            json!({
-                "cpu_s": r3(d.cpu_s),
-                "cpu_frac_of_core": r3(d.cpu_s / d.wall_s),
-                "cpu_s_per_million_deliveries": if received > 0 { r3(d.cpu_s / (received as f64 / 1e6)) } else { 0.0 },
-                "rss_kb": d.rss_kb,
-                "runq_wait_s": r3(d.runq_wait_s),
-            })
-        });
-        let machine = d.as_ref().map(|d| {
-            let server_cpu = if sampler.has_pids() { d.cpu_s } else { 0.0 };
-            let other = (d.busy_s - server_cpu - gen_cpu).max(0.0) / d.wall_s;
-            if other > 0.25 {
-                noise.push(format!(
-                    "other processes used {other:.2} cores during the step"
-                ));
-            }
-            json!({"busy_cores": r3(d.busy_s / d.wall_s), "other_cores": r3(other)})
-        });
-        let p99 = report::ms(&lat, 0.99);
-        let clean = gaps == 0
-            && dups == 0
-            && lost == 0
-            && late == 0
-            && errors.is_empty()
-            && unexpected == 0;
-        let mut step_problems = Vec::new();
-        if received == 0 {
-            step_problems.push("zero deliveries".to_string());
-        }
-        if gaps > 0 || dups > 0 || unexpected > 0 {
-            step_problems.push(format!(
-                "{gaps} gaps, {dups} duplicates, {unexpected} unexpected"
-            ));
-        }
-        if lost > 0 {
-            step_problems.push(format!(
-                "{lost} of {expected} deliveries missing after the drain"
-            ));
-        }
-        if !errors.is_empty() {
-            step_problems.push(format!("server errors {errors:?}"));
-        }
-        for p in &step_problems {
-            problems.push(format!("step {} (rate {}): {p}", first.step, first.rate));
-        }
-        let deliveries_per_sec = received as f64 / last;
-        let step = json!({
-            "step": first.step,
-            "offered_rate": first.rate,
-            "duration_s": first.duration_s,
-            "messages": first.messages_total,
-            "sent": sent,
-            "send_rate": (sent as f64 / window).round(),
-            "offered_deliveries_per_sec": (expected as f64 / first.duration_s).round(),
-            "expected_deliveries": expected,
-            "deliveries": received,
-            "deliveries_per_sec": deliveries_per_sec.round(),
-            "latency_ms": lat_json(&lat),
-            "late": late,
-            "lost": lost,
-            "gaps": gaps,
-            "duplicates": dups,
-            "stale": sum(&|p| p.stale),
-            "unexpected": unexpected,
-            "errors": errors,
-            "closed": sum(&|p| p.closed),
-            "close_codes": close_codes,
-            "drained": parts.iter().all(|p| p.drained),
-            "server": server,
-            "machine": machine,
-            "noise": noise,
-            "generator": {
-                "cpu_frac_of_core_while_sending": (cpu_frac * 1000.0).round() / 1000.0,
-                "cpu_s": r3(gen_cpu),
-                "runq_wait_s": r3(gen_wait),
-                "wakeups": wakeups,
-                "preemptions": preempted,
-                "send_lag_ms": {"p50": report::ms(&lag, 0.5), "p99": lag_p99, "max": report::ms(&lag, 1.0)},
-                "max_loop_ms": max_loop,
-                "reads": reads,
-                "frames_per_read": if reads > 0 { ((frames as f64 / reads as f64) * 10.0).round() / 10.0 } else { 0.0 },
-                "bytes_in": sum(&|p| p.bytes_in),
-                "max_pending_bytes": parts.iter().map(|p| p.max_pending_bytes).max().unwrap_or(0),
-                "bottleneck": !warnings.is_empty(),
-                "warnings": warnings,
-            },
-            "slo_met": clean && received > 0 && p99 < slo,
-        });
-        if clean && received > 0 && p99 < slo {
-            let better = best
-                .as_ref()
-                .is_none_or(|b| b["offered_rate"].as_f64() < Some(first.rate));
-            if better {
-                best = Some(json!({
-                    "offered_rate": first.rate,
-                    "deliveries_per_sec": deliveries_per_sec.round(),
-                    "p99_ms": p99,
-                    "generator_bottleneck": step["generator"]["bottleneck"],
-                }));
-            }
-        }
-        steps.push(step);
-    }
-    json!({
-        "setup": {"conns": setup.conns, "ready": setup.ready, "failed": setup.failed,
-                  "fail_kinds": setup.fail_kinds, "setup_s": setup.setup_s},
-        "steps": steps,
-        "best_rate_under_slo": best,
-    })
-}
-
-fn summarize_idle(
-    shards: &[report::IdleShard],
-    sampler: &Sampler,
-    problems: &mut Vec<String>,
-) -> Value {
-    let base = sampler.get("level-0").map(|s| s.proc.rss_kb);
-    let mut levels = Vec::new();
-    let n = shards.first().map_or(0, |s| s.levels.len());
-    for i in 0..n {
-        let level = shards[0].levels[i].level;
-        let open: u64 = shards.iter().map(|s| s.levels[i].open).sum();
-        let failed: u64 = shards.iter().map(|s| s.levels[i].failed).sum();
-        let rss = sampler
-            .has_pids()
-            .then(|| {
-                sampler
-                    .get(&format!("level-{level}"))
-                    .map(|s| s.proc.rss_kb)
-            })
-            .flatten();
-        let per_conn = match (rss, base) {
-            (Some(r), Some(b)) if open > 0 => {
-                Some(((r as f64 - b as f64) * 1024.0 / open as f64).round())
-            }
-            _ => None,
-        };
-        levels.push(json!({
-            "conns": level, "open": open, "failed": failed,
-            "server_rss_kb": rss, "bytes_per_conn": per_conn,
-        }));
-        if open < level {
-            problems.push(format!(
-                "idle level {level}: only {open} connections open ({failed} failed)"
-            ));
-        }
-    }
-    let closed: u64 = shards.iter().map(|s| s.closed_during_hold).sum();
-    if closed > 0 {
-        problems.push(format!(
-            "{closed} idle connections were closed during the hold"
-        ));
-    }
-    let mut kinds = BTreeMap::new();
-    for s in shards {
-        report::add_map(&mut kinds, &s.fail_kinds);
-    }
-    json!({
-        "baseline_rss_kb": if sampler.has_pids() { base } else { None },
-        "levels": levels,
-        "hold": {
-            "seconds": shards.iter().map(|s| s.hold_s).fold(0.0, f64::max),
-            "closed_during_hold": closed,
-            "open_after_hold": shards.iter().map(|s| s.open_after_hold).sum::<u64>(),
-            "server_rss_kb_after": sampler.has_pids().then(|| sampler.get("hold-end").map(|s| s.proc.rss_kb)).flatten(),
-            "server_hwm_kb": sampler.has_pids().then(|| sampler.get("hold-end").map(|s| s.proc.hwm_kb)).flatten(),
-        },
-        "fail_kinds": kinds,
-    })
-}
-
-fn summarize_storm(
-    shards: &[report::StormShard],
-    sampler: &Sampler,
-    problems: &mut Vec<String>,
-) -> Value {
-    let mut hs = report::new_hist();
-    let mut wl = report::new_hist();
-    let mut kinds = BTreeMap::new();
-    for s in shards {
-        s.handshake_us.add_to(&mut hs);
-        s.welcome_us.add_to(&mut wl);
-        report::add_map(&mut kinds, &s.fail_kinds);
-    }
-    let attempted: u64 = shards.iter().map(|s| s.attempted).sum();
-    let completed: u64 = shards.iter().map(|s| s.completed).sum();
-    let failed: u64 = shards.iter().map(|s| s.failed).sum();
-    let t0 = shards.iter().map(|s| s.t_first_ns).min().unwrap_or(0);
-    let t1 = shards.iter().map(|s| s.t_last_ns).max().unwrap_or(0);
-    let dur = clock::secs(t1.saturating_sub(t0)).max(1e-9);
-    if completed == 0 {
-        problems.push("storm: no connection completed".into());
-    }
-    if failed > 0 {
-        problems.push(format!(
-            "storm: {failed} of {attempted} connections failed: {kinds:?}"
-        ));
-    }
-    let overflows = match (sampler.get("storm-start"), sampler.get("storm-end")) {
-        (Some(a), Some(b)) => b
-            .proc
-            .listen_overflows
-            .saturating_sub(a.proc.listen_overflows),
-        _ => 0,
-    };
-    let server = delta(sampler, "storm-start", "storm-end")
-        .filter(|_| sampler.has_pids())
-        .map(
-            |d| json!({"cpu_s": r3(d.cpu_s), "rss_kb": d.rss_kb, "runq_wait_s": r3(d.runq_wait_s)}),
-        );
-    json!({
-        "attempted": attempted, "completed": completed, "failed": failed, "fail_kinds": kinds,
-        "seconds": (dur * 1000.0).round() / 1000.0,
-        "handshakes_per_sec": (completed as f64 / dur).round(),
-        "handshake_ms": lat_json(&hs),
-        "listen_queue_overflows": overflows,
-        "welcome_ms": lat_json(&wl),
-        "server": server,
-        "generator_cpu_s": shards.iter().map(|s| s.gen_cpu_s).sum::<f64>(),
-    })
 }
 
 fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
@@ -677,11 +389,7 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
     doc["wall_s"] = json!(clock::secs(mono_ns() - t_start));
     doc["ok"] = json!(problems.is_empty());
     doc["problems"] = json!(problems);
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    match out {
-        Some(path) => std::fs::write(&path, text + "\n").map_err(|e| format!("{path}: {e}"))?,
-        None => println!("{text}"),
-    }
+    write_doc(&doc, out.as_deref())?;
     if !cfg.quiet {
         for p in &problems {
             eprintln!("loadgen: PROBLEM: {p}");
@@ -724,67 +432,18 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
     let max_seconds: f64 = a.get("max-seconds", 600.0)?;
     a.finish()?;
     let deadline = mono_ns() + (max_seconds.clamp(1.0, 7200.0) * 1e9) as u64;
-
     if let Some(sh) = shard {
-        // Worker: run our share and hand the raw result to the parent.
-        let (i, n) = sh.split_once('/').ok_or("--shard i/N")?;
-        let (i, n): (u32, u32) = (
-            i.parse().map_err(|_| "--shard")?,
-            n.parse().map_err(|_| "--shard")?,
-        );
-        let mut ctx = Ctx {
-            shard: i,
-            shards: n.max(1),
-            coord: Coord::Worker(std::io::BufReader::new(std::io::stdin())),
-            deadline,
-            quiet,
-        };
-        let r = run_shard(&plan, &mut ctx);
-        println!(
-            "RESULT {}",
-            serde_json::to_string(&r).map_err(|e| e.to_string())?
-        );
-        return Ok(0);
+        return run_worker(&plan, &sh, deadline, quiet);
     }
 
     let t_start = mono_ns();
-    let mut sampler = Sampler::new(pids.clone());
-    let results = if procs > 1 {
-        // Parent: the same arguments minus our own, plus --shard for each worker.
-        let mut child_args = Vec::new();
-        let mut skip = false;
-        for (j, x) in argv.iter().enumerate() {
-            if skip {
-                skip = false;
-                continue;
-            }
-            let name = x.split('=').next().unwrap_or("");
-            if matches!(name, "--procs" | "--out" | "--server-pid") {
-                skip = !x.contains('=') && argv.get(j + 1).is_some_and(|n| !n.starts_with("--"));
-                continue;
-            }
-            child_args.push(x.clone());
-        }
-        coord::run_parent(&child_args, procs, &mut sampler)
+    let (results, sampler) = if procs > 1 {
+        let mut sampler = Sampler::new(pids.clone());
+        let r = coord::run_parent(&child_args(argv), procs, &mut sampler);
+        (r, sampler)
     } else {
-        let mut ctx = Ctx {
-            shard: 0,
-            shards: 1,
-            coord: Coord::Local(sampler),
-            deadline,
-            quiet,
-        };
-        let r = run_shard(&plan, &mut ctx);
-        let Coord::Local(s) = ctx.coord else {
-            unreachable!()
-        };
-        sampler = s;
-        match r {
-            ShardResult::Error(e) => Err(e),
-            r => Ok(vec![r]),
-        }
+        run_local(&plan, Sampler::new(pids.clone()), deadline, quiet)
     };
-
     let mut problems = Vec::new();
     let mut doc = json!({
         "scenario": scenario,
@@ -801,46 +460,7 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
             doc["error"] = json!(e);
         }
         Ok(results) => {
-            let body = match &plan {
-                Plan::Traffic(cfg, slo) => {
-                    let v: Vec<_> = results
-                        .into_iter()
-                        .filter_map(|r| match r {
-                            ShardResult::Traffic(t) => Some(t),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut body = summarize_traffic(&v, &sampler, *slo, &mut problems);
-                    let done = v.first().map_or(0, |t| t.steps.len());
-                    if done > 0 && done < cfg.rates.len() {
-                        body["stopped_early"] = json!(format!(
-                            "the step at {} msg/s overloaded the server; higher rates were not run",
-                            cfg.rates[done - 1]
-                        ));
-                    }
-                    body
-                }
-                Plan::Idle(..) => {
-                    let v: Vec<_> = results
-                        .into_iter()
-                        .filter_map(|r| match r {
-                            ShardResult::Idle(t) => Some(t),
-                            _ => None,
-                        })
-                        .collect();
-                    summarize_idle(&v, &sampler, &mut problems)
-                }
-                Plan::Storm(..) => {
-                    let v: Vec<_> = results
-                        .into_iter()
-                        .filter_map(|r| match r {
-                            ShardResult::Storm(t) => Some(t),
-                            _ => None,
-                        })
-                        .collect();
-                    summarize_storm(&v, &sampler, &mut problems)
-                }
-            };
+            let body = summarize(&plan, results, &sampler, &mut problems);
             if let (Value::Object(d), Value::Object(b)) = (&mut doc, body) {
                 d.extend(b);
             }
@@ -852,33 +472,9 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
     doc["wall_s"] = json!(clock::secs(mono_ns() - t_start));
     doc["ok"] = json!(problems.is_empty());
     doc["problems"] = json!(problems);
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    match out {
-        Some(path) => std::fs::write(&path, text + "\n").map_err(|e| format!("{path}: {e}"))?,
-        None => println!("{text}"),
-    }
+    write_doc(&doc, out.as_deref())?;
     if !quiet {
-        for st in doc["steps"].as_array().into_iter().flatten() {
-            for w in st["generator"]["warnings"].as_array().into_iter().flatten() {
-                eprintln!(
-                    "loadgen: step {} (rate {}): GENERATOR: {}",
-                    st["step"],
-                    st["offered_rate"],
-                    w.as_str().unwrap_or("")
-                );
-            }
-            for w in st["noise"].as_array().into_iter().flatten() {
-                eprintln!(
-                    "loadgen: step {} (rate {}): NOISE: {}",
-                    st["step"],
-                    st["offered_rate"],
-                    w.as_str().unwrap_or("")
-                );
-            }
-        }
-        for p in &problems {
-            eprintln!("loadgen: PROBLEM: {p}");
-        }
+        print_warnings(&doc, &problems);
     }
     if doc.get("error").is_some() {
         Ok(1)
@@ -886,5 +482,153 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
         Ok(0)
     } else {
         Ok(2)
+    }
+}
+
+/// A worker process (`--shard i/N`): runs its share and hands the raw result to the parent.
+fn run_worker(plan: &Plan, shard: &str, deadline: u64, quiet: bool) -> Result<i32, String> {
+    let (i, n) = shard.split_once('/').ok_or("--shard i/N")?;
+    let (i, n): (u32, u32) = (
+        i.parse().map_err(|_| "--shard")?,
+        n.parse().map_err(|_| "--shard")?,
+    );
+    let mut ctx = Ctx {
+        shard: i,
+        shards: n.max(1),
+        coord: Coord::Worker(std::io::BufReader::new(std::io::stdin())),
+        deadline,
+        quiet,
+    };
+    let r = run_shard(plan, &mut ctx);
+    println!(
+        "RESULT {}",
+        serde_json::to_string(&r).map_err(|e| e.to_string())?
+    );
+    Ok(0)
+}
+
+/// A lone process: runs everything itself, sampling the server at its barriers.
+fn run_local(
+    plan: &Plan,
+    sampler: Sampler,
+    deadline: u64,
+    quiet: bool,
+) -> (Result<Vec<ShardResult>, String>, Sampler) {
+    let mut ctx = Ctx {
+        shard: 0,
+        shards: 1,
+        coord: Coord::Local(sampler),
+        deadline,
+        quiet,
+    };
+    let r = run_shard(plan, &mut ctx);
+    let Coord::Local(sampler) = ctx.coord else {
+        unreachable!()
+    };
+    match r {
+        ShardResult::Error(e) => (Err(e), sampler),
+        r => (Ok(vec![r]), sampler),
+    }
+}
+
+/// The parent's arguments for its workers: ours minus `--procs`, `--out`, `--server-pid`
+/// (the parent adds `--shard` for each).
+fn child_args(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for (j, x) in argv.iter().enumerate() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        let name = x.split('=').next().unwrap_or("");
+        if matches!(name, "--procs" | "--out" | "--server-pid") {
+            skip = !x.contains('=') && argv.get(j + 1).is_some_and(|n| !n.starts_with("--"));
+            continue;
+        }
+        out.push(x.clone());
+    }
+    out
+}
+
+/// Merges the workers' results into the scenario's report.
+fn summarize(
+    plan: &Plan,
+    results: Vec<ShardResult>,
+    sampler: &Sampler,
+    problems: &mut Vec<String>,
+) -> Value {
+    match plan {
+        Plan::Traffic(cfg, slo) => {
+            let v: Vec<_> = results
+                .into_iter()
+                .filter_map(|r| match r {
+                    ShardResult::Traffic(t) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            let mut body = summary::traffic(&v, sampler, *slo, problems);
+            let done = v.first().map_or(0, |t| t.steps.len());
+            if done > 0 && done < cfg.rates.len() {
+                body["stopped_early"] = json!(format!(
+                    "the step at {} msg/s overloaded the server; higher rates were not run",
+                    cfg.rates[done - 1]
+                ));
+            }
+            body
+        }
+        Plan::Idle(..) => {
+            let v: Vec<_> = results
+                .into_iter()
+                .filter_map(|r| match r {
+                    ShardResult::Idle(t) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            summary::idle(&v, sampler, problems)
+        }
+        Plan::Storm(..) => {
+            let v: Vec<_> = results
+                .into_iter()
+                .filter_map(|r| match r {
+                    ShardResult::Storm(t) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            summary::storm(&v, sampler, problems)
+        }
+    }
+}
+
+fn write_doc(doc: &Value, out: Option<&str>) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?;
+    match out {
+        Some(path) => std::fs::write(path, text + "\n").map_err(|e| format!("{path}: {e}")),
+        None => {
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// Each step's generator warnings and noise, and every problem, on stderr.
+fn print_warnings(doc: &Value, problems: &[String]) {
+    for st in doc["steps"].as_array().into_iter().flatten() {
+        for (kind, list) in [
+            ("GENERATOR", &st["generator"]["warnings"]),
+            ("NOISE", &st["noise"]),
+        ] {
+            for w in list.as_array().into_iter().flatten() {
+                eprintln!(
+                    "loadgen: step {} (rate {}): {kind}: {}",
+                    st["step"],
+                    st["offered_rate"],
+                    w.as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    for p in problems {
+        eprintln!("loadgen: PROBLEM: {p}");
     }
 }

@@ -123,6 +123,21 @@ pub fn broadcast_command(out: &mut Vec<u8>, room: &str, s: &Stamp, size: usize) 
     out.extend_from_slice(b"\"}");
 }
 
+pub fn leave_command(out: &mut Vec<u8>, room: &str) {
+    out.extend_from_slice(b"{\"command\":\"leave\",\"room\":\"");
+    out.extend_from_slice(room.as_bytes());
+    out.extend_from_slice(b"\"}");
+}
+
+/// The room of a `history` event: the first `"room":"..."` of the frame (chatterbox writes
+/// it before the messages, which have no `room` field).
+pub fn history_room(frame: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"room\":\"";
+    let i = memchr::memmem::find(frame, KEY)? + KEY.len();
+    let rest = &frame[i..];
+    memchr::memchr(b'"', rest).map(|e| &rest[..e])
+}
+
 pub fn join_command(out: &mut Vec<u8>, room: &str) {
     out.extend_from_slice(b"{\"command\":\"join\",\"room\":\"");
     out.extend_from_slice(room.as_bytes());
@@ -167,6 +182,13 @@ mod tests {
         );
         assert_eq!(event_name(ev.as_bytes()), b"broadcast");
         assert_eq!(find_stamp(ev.as_bytes()), Some(s));
+    }
+
+    #[test]
+    fn history_room_is_the_first_room_field() {
+        let ev = br#"{"event":"history","room":"cold42","messages":[{"id":1,"member":"a","message":"room","ts":1}],"more":false}"#;
+        assert_eq!(history_room(ev), Some(&b"cold42"[..]));
+        assert_eq!(history_room(br#"{"event":"history","messages":[]}"#), None);
     }
 
     #[test]

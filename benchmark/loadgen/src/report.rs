@@ -101,6 +101,13 @@ pub struct StepShard {
     pub reads: u64,
     pub bytes_in: u64,
     pub drained: bool,
+    /// The `joins` scenario: joins sent, answered with their history, refused with an
+    /// error, skipped (every joiner still waiting), and `join` to `history` latency.
+    pub joins_sent: u64,
+    pub joins_answered: u64,
+    pub join_errors: u64,
+    pub joins_skipped: u64,
+    pub join_latency_us: Hist,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]
@@ -114,6 +121,8 @@ pub struct IdleLevelShard {
     pub level: u64,
     pub open: u64,
     pub failed: u64,
+    /// Seconds to open this level's new connections (upgrade and welcome included).
+    pub open_s: f64,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]

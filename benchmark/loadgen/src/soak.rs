@@ -1013,55 +1013,77 @@ struct Bucket {
     gen_cpu_s: f64,
 }
 
+/// Runs the soak: [`connect_stable`], [`Soak::traffic`] (the steady schedule, churn,
+/// resume checks and the drain), then [`Soak::problems`] and [`Soak::report`].
 pub fn run(cfg: &SoakCfg) -> Result<(Value, Vec<String>), String> {
-    let say = |s: String| {
-        if !cfg.quiet {
-            eprintln!("soak: {s}");
+    let mut net: Net<Peer> = Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?;
+    let mut w = World::new(cfg);
+    let (slot_of, setup_s) = connect_stable(cfg, &mut net, &mut w)?;
+    let mut soak = Soak::new(cfg, net, w, slot_of);
+    soak.traffic()?;
+    let problems = soak.problems();
+    let doc = soak.report(setup_s);
+    soak.net.close_all();
+    Ok((doc, problems))
+}
+
+fn say(cfg: &SoakCfg, s: String) {
+    if !cfg.quiet {
+        eprintln!("soak: {s}");
+    }
+}
+
+impl<'a> World<'a> {
+    fn new(cfg: &'a SoakCfg) -> World<'a> {
+        World {
+            cfg,
+            rng: Rng(cfg.seed),
+            c: Counters::default(),
+            errors: BTreeMap::new(),
+            close_codes: BTreeMap::new(),
+            fail_kinds: BTreeMap::new(),
+            notes: Vec::new(),
+            lat: report::new_hist(),
+            bucket_lat: report::new_hist(),
+            churn_lat: report::new_hist(),
+            ack_lat: report::new_hist(),
+            churners: (0..cfg.churners)
+                .map(|_| Churner {
+                    phase: Phase::Pause { until: 0 },
+                    slot: None,
+                    epoch: 0,
+                    cycle: 0,
+                    rooms: Vec::new(),
+                    joins_left: 0,
+                    sends: Vec::new(),
+                    seq: 0,
+                    next_rid: 0,
+                    pending: Vec::new(),
+                    resume: Resume::No,
+                    did_leave: false,
+                })
+                .collect(),
+            cycles: 0,
+            witness: vec![HashMap::new(); cfg.rooms as usize],
+            acked: Vec::new(),
+            stable_welcomed: 0,
+            stable_ready: 0,
+            stable_failed: 0,
+            stopping: false,
+            scratch: Vec::with_capacity(512),
         }
-    };
-    let over = || mono_ns() > cfg.deadline;
+    }
+}
+
+/// Connects the stable members (at most `concurrency` handshakes in flight) and waits
+/// until each has joined its room. Returns member -> slot and the setup time.
+fn connect_stable(
+    cfg: &SoakCfg,
+    net: &mut Net<Peer>,
+    w: &mut World,
+) -> Result<(Vec<usize>, f64), String> {
     let stable = cfg.rooms * cfg.room_size;
     let spr = cfg.senders_per_room.clamp(1, cfg.room_size);
-    let mut net: Net<Peer> = Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?;
-    let mut w = World {
-        cfg,
-        rng: Rng(cfg.seed),
-        c: Counters::default(),
-        errors: BTreeMap::new(),
-        close_codes: BTreeMap::new(),
-        fail_kinds: BTreeMap::new(),
-        notes: Vec::new(),
-        lat: report::new_hist(),
-        bucket_lat: report::new_hist(),
-        churn_lat: report::new_hist(),
-        ack_lat: report::new_hist(),
-        churners: (0..cfg.churners)
-            .map(|_| Churner {
-                phase: Phase::Pause { until: 0 },
-                slot: None,
-                epoch: 0,
-                cycle: 0,
-                rooms: Vec::new(),
-                joins_left: 0,
-                sends: Vec::new(),
-                seq: 0,
-                next_rid: 0,
-                pending: Vec::new(),
-                resume: Resume::No,
-                did_leave: false,
-            })
-            .collect(),
-        cycles: 0,
-        witness: vec![HashMap::new(); cfg.rooms as usize],
-        acked: Vec::new(),
-        stable_welcomed: 0,
-        stable_ready: 0,
-        stable_failed: 0,
-        stopping: false,
-        scratch: Vec::with_capacity(512),
-    };
-
-    // ---- stable members: connect, join their room ------------------------------------
     let t_setup = mono_ns();
     let mut slot_of = vec![usize::MAX; stable as usize];
     let mut started = 0u32;
@@ -1087,7 +1109,7 @@ pub fn run(cfg: &SoakCfg) -> Result<(Value, Vec<String>), String> {
         if w.stable_ready + w.stable_failed >= stable as u64 {
             break;
         }
-        if now > t_setup + (cfg.setup_timeout * 1e9) as u64 || over() {
+        if now > t_setup + (cfg.setup_timeout * 1e9) as u64 || now > cfg.deadline {
             return Err(format!(
                 "setup: only {} of {stable} stable members ready in {} s",
                 w.stable_ready, cfg.setup_timeout
@@ -1095,7 +1117,7 @@ pub fn run(cfg: &SoakCfg) -> Result<(Value, Vec<String>), String> {
         }
         if now >= next_print {
             next_print += NS;
-            say(format!("setup: {}/{stable} ready", w.stable_ready));
+            say(cfg, format!("setup: {}/{stable} ready", w.stable_ready));
         }
         net.poll(None, Duration::from_millis(50), &mut |c, ev, now| {
             w.on_event(c, ev, now)
@@ -1109,323 +1131,455 @@ pub fn run(cfg: &SoakCfg) -> Result<(Value, Vec<String>), String> {
         ));
     }
     let setup_s = secs(mono_ns() - t_setup);
-    say(format!(
-        "setup: {stable} stable members ready in {setup_s:.2} s"
-    ));
+    say(
+        cfg,
+        format!("setup: {stable} stable members ready in {setup_s:.2} s"),
+    );
+    Ok((slot_of, setup_s))
+}
 
-    // ---- the soak -------------------------------------------------------------------------
-    let senders: Vec<u32> = (0..cfg.rooms)
-        .flat_map(|r| (0..spr).map(move |j| r * cfg.room_size + j))
-        .collect();
-    let n_senders = senders.len() as u64;
-    let total = (cfg.rate * cfg.seconds).round() as u64;
-    let mut per_room_sent = vec![0u64; cfg.rooms as usize];
-    for kk in 0..total {
-        let m = senders[(kk % n_senders) as usize];
-        per_room_sent[(m / cfg.room_size) as usize] += 1;
+/// The traffic phase: the connections, the world, the steady schedule and the buckets.
+struct Soak<'a> {
+    cfg: &'a SoakCfg,
+    net: Net<Peer>,
+    w: World<'a>,
+    slot_of: Vec<usize>,
+    stable: u32,
+    spr: u32,
+    /// Stable members that send steady messages.
+    senders: Vec<u32>,
+    /// Steady messages of the whole schedule, and per room.
+    total: u64,
+    per_room_sent: Vec<u64>,
+    t0: u64,
+    t_end: u64,
+    period: f64,
+    /// Next message index of the steady schedule.
+    k: u64,
+    buf: Vec<u8>,
+    lag: Histogram<u64>,
+    bucket_ns: u64,
+    buckets: Vec<Bucket>,
+    next_bucket: u64,
+    last_snap: Counters,
+    cpu_snap: u64,
+    cpu0: u64,
+    next_resume: u64,
+    next_ping: u64,
+    ping_every: u64,
+    ping_idx: u32,
+    next_print: u64,
+    drain_deadline: u64,
+    t_drained: Option<u64>,
+    t_stop: u64,
+}
+
+impl<'a> Soak<'a> {
+    fn new(cfg: &'a SoakCfg, net: Net<Peer>, mut w: World<'a>, slot_of: Vec<usize>) -> Soak<'a> {
+        let stable = cfg.rooms * cfg.room_size;
+        let spr = cfg.senders_per_room.clamp(1, cfg.room_size);
+        let senders: Vec<u32> = (0..cfg.rooms)
+            .flat_map(|r| (0..spr).map(move |j| r * cfg.room_size + j))
+            .collect();
+        let n_senders = senders.len() as u64;
+        let total = (cfg.rate * cfg.seconds).round() as u64;
+        let mut per_room_sent = vec![0u64; cfg.rooms as usize];
+        for kk in 0..total {
+            let m = senders[(kk % n_senders) as usize];
+            per_room_sent[(m / cfg.room_size) as usize] += 1;
+        }
+        let t0 = mono_ns() + 50_000_000;
+        let bucket_ns = (cfg.bucket * 1e9) as u64;
+        for (i, ch) in w.churners.iter_mut().enumerate() {
+            // Spread the first connects over the first second.
+            ch.phase = Phase::Pause {
+                until: t0 + (i as u64 * NS) / cfg.churners.max(1) as u64,
+            };
+        }
+        let last_snap = w.c;
+        Soak {
+            cfg,
+            net,
+            w,
+            slot_of,
+            stable,
+            spr,
+            senders,
+            total,
+            per_room_sent,
+            t0,
+            t_end: t0 + (cfg.seconds * 1e9) as u64,
+            period: 1e9 / cfg.rate,
+            k: 0,
+            buf: Vec::with_capacity(256),
+            lag: report::new_hist(),
+            bucket_ns,
+            buckets: Vec::new(),
+            next_bucket: t0 + bucket_ns,
+            last_snap,
+            cpu_snap: cpu_ns(),
+            cpu0: cpu_ns(),
+            next_resume: t0 + (cfg.resume_every * 1e9) as u64,
+            // Stable members send a `ping` command once a minute (staggered), as a client
+            // with a keep-alive would: no idle timeout applies to them, however long the run.
+            next_ping: t0 + NS,
+            ping_every: 60 * NS / stable.max(1) as u64,
+            ping_idx: 0,
+            next_print: t0 + 10 * NS,
+            drain_deadline: u64::MAX,
+            t_drained: None,
+            t_stop: 0,
+        }
     }
-    let t0 = mono_ns() + 50_000_000;
-    let t_end = t0 + (cfg.seconds * 1e9) as u64;
-    let period = 1e9 / cfg.rate;
-    let due = |k: u64| t0 + (k as f64 * period) as u64;
-    let bucket_ns = (cfg.bucket * 1e9) as u64;
-    for (i, ch) in w.churners.iter_mut().enumerate() {
-        // Spread the first connects over the first second.
-        ch.phase = Phase::Pause {
-            until: t0 + (i as u64 * NS) / cfg.churners.max(1) as u64,
-        };
+
+    fn due(&self, k: u64) -> u64 {
+        self.t0 + (k as f64 * self.period) as u64
     }
-    let mut next_resume = t0 + (cfg.resume_every * 1e9) as u64;
-    let mut k = 0u64;
-    let mut buf = Vec::with_capacity(256);
-    let mut lag = report::new_hist();
-    let mut buckets: Vec<Bucket> = Vec::new();
-    let mut last_snap = w.c;
-    let mut next_bucket = t0 + bucket_ns;
-    let mut cpu_snap = cpu_ns();
-    let mut next_print = t0 + 10 * NS;
-    let cpu0 = cpu_ns();
-    // Stable members send a `ping` command once a minute (staggered), as a client with a
-    // keep-alive would: no idle timeout applies to them, however long the run.
-    let mut next_ping = t0 + NS;
-    let ping_every = 60 * NS / stable.max(1) as u64;
-    let mut ping_idx = 0u32;
-    let mut t_drained = None;
-    let mut drain_deadline = u64::MAX;
-    let mut close_bucket =
-        |w: &mut World, b_end: u64, live: usize, snap: &mut Counters, cpu: &mut u64| {
-            let index = buckets.len() as u32;
-            let start = t0 + index as u64 * bucket_ns;
-            let c = w.c.minus(snap);
-            *snap = w.c;
-            let cpu_now = cpu_ns();
-            buckets.push(Bucket {
-                index,
-                t_start_s: secs(start - t0),
-                t_end_s: secs(b_end.max(start) - t0),
-                c,
-                lat: lat_json(&w.bucket_lat),
-                live_conns: live,
-                gen_cpu_s: secs(cpu_now - *cpu),
-            });
-            *cpu = cpu_now;
-            w.bucket_lat.reset();
-        };
-    loop {
+
+    /// The main loop: steady sends, resume checks, churn, pings, buckets and progress,
+    /// until the schedule is over and everything has arrived (or the drain ran out).
+    fn traffic(&mut self) -> Result<(), String> {
+        loop {
+            let now = self.send_steady();
+            self.maybe_start_resume(now);
+            self.w.tick(&mut self.net, now);
+            self.send_pings(now);
+            if now >= self.next_bucket && self.next_bucket <= self.t_end {
+                self.close_bucket(self.next_bucket);
+                self.next_bucket += self.bucket_ns;
+            }
+            if now >= self.next_print && !self.cfg.quiet {
+                self.next_print += 10 * NS;
+                self.print_progress(now);
+            }
+            if !self.w.stopping && now >= self.t_end && self.k >= self.total {
+                self.stop_schedule(now);
+            }
+            if self.w.stopping && self.drained(now) {
+                break;
+            }
+            if mono_ns() > self.cfg.deadline {
+                return Err("over the --max-seconds budget".into());
+            }
+            let wake = (self.k < self.total).then(|| self.due(self.k));
+            let w = &mut self.w;
+            self.net
+                .poll(wake, Duration::from_millis(10), &mut |c, ev, now| {
+                    w.on_event(c, ev, now)
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        self.t_stop = mono_ns();
+        Ok(())
+    }
+
+    /// Sends the steady messages that are due; returns the time.
+    fn send_steady(&mut self) -> u64 {
+        let cfg = self.cfg;
+        let n_senders = self.senders.len() as u64;
         let mut now = mono_ns();
-        // Steady schedule.
-        while k < total {
-            let t = due(k);
+        while self.k < self.total {
+            let t = self.due(self.k);
             if t > now {
                 break;
             }
-            let s = (k % n_senders) as u32;
-            let m = senders[s as usize];
+            let k = self.k;
+            let m = self.senders[(k % n_senders) as usize];
             let room = m / cfg.room_size;
-            if let Some(c) = net.get_mut(slot_of[m as usize]) {
+            if let Some(c) = self.net.get_mut(self.slot_of[m as usize]) {
                 let stamp = Stamp {
                     step: 1,
-                    sender: room * spr + (m % cfg.room_size),
+                    sender: room * self.spr + (m % cfg.room_size),
                     room,
                     seq: (k / n_senders) as u32,
                     t_ns: t,
                 };
-                buf.clear();
-                proto::broadcast_command(&mut buf, &room_name(room), &stamp, cfg.msg_size);
-                c.send_text(&buf);
-                w.c.steady_sent += 1;
+                self.buf.clear();
+                proto::broadcast_command(&mut self.buf, &room_name(room), &stamp, cfg.msg_size);
+                c.send_text(&self.buf);
+                self.w.c.steady_sent += 1;
             }
-            report::record(&mut lag, (now - t) / 1000);
-            k += 1;
-            if k.is_multiple_of(64) {
+            report::record(&mut self.lag, (now - t) / 1000);
+            self.k += 1;
+            if self.k.is_multiple_of(64) {
                 now = mono_ns();
             }
         }
-        // One resume check every --resume-every seconds: the next churner to start a cycle.
-        if !w.stopping && now >= next_resume {
-            let busy = w.churners.iter().any(|c| !matches!(c.resume, Resume::No));
-            let room = w.rng.below(cfg.rooms);
-            if !busy
-                && let Some(ch) = w
-                    .churners
-                    .iter_mut()
-                    .find(|c| matches!(c.phase, Phase::Pause { .. }))
-            {
-                ch.resume = Resume::First { room };
-                next_resume += (cfg.resume_every * 1e9) as u64;
-            }
-        }
-        w.tick(&mut net, now);
-        while !w.stopping && now >= next_ping {
-            if let Some(c) = net.get_mut(slot_of[ping_idx as usize]) {
-                c.send_text(b"{\"command\":\"ping\"}");
-                w.c.pings += 1;
-            }
-            ping_idx = (ping_idx + 1) % stable;
-            next_ping += ping_every;
-        }
-        if now >= next_bucket && next_bucket <= t_end {
-            close_bucket(
-                &mut w,
-                next_bucket,
-                net.live(),
-                &mut last_snap,
-                &mut cpu_snap,
-            );
-            next_bucket += bucket_ns;
-        }
-        if now >= next_print && !cfg.quiet {
-            next_print += 10 * NS;
-            let c = &w.c;
-            eprintln!(
-                "soak: t={:.0}s conns={} sent={} delivered={} cycles={} acks={}/{} missing={} resume ok/fail={}/{} gaps={} dups={} ooo={} errors={} p99(all)={:.2}ms",
-                secs(now.saturating_sub(t0)),
-                net.live(),
-                c.steady_sent,
-                c.steady_delivered,
-                c.churn_cycles,
-                c.acks,
-                c.churn_msgs_sent + c.leaves,
-                c.acks_missing,
-                c.resume_ok,
-                c.resume_failures,
-                c.gaps,
-                c.duplicates,
-                c.out_of_order,
-                c.server_errors,
-                report::ms(&w.lat, 0.99),
-            );
-        }
-        if !w.stopping && now >= t_end && k >= total {
-            w.stopping = true;
-            drain_deadline = now + (cfg.drain * 1e9) as u64;
-            if next_bucket - bucket_ns < t_end {
-                close_bucket(&mut w, t_end, net.live(), &mut last_snap, &mut cpu_snap);
-            }
-            say(format!(
-                "schedule done at t={:.1}s; draining (up to {} s)",
-                secs(now - t0),
-                cfg.drain
-            ));
-        }
-        if w.stopping {
-            let churn_done = w.churners.iter().all(|c| matches!(c.phase, Phase::Done));
-            if churn_done && stable_complete(&w, &mut net, &per_room_sent) {
-                t_drained = Some(now);
-                break;
-            }
-            if now > drain_deadline {
-                break;
-            }
-        }
-        if over() {
-            return Err("over the --max-seconds budget".into());
-        }
-        net.poll(
-            (k < total).then(|| due(k)),
-            Duration::from_millis(10),
-            &mut |c, ev, now| w.on_event(c, ev, now),
-        )
-        .map_err(|e| e.to_string())?;
+        now
     }
-    let t_stop = mono_ns();
 
-    // ---- final accounting ---------------------------------------------------------------
-    let mut problems = Vec::new();
-    let mut steady_expected = 0u64;
-    let mut room_last = vec![(u64::MAX, 0u64); cfg.rooms as usize];
-    let mut behind = 0u64;
-    for m in 0..stable {
-        let r = m / cfg.room_size;
-        steady_expected += per_room_sent[r as usize];
-        if let Some(c) = net.get_mut(slot_of[m as usize]) {
-            let last = c
-                .user
-                .tracks
-                .iter()
-                .find(|t| t.room == r)
-                .map_or(0, |t| t.last);
-            let e = &mut room_last[r as usize];
-            e.0 = e.0.min(last);
-            e.1 = e.1.max(last);
+    /// One resume check every --resume-every seconds: the next churner to start a cycle.
+    fn maybe_start_resume(&mut self, now: u64) {
+        let w = &mut self.w;
+        if w.stopping || now < self.next_resume {
+            return;
+        }
+        let busy = w.churners.iter().any(|c| !matches!(c.resume, Resume::No));
+        let room = w.rng.below(self.cfg.rooms);
+        if !busy
+            && let Some(ch) = w
+                .churners
+                .iter_mut()
+                .find(|c| matches!(c.phase, Phase::Pause { .. }))
+        {
+            ch.resume = Resume::First { room };
+            self.next_resume += (self.cfg.resume_every * 1e9) as u64;
         }
     }
-    for (r, &(lo, hi)) in room_last.iter().enumerate() {
-        if lo != hi {
-            behind += 1;
-            problems.push(format!(
-                "room {}: stable members end at different last ids ({lo}..{hi})",
-                room_name(r as u32)
-            ));
+
+    fn send_pings(&mut self, now: u64) {
+        while !self.w.stopping && now >= self.next_ping {
+            if let Some(c) = self.net.get_mut(self.slot_of[self.ping_idx as usize]) {
+                c.send_text(b"{\"command\":\"ping\"}");
+                self.w.c.pings += 1;
+            }
+            self.ping_idx = (self.ping_idx + 1) % self.stable;
+            self.next_ping += self.ping_every;
         }
     }
-    let mut ack_not_delivered = 0u64;
-    for &(room, id, cycle, seq) in &w.acked {
-        if w.witness[room as usize].get(&id) != Some(&(cycle, seq)) {
-            ack_not_delivered += 1;
-            if ack_not_delivered <= 5 {
+
+    /// Closes the current bucket at `b_end`: the counters since the last one.
+    fn close_bucket(&mut self, b_end: u64) {
+        let w = &mut self.w;
+        let index = self.buckets.len() as u32;
+        let start = self.t0 + index as u64 * self.bucket_ns;
+        let c = w.c.minus(&self.last_snap);
+        self.last_snap = w.c;
+        let cpu_now = cpu_ns();
+        self.buckets.push(Bucket {
+            index,
+            t_start_s: secs(start - self.t0),
+            t_end_s: secs(b_end.max(start) - self.t0),
+            c,
+            lat: lat_json(&w.bucket_lat),
+            live_conns: self.net.live(),
+            gen_cpu_s: secs(cpu_now - self.cpu_snap),
+        });
+        self.cpu_snap = cpu_now;
+        w.bucket_lat.reset();
+    }
+
+    fn print_progress(&self, now: u64) {
+        let c = &self.w.c;
+        eprintln!(
+            "soak: t={:.0}s conns={} sent={} delivered={} cycles={} acks={}/{} missing={} resume ok/fail={}/{} gaps={} dups={} ooo={} errors={} p95(all)={:.2}ms p99(all)={:.2}ms",
+            secs(now.saturating_sub(self.t0)),
+            self.net.live(),
+            c.steady_sent,
+            c.steady_delivered,
+            c.churn_cycles,
+            c.acks,
+            c.churn_msgs_sent + c.leaves,
+            c.acks_missing,
+            c.resume_ok,
+            c.resume_failures,
+            c.gaps,
+            c.duplicates,
+            c.out_of_order,
+            c.server_errors,
+            report::ms(&self.w.lat, 0.95),
+            report::ms(&self.w.lat, 0.99),
+        );
+    }
+
+    /// The schedule is over: churners finish their cycles, the drain starts.
+    fn stop_schedule(&mut self, now: u64) {
+        self.w.stopping = true;
+        self.drain_deadline = now + (self.cfg.drain * 1e9) as u64;
+        if self.next_bucket - self.bucket_ns < self.t_end {
+            self.close_bucket(self.t_end);
+        }
+        say(
+            self.cfg,
+            format!(
+                "schedule done at t={:.1}s; draining (up to {} s)",
+                secs(now - self.t0),
+                self.cfg.drain
+            ),
+        );
+    }
+
+    /// While draining: true once everything arrived (noting when) or the drain is over.
+    fn drained(&mut self, now: u64) -> bool {
+        let churn_done = self
+            .w
+            .churners
+            .iter()
+            .all(|c| matches!(c.phase, Phase::Done));
+        if churn_done && stable_complete(&self.w, &mut self.net, &self.per_room_sent) {
+            self.t_drained = Some(now);
+            return true;
+        }
+        now > self.drain_deadline
+    }
+
+    /// Steady deliveries the stable members should have got.
+    fn steady_expected(&self) -> u64 {
+        (0..self.stable)
+            .map(|m| self.per_room_sent[(m / self.cfg.room_size) as usize])
+            .sum()
+    }
+
+    /// Rooms whose stable members end at different last ids, each with a problem line.
+    fn rooms_disagreeing(&mut self, problems: &mut Vec<String>) -> u64 {
+        let cfg = self.cfg;
+        let mut room_last = vec![(u64::MAX, 0u64); cfg.rooms as usize];
+        for m in 0..self.stable {
+            let r = m / cfg.room_size;
+            if let Some(c) = self.net.get_mut(self.slot_of[m as usize]) {
+                let last = c
+                    .user
+                    .tracks
+                    .iter()
+                    .find(|t| t.room == r)
+                    .map_or(0, |t| t.last);
+                let e = &mut room_last[r as usize];
+                e.0 = e.0.min(last);
+                e.1 = e.1.max(last);
+            }
+        }
+        let mut behind = 0;
+        for (r, &(lo, hi)) in room_last.iter().enumerate() {
+            if lo != hi {
+                behind += 1;
                 problems.push(format!(
-                    "acked message {room}/{id} (cycle {cycle} seq {seq}) not seen with that id by the room's witness: {:?}",
-                    w.witness[room as usize].get(&id)
+                    "room {}: stable members end at different last ids ({lo}..{hi})",
+                    room_name(r as u32)
                 ));
             }
         }
+        behind
     }
-    let c = w.c;
-    let lost = steady_expected.saturating_sub(c.steady_delivered);
-    let mut check = |n: u64, what: &str| {
-        if n > 0 {
-            problems.push(format!("{n} {what}"));
-        }
-    };
-    check(c.gaps, "ids missing (gaps)");
-    check(c.duplicates, "duplicate ids");
-    check(c.out_of_order, "ids out of order");
-    check(c.seq_gaps, "steady messages skipped in a sender's sequence");
-    check(
-        c.seq_duplicates,
-        "steady messages repeated in a sender's sequence",
-    );
-    check(lost, "steady deliveries never arrived");
-    check(c.acks_missing, "acks missing");
-    check(
-        ack_not_delivered,
-        "acked messages not delivered with their id",
-    );
-    check(c.resume_failures, "resume failures");
-    check(c.server_errors, "error events from the server");
-    check(c.unexpected_closes, "connections closed by the server");
-    check(c.connect_failures, "connect failures");
-    check(c.welcome_timeouts, "welcome timeouts");
-    check(c.join_timeouts, "join timeouts");
-    check(
-        c.close_timeouts,
-        "clean closes without the server's close frame",
-    );
-    check(
-        c.untracked,
-        "room messages in a room the receiver had no history of",
-    );
-    check(c.after_leave, "room messages after the leave's ack");
-    check(c.acks_unknown, "acks nobody waited for (late or unknown)");
-    check(c.bad_events, "unparsable events");
-    if cfg.seconds >= 2.0 * cfg.resume_every + 5.0 && c.resume_checks == 0 {
-        problems.push("no resume check ran".into());
-    }
-    if c.steady_delivered == 0 {
-        problems.push("zero deliveries".into());
-    }
-    if t_drained.is_none() {
-        problems.push(format!(
-            "the drain did not finish within {} s (churners still busy: {})",
-            cfg.drain,
-            w.churners
-                .iter()
-                .filter(|c| !matches!(c.phase, Phase::Done))
-                .count()
-        ));
-    }
-    if !w.errors.is_empty() {
-        problems.push(format!("server errors by code: {:?}", w.errors));
-    }
-    if !w.close_codes.is_empty() {
-        problems.push(format!("server closes by code: {:?}", w.close_codes));
-    }
-    if !w.fail_kinds.is_empty() {
-        problems.push(format!("connect failures by kind: {:?}", w.fail_kinds));
-    }
-    net.close_all();
 
-    let doc = json!({
-        "setup": {"stable_members": stable, "setup_s": setup_s},
-        "t0_mono_ns": t0,
-        "t_end_mono_ns": t_end,
-        "t_stop_mono_ns": t_stop,
-        "drained_s": t_drained.map(|t| secs(t.saturating_sub(t_end))),
-        "buckets": buckets.iter().map(|b| json!({
-            "index": b.index, "t_start_s": b.t_start_s, "t_end_s": b.t_end_s,
-            "counters": b.c, "latency_ms": b.lat, "loadgen_conns": b.live_conns,
-            "loadgen_cpu_s": b.gen_cpu_s,
-        })).collect::<Vec<_>>(),
-        "totals": {
-            "counters": c,
-            "steady_expected": steady_expected,
-            "steady_lost": lost,
-            "acked_messages": w.acked.len(),
-            "acked_not_delivered": ack_not_delivered,
-            "rooms_disagreeing": behind,
-            "errors": w.errors,
-            "close_codes": w.close_codes,
-            "fail_kinds": w.fail_kinds,
-            "latency_ms": lat_json(&w.lat),
-            "churn_latency_ms": lat_json(&w.churn_lat),
-            "ack_latency_ms": lat_json(&w.ack_lat),
-            "send_lag_ms": lat_json(&lag),
-            "loadgen_cpu_s": secs(cpu_ns() - cpu0),
-        },
-        "notes": w.notes,
-    });
-    Ok((doc, problems))
+    /// Acked churner messages the room's witness did not see with that id (the first
+    /// five each get a problem line).
+    fn acked_not_delivered(&self, problems: &mut Vec<String>) -> u64 {
+        let w = &self.w;
+        let mut n = 0u64;
+        for &(room, id, cycle, seq) in &w.acked {
+            if w.witness[room as usize].get(&id) != Some(&(cycle, seq)) {
+                n += 1;
+                if n <= 5 {
+                    problems.push(format!(
+                        "acked message {room}/{id} (cycle {cycle} seq {seq}) not seen with that id by the room's witness: {:?}",
+                        w.witness[room as usize].get(&id)
+                    ));
+                }
+            }
+        }
+        n
+    }
+
+    /// Everything that went wrong, one line each.
+    fn problems(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.rooms_disagreeing(&mut problems);
+        let ack_not_delivered = self.acked_not_delivered(&mut problems);
+        let (cfg, w) = (self.cfg, &self.w);
+        let c = w.c;
+        let lost = self.steady_expected().saturating_sub(c.steady_delivered);
+        let mut check = |n: u64, what: &str| {
+            if n > 0 {
+                problems.push(format!("{n} {what}"));
+            }
+        };
+        check(c.gaps, "ids missing (gaps)");
+        check(c.duplicates, "duplicate ids");
+        check(c.out_of_order, "ids out of order");
+        check(c.seq_gaps, "steady messages skipped in a sender's sequence");
+        check(
+            c.seq_duplicates,
+            "steady messages repeated in a sender's sequence",
+        );
+        check(lost, "steady deliveries never arrived");
+        check(c.acks_missing, "acks missing");
+        check(
+            ack_not_delivered,
+            "acked messages not delivered with their id",
+        );
+        check(c.resume_failures, "resume failures");
+        check(c.server_errors, "error events from the server");
+        check(c.unexpected_closes, "connections closed by the server");
+        check(c.connect_failures, "connect failures");
+        check(c.welcome_timeouts, "welcome timeouts");
+        check(c.join_timeouts, "join timeouts");
+        check(
+            c.close_timeouts,
+            "clean closes without the server's close frame",
+        );
+        check(
+            c.untracked,
+            "room messages in a room the receiver had no history of",
+        );
+        check(c.after_leave, "room messages after the leave's ack");
+        check(c.acks_unknown, "acks nobody waited for (late or unknown)");
+        check(c.bad_events, "unparsable events");
+        if cfg.seconds >= 2.0 * cfg.resume_every + 5.0 && c.resume_checks == 0 {
+            problems.push("no resume check ran".into());
+        }
+        if c.steady_delivered == 0 {
+            problems.push("zero deliveries".into());
+        }
+        if self.t_drained.is_none() {
+            problems.push(format!(
+                "the drain did not finish within {} s (churners still busy: {})",
+                cfg.drain,
+                w.churners
+                    .iter()
+                    .filter(|c| !matches!(c.phase, Phase::Done))
+                    .count()
+            ));
+        }
+        if !w.errors.is_empty() {
+            problems.push(format!("server errors by code: {:?}", w.errors));
+        }
+        if !w.close_codes.is_empty() {
+            problems.push(format!("server closes by code: {:?}", w.close_codes));
+        }
+        if !w.fail_kinds.is_empty() {
+            problems.push(format!("connect failures by kind: {:?}", w.fail_kinds));
+        }
+        problems
+    }
+
+    /// The result document: buckets, totals, notes.
+    fn report(&mut self, setup_s: f64) -> Value {
+        let mut scratch = Vec::new();
+        let behind = self.rooms_disagreeing(&mut scratch);
+        let ack_not_delivered = self.acked_not_delivered(&mut scratch);
+        let steady_expected = self.steady_expected();
+        let w = &self.w;
+        let c = w.c;
+        json!({
+            "setup": {"stable_members": self.stable, "setup_s": setup_s},
+            "t0_mono_ns": self.t0,
+            "t_end_mono_ns": self.t_end,
+            "t_stop_mono_ns": self.t_stop,
+            "drained_s": self.t_drained.map(|t| secs(t.saturating_sub(self.t_end))),
+            "buckets": self.buckets.iter().map(|b| json!({
+                "index": b.index, "t_start_s": b.t_start_s, "t_end_s": b.t_end_s,
+                "counters": b.c, "latency_ms": b.lat, "loadgen_conns": b.live_conns,
+                "loadgen_cpu_s": b.gen_cpu_s,
+            })).collect::<Vec<_>>(),
+            "totals": {
+                "counters": c,
+                "steady_expected": steady_expected,
+                "steady_lost": steady_expected.saturating_sub(c.steady_delivered),
+                "acked_messages": w.acked.len(),
+                "acked_not_delivered": ack_not_delivered,
+                "rooms_disagreeing": behind,
+                "errors": w.errors,
+                "close_codes": w.close_codes,
+                "fail_kinds": w.fail_kinds,
+                "latency_ms": lat_json(&w.lat),
+                "churn_latency_ms": lat_json(&w.churn_lat),
+                "ack_latency_ms": lat_json(&w.ack_lat),
+                "send_lag_ms": lat_json(&self.lag),
+                "loadgen_cpu_s": secs(cpu_ns() - self.cpu0),
+            },
+            "notes": w.notes,
+        })
+    }
 }
 
 /// Every stable member has every steady message, the members of each room agree on its last
@@ -1458,8 +1612,8 @@ fn stable_complete(w: &World, net: &mut Net<Peer>, per_room_sent: &[u64]) -> boo
 
 fn lat_json(h: &Histogram<u64>) -> Value {
     json!({
-        "p50": report::ms(h, 0.5), "p99": report::ms(h, 0.99), "p999": report::ms(h, 0.999),
-        "max": report::ms(h, 1.0), "count": h.len(),
+        "p50": report::ms(h, 0.5), "p95": report::ms(h, 0.95), "p99": report::ms(h, 0.99),
+        "p999": report::ms(h, 0.999), "max": report::ms(h, 1.0), "count": h.len(),
     })
 }
 

@@ -1,0 +1,1 @@
+"""benchmark/run split into modules: common, targets, scenarios, report, soak, joins, syscalls."""

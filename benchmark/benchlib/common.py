@@ -1,0 +1,142 @@
+"""Paths, logging, pinning, the builds and the environment lines every mode shares."""
+
+import datetime
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(BENCH)
+LOADGEN_DIR = os.path.join(BENCH, "loadgen")
+LOADGEN = os.path.join(LOADGEN_DIR, "target", "release", "loadgen")
+CHATTERBOX = os.path.join(ROOT, "target", "release", "chatterbox")
+PEERS = os.path.join(BENCH, "peers")
+VENV_PY = os.path.join(BENCH, ".venv", "bin", "python")
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def have_taskset():
+    return shutil.which("taskset") is not None and os.cpu_count() and os.cpu_count() >= 2
+
+
+def pinned(core, cmd):
+    return ["taskset", "-c", str(core)] + cmd if have_taskset() else cmd
+
+
+def build(no_build):
+    if not no_build:
+        log("building chatterbox (cargo build --release)")
+        r = subprocess.run(["nice", "cargo", "build", "--release"], cwd=ROOT)
+        if r.returncode != 0:
+            sys.exit("chatterbox build failed")
+        log("building loadgen (cargo build --release)")
+        r = subprocess.run(["nice", "cargo", "build", "--release"], cwd=LOADGEN_DIR)
+        if r.returncode != 0:
+            sys.exit("loadgen build failed")
+    for p in (CHATTERBOX, LOADGEN):
+        if not os.path.exists(p):
+            sys.exit(f"missing {p}: build it or drop --no-build")
+
+
+def chatterbox_bins(args):
+    """[(tag, path)] of the chatterbox binaries to measure: `--chatterbox-bin TAG=PATH`
+    (repeatable: before and after in one run), or [(None, the worktree's release build)]."""
+    out = []
+    for spec in getattr(args, "chatterbox_bin", None) or []:
+        tag, sep, path = spec.partition("=")
+        if not sep or not tag or not path:
+            sys.exit(f"--chatterbox-bin wants TAG=PATH, got '{spec}'")
+        path = os.path.abspath(path)
+        if not os.access(path, os.X_OK):
+            sys.exit(f"--chatterbox-bin {tag}: {path} is not an executable")
+        out.append((tag, path))
+    return out or [(None, CHATTERBOX)]
+
+
+def descendants(pid):
+    """pid and every process below it (peers may fork workers)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def fmt(x, nd=1):
+    if x is None:
+        return "-"
+    if isinstance(x, float) and x.is_integer() and nd == 0:
+        return f"{int(x):,}"
+    if isinstance(x, (int,)) or (isinstance(x, float) and nd == 0):
+        return f"{x:,.0f}"
+    return f"{x:,.{nd}f}"
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+_ENV_LINES = None
+
+
+def env_lines(args):
+    """The environment, read once: call it right after the build so that the commit named is
+    the one that was built, even when the run outlasts the next commit."""
+    global _ENV_LINES
+    if _ENV_LINES is None:
+        _ENV_LINES = _env_lines(args)
+    return list(_ENV_LINES)
+
+
+def _env_lines(args):
+    def sh(cmd):
+        try:
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return "?"
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        pass
+    return [
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- chatterbox commit: `{sh(['git', 'rev-parse', '--short', 'HEAD'])}`"
+        + (" (work tree has changes)" if sh(['git', 'status', '--porcelain', '--', 'src', 'Cargo.toml']) else ""),
+        f"- machine: {os.cpu_count()} cores ({model}); server pinned to CPU(s) {args.server_core}, "
+        f"loadgen to CPU(s) {args.gen_core}" + ("" if have_taskset() else " (taskset unavailable: not pinned)"),
+        f"- command: `benchmark/run {' '.join(sys.argv[1:])}`",
+    ]
+
+
+def shown(cmd):
+    """A command line as the reports show it: paths inside the repository relative to it."""
+    return " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
