@@ -517,6 +517,17 @@ impl Chat {
         }) || self.held.values().any(|q| q.iter().any(|h| h.conn == conn))
     }
 
+    /// `not_member` unless `conn` is in `room` (a `leave` or `broadcast` of a room it is not in).
+    pub(crate) fn require_member(&self, conn: ConnId, room: &str) -> Result<(), CommandError> {
+        if self.rooms.is_member(conn, room) {
+            return Ok(());
+        }
+        Err(CommandError::new(
+            ErrorCode::NotMember,
+            format!("you are not in room '{room}'"),
+        ))
+    }
+
     /// Broadcasts taken and waiting for their room's id to be reserved (shutdown gives them
     /// until its deadline: they were taken, so they must be stored).
     pub fn held_broadcasts(&self) -> usize {

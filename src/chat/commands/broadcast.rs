@@ -47,12 +47,7 @@ impl Broadcast {
         let Some(member) = chat.members.get(&cx.conn) else {
             return Ok(());
         };
-        if !chat.rooms.is_member(cx.conn, room) {
-            return Err(CommandError::new(
-                ErrorCode::NotMember,
-                format!("you are not in room '{room}'"),
-            ));
-        }
+        chat.require_member(cx.conn, room)?;
         let sender = member.name.clone();
         let serial = member.serial;
 

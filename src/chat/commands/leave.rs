@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use crate::chat::protocol::{CommandError, ErrorCode, Event};
+use crate::chat::protocol::{CommandError, Event};
 use crate::chat::{Chat, Cx, Outbox, validate};
 
 /// `{"command":"leave","room"}`.
@@ -23,12 +23,7 @@ impl Leave {
         let Some(member) = chat.members.get(&cx.conn) else {
             return Ok(());
         };
-        if !chat.rooms.is_member(cx.conn, room) {
-            return Err(CommandError::new(
-                ErrorCode::NotMember,
-                format!("you are not in room '{room}'"),
-            ));
-        }
+        chat.require_member(cx.conn, room)?;
         let name = member.name.clone();
         // Sent before the removal so that the leaver hears it too: a client that sent no
         // request_id still learns that its leave happened.
