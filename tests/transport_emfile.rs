@@ -4,52 +4,31 @@
 //! The server runs as the real binary with a low `RLIMIT_NOFILE`, so only its own descriptors
 //! count.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
+
+mod common;
 
 /// Starts the binary with at most `nofile` descriptors; returns it and its address.
 fn start_with_nofile(nofile: u64) -> (std::process::Child, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatterbox"));
-    cmd.args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--db-path",
-        ":memory:",
-    ])
-    .args(["--head-timeout", "60"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let mut child = cmd.spawn().expect("the binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("a log line").unwrap();
-        if let Some(a) = line.split("listening on ").nth(1) {
-            break a.trim().parse().unwrap();
+    common::spawn_binary(&["--head-timeout", "60"], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
         }
-    };
-    // Keep reading the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    })
 }
 
 #[test]

@@ -3,36 +3,15 @@
 //!
 //! The server runs as the real binary, so `/proc/<pid>/status` shows its memory alone.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn start() -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatterbox"))
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--db-path",
-            ":memory:",
-        ])
-        .args(["--max-connections-per-ip", "10000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("a log line").unwrap();
-        if let Some(a) = line.split("listening on ").nth(1) {
-            break a.trim().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    common::spawn_binary(&["--max-connections-per-ip", "10000"], |_| {})
 }
 
 /// Resident memory of `pid` in KiB.

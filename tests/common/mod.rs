@@ -153,3 +153,37 @@ impl Client {
         }
     }
 }
+
+/// The real binary on `127.0.0.1:0` with `--db-path :memory:`, the `extra` flags, and whatever
+/// `configure` adds to the command (limits, say); returns it with the address it logged. Its log
+/// is read on a thread for the rest of its life, so the server never blocks on a full pipe.
+pub fn spawn_binary(
+    extra: &[&str],
+    configure: impl FnOnce(&mut std::process::Command),
+) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chatterbox"));
+    cmd.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db-path",
+        ":memory:",
+    ])
+    .args(extra)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().expect("the binary starts");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("a log line").unwrap();
+        if let Some(a) = line.split("listening on ").nth(1) {
+            break a.trim().parse().unwrap();
+        }
+    };
+    thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
