@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(BENCH)
@@ -140,3 +141,20 @@ def _env_lines(args):
 def shown(cmd):
     """A command line as the reports show it: paths inside the repository relative to it."""
     return " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
+
+
+class StepWatch(threading.Thread):
+    """Reads loadgen's progress lines (forwarding them unless quiet, problems always) and notes
+    when its first traffic step has begun."""
+
+    def __init__(self, stream, quiet):
+        super().__init__(daemon=True)
+        self.stream, self.quiet = stream, quiet
+        self.started = threading.Event()
+
+    def run(self):
+        for line in self.stream:
+            if " step 1/" in line:
+                self.started.set()
+            if not self.quiet or "PROBLEM" in line:
+                sys.stderr.write(line)

@@ -23,10 +23,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from .common import BENCH, LOADGEN, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
+from .common import BENCH, LOADGEN, StepWatch, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
 from .targets import Target
 
 PREFILL = os.path.join(BENCH, "prefill")
@@ -85,22 +84,6 @@ def count_loop_calls(tid, window):
             if len(f) >= 3 and f[0].isdigit():
                 counts[f[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all")] = int(f[0])
         return counts if r.returncode == 0 else None
-
-
-class StepWatch(threading.Thread):
-    """Reads loadgen's progress lines (forwarding them unless quiet) and notes the step's start."""
-
-    def __init__(self, stream, quiet):
-        super().__init__(daemon=True)
-        self.stream, self.quiet = stream, quiet
-        self.started = threading.Event()
-
-    def run(self):
-        for line in self.stream:
-            if " step 1/" in line:
-                self.started.set()
-            if not self.quiet or "PROBLEM" in line:
-                sys.stderr.write(line)
 
 
 def run_loadgen(cmd, args, timeout, loop_tid, window):

@@ -19,10 +19,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from .common import BENCH, LOADGEN, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
+from .common import BENCH, LOADGEN, StepWatch, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
 from .targets import Target
 
 SYSCALLS_DEFAULTS = {"members": 1000, "senders": 10, "rate": 50, "window": 10}
@@ -123,22 +122,6 @@ def count_syscalls(tool, pids, window):
         return counts, None if counts else f"strace failed: {err.strip()[-300:]}"
 
 
-class StderrWatch(threading.Thread):
-    """Forwards loadgen's progress lines and notes when the traffic step has begun."""
-
-    def __init__(self, stream, quiet):
-        super().__init__(daemon=True)
-        self.stream, self.quiet = stream, quiet
-        self.started = threading.Event()
-
-    def run(self):
-        for line in self.stream:
-            if " step 1/" in line:
-                self.started.set()
-            if not self.quiet or "PROBLEM" in line:
-                sys.stderr.write(line)
-
-
 def measure(target, p, args, outdir):
     rec = {"target": target.label, "problems": []}
     try:
@@ -164,7 +147,7 @@ def measure(target, p, args, outdir):
     rec["command"] = shown(cmd)
     log(f"{target.label}: {rec['command']}")
     lg = subprocess.Popen(pinned(args.gen_core, cmd), stderr=subprocess.PIPE, text=True)
-    watch = StderrWatch(lg.stderr, args.quiet)
+    watch = StepWatch(lg.stderr, args.quiet)
     watch.start()
     try:
         if not watch.started.wait(timeout=300):
