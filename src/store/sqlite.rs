@@ -25,7 +25,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+#[cfg(test)]
+use std::sync::Condvar;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -117,8 +119,6 @@ struct Shared {
     /// Set at shutdown: a failing writer stops retrying.
     stop: AtomicBool,
     reserved: Mutex<HashMap<String, Reservation>>,
-    /// Signalled when a reservation lands or the writer changes state.
-    changed: Condvar,
     /// Tests close it to hold the reader thread before its next read.
     #[cfg(test)]
     read_gate: (Mutex<bool>, Condvar),
@@ -238,7 +238,6 @@ impl SqliteStore {
             writable: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             reserved: Mutex::new(HashMap::new()),
-            changed: Condvar::new(),
             #[cfg(test)]
             read_gate: (Mutex::new(true), Condvar::new()),
         });
@@ -527,7 +526,6 @@ impl Writer {
                     }
                     if !self.shared.writable.swap(true, Ordering::AcqRel) {
                         info!("history store writes again");
-                        self.shared.changed.notify_all();
                     }
                     (self.notify)();
                     start = end;
@@ -544,7 +542,6 @@ impl Writer {
                             "history store cannot write ({e}); {} messages wait, retrying",
                             batch.len() - start
                         );
-                        self.shared.changed.notify_all();
                         (self.notify)();
                     } else {
                         debug!(
@@ -656,7 +653,6 @@ impl Writer {
             r.asked = r.asked.max(got.asked);
         }
         drop(map);
-        self.shared.changed.notify_all();
     }
 
     /// Lowers each mark this run raised to the highest stored id (never below where it was).
@@ -1422,7 +1418,6 @@ mod tests {
             writable: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             reserved: Mutex::new(HashMap::new()),
-            changed: Condvar::new(),
             read_gate: (Mutex::new(true), Condvar::new()),
         });
         let mut writer = Writer::new(conn, shared, Arc::new(|| {}));
