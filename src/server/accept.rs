@@ -95,18 +95,15 @@ impl Server {
         };
         let mut buf = [0u8; 4096];
         let mut eof = false;
-        loop {
+        // Never past the bound: a connection whose answer is pending (a REST page being read)
+        // or already queued is not parsed again, and must not keep buffering what it sends.
+        while head.len() <= max {
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => {
-                    head.extend_from_slice(&buf[..n]);
-                    if head.len() > max {
-                        break;
-                    }
-                }
+                Ok(n) => head.extend_from_slice(&buf[..n]),
                 Err(e) if would_block(&e) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
