@@ -45,8 +45,9 @@
 //! - [`Reply::Unavailable`]`{ token, room, error }`: the request with `token` cannot be answered
 //!   now (a read failed, the store cannot write, the engine is stopping or stopped). Nothing was
 //!   changed, nothing is guessed (an unreadable room is never reported empty), and no other reply
-//!   will come for that token. The core tells the client `unavailable` ("retry later") or, where
-//!   today's behaviour differs, keeps today's behaviour; retrying is the client's business.
+//!   will come for that token. The core tells the client `unavailable` ("retry later"), except
+//!   for a join page, which gives an empty `history` (the join is not refused for it; see
+//!   docs/PROTOCOL.md); retrying is the client's business.
 //!
 //! Every request with a token gets **exactly one** reply, even when the store fails (then
 //! `Unavailable`) or the engine is closed (then `Unavailable` at once). An engine never leaves
@@ -110,13 +111,13 @@
 //! of 1000 ids, `sqlite::ID_BLOCK`, renewed every quarter block, so a busy room never waits).
 //! Otherwise the core **holds that room's broadcasts** — delivery, storage and ack, in order —
 //! until an `IdsReserved` covers them, and refuses them with `unavailable` on `Unavailable`
-//! (as a failed reservation is refused today). Held broadcasts count against `--max-unstored`,
-//! so the hold is bounded; they are delivered to the room's members as they are when released.
-//! Today a room's first broadcast after start blocks the loop for up to a second waiting for
-//! that commit; through this boundary only that room's broadcasts wait.
+//! Held broadcasts count against `--max-unstored`, so the hold is bounded; they are delivered
+//! to the room's members as they are when released. Only that room's broadcasts wait (and the
+//! sender's later commands: the transport reads no more from it until they are answered); the
+//! loop never waits for the commit.
 //!
 //! **Appends.** After delivering a numbered broadcast the core sends `Append`, counts the
-//! ticket, and queues the `ack` until `DurableUpTo` reaches it (as `release_acks` does today).
+//! ticket, and queues the `ack` until `DurableUpTo` reaches it.
 //!
 //! **Shutdown.** [`Engine::close`] waits (bounded by the deadline) for every append to become
 //! durable, stops and joins the engine's threads, and answers every outstanding request with
@@ -269,11 +270,6 @@ impl<S: HistoryStore> Immediate<S> {
             reported: 0,
             closed: false,
         }
-    }
-
-    /// The store inside (for the synchronous calls the core still makes until it is wired).
-    pub fn store_mut(&mut self) -> &mut S {
-        &mut self.store
     }
 
     fn report_durable(&mut self) {

@@ -698,6 +698,9 @@ impl SqliteStore {
             msg,
         };
         if !self.send(job) {
+            // The store cannot write any more: say so (`/health`, `unavailable`) instead of
+            // taking broadcasts it will never store.
+            self.writer_gone = true;
             warn!("history writer has stopped; message {ticket} stays in memory only");
         }
         ticket
@@ -705,7 +708,7 @@ impl SqliteStore {
 
     /// Whether the writer commits and the last read of a room's last id worked.
     fn store_writable(&self) -> bool {
-        self.shared.writable.load(Ordering::Acquire) && !self.read_failed
+        self.shared.writable.load(Ordering::Acquire) && !self.read_failed && !self.writer_gone
     }
 
     /// Blocks until the writer has committed everything queued (tests and tools only).
@@ -778,7 +781,7 @@ impl SqliteStore {
                 (self.asking.entry(room.clone()).or_insert(0), 0)
             }
         };
-        // Renewed once a quarter of the block is used, as the synchronous path does.
+        // Renewed once a quarter of the block is used.
         let mut job = None;
         if id.saturating_add(ID_BLOCK * 3 / 4) > *asked {
             let upto = id.saturating_add(ID_BLOCK - 1);
@@ -1209,6 +1212,21 @@ mod tests {
             p.messages,
             (1..=5).map(super::super::test_message).collect::<Vec<_>>()
         );
+    }
+
+    /// A writer that has gone (stopped, or died) makes the store unwritable at the next append,
+    /// so the core refuses broadcasts with `unavailable` and `/health` says 503, instead of
+    /// taking messages that would never be stored or acked.
+    #[test]
+    fn a_store_whose_writer_is_gone_is_not_writable() {
+        let path = temp_db("writer-gone");
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        s.append("r", super::super::test_message(1));
+        s.flush();
+        s.stop_writer(None);
+        assert!(s.writable(), "nothing was lost yet");
+        s.append("r", super::super::test_message(2));
+        assert!(!s.writable(), "an append the writer cannot take");
     }
 
     #[test]
