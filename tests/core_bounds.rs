@@ -64,7 +64,11 @@ fn newcomer_pages_through_the_bombs(running: &Running) {
     assert!(!first.is_empty(), "at least one message: {first:?}");
     assert!(first.len() < 50, "the page is cut by bytes: {first:?}");
     // The number docs/PROTOCOL.md gives: at the defaults, 8 of these messages fit a page.
-    assert_eq!(first, (43..=50).collect::<Vec<u64>>(), "8 messages in 64 KiB");
+    assert_eq!(
+        first,
+        (43..=50).collect::<Vec<u64>>(),
+        "8 messages in 64 KiB"
+    );
     assert_eq!(page["more"], true);
     assert_eq!(*first.last().unwrap(), 50, "the newest messages come first");
     let mut seen = first.clone();

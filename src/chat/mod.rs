@@ -511,10 +511,18 @@ impl Chat {
     /// order they came, whichever engine answers and however late. With the memory engine
     /// this is never true between inputs.
     pub fn is_waiting(&self, conn: ConnId) -> bool {
+        self.waiting_conns().any(|c| c == conn)
+    }
+
+    /// Every connection [`Chat::is_waiting`] is true for (with repeats): one pass over what
+    /// the core awaits, for a transport that checks many connections at once.
+    pub fn waiting_conns(&self) -> impl Iterator<Item = ConnId> + '_ {
         use pending::Read;
-        self.reads.values().any(|r| {
-            matches!(r, Read::Join { conn: c, .. } | Read::History { conn: c, .. } if *c == conn)
-        }) || self.held.values().any(|q| q.iter().any(|h| h.conn == conn))
+        let reads = self.reads.values().filter_map(|r| match r {
+            Read::Join { conn, .. } | Read::History { conn, .. } => Some(*conn),
+            _ => None,
+        });
+        reads.chain(self.held.values().flat_map(|q| q.iter().map(|h| h.conn)))
     }
 
     /// `not_member` unless `conn` is in `room` (a `leave` or `broadcast` of a room it is not in).

@@ -457,9 +457,8 @@ impl Server {
             if self.chat.is_waiting(id) {
                 // Its last command waits for the engine (a page, an id): the next one is read
                 // once that is answered, so its answers keep the order of its commands.
-                if !self.parked.contains(&id) {
-                    self.parked.push(id);
-                }
+                // (It may be pushed more than once; `unpark` takes each id once.)
+                self.parked.push(id);
                 return;
             }
             let next = c.read_message(self.iteration, max_pending);
@@ -520,11 +519,14 @@ impl Server {
         if self.parked.is_empty() {
             return;
         }
+        // One pass over what the core awaits, not one per parked connection.
+        let waiting: std::collections::HashSet<usize> = self.chat.waiting_conns().collect();
+        let mut seen = std::collections::HashSet::new();
         for id in std::mem::take(&mut self.parked) {
-            if !self.conns.contains(id) {
+            if !self.conns.contains(id) || !seen.insert(id) {
                 continue;
             }
-            if self.chat.is_waiting(id) {
+            if waiting.contains(&id) {
                 self.parked.push(id);
             } else {
                 self.defer(id);
