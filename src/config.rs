@@ -315,6 +315,7 @@ impl Config {
             // core: every member joins `general`, which is a room of its own.
             ("max-rooms", self.max_rooms),
             ("max-rooms-per-member", self.max_rooms_per_member),
+            ("max-fragments", self.max_fragments),
         ];
         for (flag, v) in positive {
             if v == 0 {
@@ -323,9 +324,6 @@ impl Config {
         }
         if !(512..=64 << 20).contains(&self.read_budget_bytes) {
             return Err("--read-budget-bytes must be between 512 and 67108864".into());
-        }
-        if self.max_fragments == 0 {
-            return Err("--max-fragments must be at least 1".into());
         }
         // Counts of messages held or sent at once: beyond this they are mistakes, and huge
         // values would overflow page arithmetic.

@@ -50,7 +50,7 @@ fn error(status: u16, code: &str, message: String) -> Response {
 /// place that decides it. With auth off, anyone may; with `--jwt-secret`, a token valid under
 /// the same rules as for `/ws` (`Authorization: Bearer` or `?token=`) is needed, except for
 /// `/metrics` with `--metrics-public`. Other paths are not its business and pass. A refusal
-/// is the `401` to send. (An API key, when there is one, is accepted here too.)
+/// is the `401` to send. (A server API key, when one comes, is to be accepted here too.)
 pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Response> {
     let path = head.path.as_str();
     let api = path == "/api" || path.starts_with("/api/");
