@@ -452,7 +452,7 @@ impl Chat {
         let skip = (held.echo == Some(false) && sender_here).then_some(held.conn);
         self.fan_out_message(room, &payload, Some(id), skip, out);
         out.room_published(room, &payload);
-        if alone && self.is_same_member(held.conn, held.serial) {
+        if alone && sender_here {
             let alone = Event::System {
                 message: super::commands::broadcast::ALONE,
             };
@@ -463,25 +463,26 @@ impl Chat {
             crate::log_safe(&held.sender),
             crate::log_safe(&held.message)
         );
+        if let Some(msg_id) = &held.msg_id {
+            self.dedup.remember(held.mono, room, msg_id, id);
+        }
+        // The message's ticket is the next append's; its ack waits until that is durable.
+        self.last_ticket += 1;
+        let ticket = self.last_ticket;
+        self.stats.broadcasts += 1;
+        self.queue_ack(held.conn, held.serial, room, id, ticket, &held);
+        // The message itself, after delivery, moved out of what was held.
         let stored = StoredMessage {
             id,
-            member: held.sender.clone(),
-            message: held.message.clone(),
+            member: held.sender,
+            message: held.message,
             ts: held.ts,
-            data: held.data.clone(),
+            data: held.data,
         };
-        // The message, after delivery; the ack waits until it is durable.
         self.engine.request(Request::Append {
             room: room.to_string(),
             msg: stored,
         });
-        self.last_ticket += 1;
-        let ticket = self.last_ticket;
-        self.stats.broadcasts += 1;
-        if let Some(msg_id) = &held.msg_id {
-            self.dedup.remember(held.mono, room, msg_id, id);
-        }
-        self.queue_ack(held.conn, held.serial, room, id, ticket, &held);
     }
 
     /// With a `request_id`, queues the `ack` naming `id`, sent once `ticket` is durable.
