@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -178,6 +178,8 @@ fn a_flood_of_empty_continuations_does_not_hold_the_loop() {
     let flooder = raw_member(s.addr, "flooder");
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flood = stop.clone();
+    let written = Arc::new(AtomicUsize::new(0));
+    let written_flood = written.clone();
     let flood = thread::spawn(move || {
         (&flooder).write_all(&frame(false, 0x1, b"x")).unwrap();
         let mut burst = Vec::new();
@@ -189,6 +191,7 @@ fn a_flood_of_empty_continuations_does_not_hold_the_loop() {
             if (&flooder).write_all(&burst).is_err() {
                 break;
             }
+            written_flood.fetch_add(burst.len(), Ordering::SeqCst);
         }
     });
     // While it streams, another member and a new HTTP client are served (timeouts only turn a
@@ -200,9 +203,26 @@ fn a_flood_of_empty_continuations_does_not_hold_the_loop() {
         assert_eq!(pong["request_id"], "p");
         s.http("GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     }));
+    // The flood was still going when the others were served: it goes on after them (within
+    // a bound: a debug build drains it in bursts), and the server had by then taken far more
+    // than one turn's read budget (64 KiB) of it.
+    let before = written.load(Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_secs(5);
+    while written.load(Ordering::SeqCst) == before && Instant::now() < until {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let during = written.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     flood.join().unwrap();
     let health = served.expect("another member and /health are served during the flood");
+    assert!(
+        during > before,
+        "the flood had stopped before the others were served: {before} then {during}"
+    );
+    assert!(
+        before > 1 << 20,
+        "only {before} bytes of flood were taken: the loop was not under it"
+    );
     assert_eq!(status(&health), 200, "{health}");
     s.stop();
 }
