@@ -226,7 +226,9 @@ impl Server {
         c.counted = true;
         c.timers.stop(Timer::Head);
         c.timers.set(Timer::Pong, now + pong);
-        c.timers.set(Timer::Idle, now + idle);
+        if !idle.is_zero() {
+            c.timers.set(Timer::Idle, now + idle); // 0: no idle timeout
+        }
         c.timers.set(Timer::Ping, now + ping);
         if let Some(exp) = identity
             .as_ref()

@@ -472,7 +472,9 @@ impl Server {
             match next {
                 Next::Message(Message::Text(text)) => {
                     if let Some(c) = self.conns.get_mut(id) {
-                        c.timers.set(Timer::Idle, now + idle);
+                        if !idle.is_zero() {
+                            c.timers.set(Timer::Idle, now + idle); // 0: no idle timeout
+                        }
                     }
                     self.core(|chat, sink| chat.handle_text(cfg_now, id, text.as_str(), sink));
                 }
