@@ -273,6 +273,9 @@ settings! {
     /// A settings file: `NAME=value` lines under the environment variables' names (`#`
     /// comments, blank lines, optional quotes). Flags and environment variables win over it.
     config: String = String::new(), "config", "CONFIG";
+    /// Seconds over which repeated refusal and close lines from one address for one reason
+    /// are summed up in one line; the first is always written. 0.01 to 3600.
+    log_summary_window: Duration = Duration::from_secs(10), "log-summary-window", "LOG_SUMMARY_WINDOW";
 }
 
 /// What the command line asked for.
@@ -550,6 +553,12 @@ impl Config {
                     max.as_secs()
                 ));
             }
+        }
+        if !(MIN_INTERVAL..=Duration::from_secs(3600)).contains(&self.log_summary_window) {
+            return Err(format!(
+                "{} must be from 0.01 to 3600 seconds",
+                named("log-summary-window")
+            ));
         }
         // A zero ping interval re-arms its timer at `now` for ever: the loop never leaves
         // `fire_timers` once a member is connected. Zero timeouts would close everything at

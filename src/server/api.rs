@@ -40,6 +40,8 @@ pub struct TransportStats {
     pub uptime_secs: u64,
     /// Close frames never delivered: the client did not read them within the grace time.
     pub close_frames_lost: u64,
+    /// Refusals and closes by reason.
+    pub report: super::report::Counts,
 }
 
 fn error(status: u16, code: &str, message: String) -> Response {
@@ -220,6 +222,8 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
         "close_frames_lost": t.close_frames_lost,
+        "refused": t.report.json().0,
+        "closed": t.report.json().1,
     })
 }
 
@@ -306,5 +310,6 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     }
+    t.report.prometheus(&mut out);
     out
 }

@@ -59,6 +59,7 @@ mod closing;
 mod conn;
 pub mod http;
 mod output;
+pub mod report;
 mod timers;
 pub mod wire;
 
@@ -142,6 +143,8 @@ pub struct Server {
     trim_at: Option<Instant>,
     /// REST pages the engine has yet to answer: its token → the HTTP connection and room.
     rest_pages: HashMap<u64, (usize, String)>,
+    /// Refusals and closes: logged once each, summed up in floods, counted by reason.
+    report: report::Report,
 }
 
 fn now_of(mono: Instant) -> Now {
@@ -161,6 +164,42 @@ fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The address to listen on: `host` as an IP address, else the first address its name
+/// resolves to. The error names the host.
+fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let shown = crate::log_safe(host);
+    let found = (host, port).to_socket_addrs().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot resolve host '{shown}': {}", os_text(&e)),
+        )
+    })?;
+    found.into_iter().next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("cannot resolve host '{shown}': it has no address"),
+        )
+    })
+}
+
+/// An I/O error as a phrase: `address already in use` (no capital, no `(os error 98)`).
+fn os_text(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 
@@ -186,15 +225,14 @@ fn would_block(e: &io::Error) -> bool {
 impl Server {
     /// Binds the listener and opens the history store the settings name.
     pub fn bind(cfg: Config) -> io::Result<Server> {
-        let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port).parse().or_else(|_| {
-            use std::net::ToSocketAddrs;
-            (cfg.host.as_str(), cfg.port)
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))
-        })?;
+        let addr = resolve(&cfg.host, cfg.port)?;
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr}: {}", os_text(&e)),
+            )
+        })?;
         set_backlog(&listener, cfg.listen_backlog)?;
         let local = listener.local_addr()?;
         poll.registry()
@@ -209,6 +247,7 @@ impl Server {
             }),
         )
         .map_err(io::Error::other)?;
+        let report = report::Report::new(cfg.log_summary_window);
         let ws_config = wire::websocket_config(&cfg);
         let read_limits = ReadLimits::from_config(&cfg);
         Ok(Server {
@@ -239,6 +278,7 @@ impl Server {
             dropped_since_trim: 0,
             trim_at: None,
             rest_pages: HashMap::new(),
+            report,
         })
     }
 
@@ -322,6 +362,7 @@ impl Server {
             }
             self.fire_timers(now);
             self.process_closing(now);
+            self.report.tick(now);
             self.unpark();
             self.flush_dirty();
             if self.trim_at.is_some_and(|at| now >= at) {

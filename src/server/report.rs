@@ -1,0 +1,545 @@
+//! What the operator sees of refusals and closes: `Report` logs each one the server decides
+//! once, with the client's address and the reason, counts it by reason for `/metrics`
+//! (`chatterbox_refused_total{reason=..}`, `chatterbox_closed_total{reason=..}`), and keeps a
+//! flood from flooding the log: after the first line for an (address, reason) pair, the
+//! repeats within `--log-summary-window` are counted, and one line sums them up when the
+//! window ends ("… and 4,312 more from 10.0.0.7 in 10 s: refused 429 too_many_from_address").
+//! At most [`SUMMARY_KEYS`] pairs are tracked at once; beyond them, new pairs share one
+//! summary ("… from other addresses"), so its memory stays bounded whatever the flood.
+//!
+//! The refusals come from `Server::respond` (every answer whose status is a
+//! `admission::Refusal`) and the two silent ones (`Dropped`, `HeadTimeout`); the closes from
+//! `closing.rs`, the one place a [`Close`] becomes a close frame.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use log::Level;
+
+use super::admission::Refusal;
+use crate::chat::Close;
+use crate::logging::{log_safe, thousands};
+
+/// (address, reason) pairs tracked at once; past it, new pairs are summed up together.
+/// Each takes some 64 bytes, so the summariser holds at most about 64 KiB.
+pub const SUMMARY_KEYS: usize = 1024;
+
+/// The longest detail (a refusal's answer text) copied into a log line, in characters.
+const MAX_DETAIL: usize = 200;
+
+/// A refusal or a close, as the summariser tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Event {
+    /// A request or upgrade refused, with the status sent (none for the silent ones).
+    Refused(Refusal, Option<u16>),
+    /// A connection closed by the server.
+    Closed(Close),
+}
+
+impl Event {
+    fn level(self) -> Level {
+        match self {
+            Event::Refused(r, _) if r.is_load() => Level::Warn,
+            Event::Refused(..) => Level::Info,
+            Event::Closed(c) if c.is_misbehaviour() => Level::Warn,
+            Event::Closed(_) => Level::Info,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Event::Refused(r, _) => r.label(),
+            Event::Closed(c) => c.label(),
+        }
+    }
+
+    /// `refused 429 too_many_from_address`, `closed 1008 slow_consumer`.
+    fn what(self) -> String {
+        match self {
+            Event::Refused(r, Some(status)) => format!("refused {status} {}", r.label()),
+            Event::Refused(r, None) => format!("refused {}", r.label()),
+            Event::Closed(c) => format!("closed {} {}", c.code(), c.label()),
+        }
+    }
+}
+
+/// The counters by reason, as `/metrics` and `/api/stats` show them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    refused: [u64; Refusal::ALL.len()],
+    closed: [u64; Close::ALL.len()],
+}
+
+impl Counts {
+    fn add(&mut self, event: Event) {
+        match event {
+            Event::Refused(r, _) => self.refused[r as usize] += 1,
+            Event::Closed(c) => self.closed[c as usize] += 1,
+        }
+    }
+
+    /// The two labelled counters in Prometheus text, every reason listed (zeros included).
+    pub fn prometheus(&self, out: &mut String) {
+        out.push_str(
+            "# HELP chatterbox_refused_total Requests and upgrades refused, by reason.\n\
+             # TYPE chatterbox_refused_total counter\n",
+        );
+        for r in Refusal::ALL {
+            let n = self.refused[r as usize];
+            let _ = writeln!(
+                out,
+                "chatterbox_refused_total{{reason=\"{}\"}} {n}",
+                r.label()
+            );
+        }
+        out.push_str(
+            "# HELP chatterbox_closed_total Connections the server closed, by reason.\n\
+             # TYPE chatterbox_closed_total counter\n",
+        );
+        for c in Close::ALL {
+            let n = self.closed[c as usize];
+            let _ = writeln!(
+                out,
+                "chatterbox_closed_total{{reason=\"{}\"}} {n}",
+                c.label()
+            );
+        }
+    }
+
+    /// `{"refused":{"bad_request":0,...},"closed":{"idle":0,...}}` members for `/api/stats`.
+    pub fn json(&self) -> (serde_json::Value, serde_json::Value) {
+        let refused: serde_json::Map<_, _> = Refusal::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), self.refused[*r as usize].into()))
+            .collect();
+        let closed: serde_json::Map<_, _> = Close::ALL
+            .iter()
+            .map(|c| (c.label().to_string(), self.closed[*c as usize].into()))
+            .collect();
+        (refused.into(), closed.into())
+    }
+}
+
+/// Since when a pair is being summed up, and how many lines it held back so far.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    since: Instant,
+    more: u64,
+}
+
+/// A summary line due: the pair (`None`: the pairs past [`SUMMARY_KEYS`]) and how many of its
+/// lines were held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Summary {
+    pub(crate) key: Option<(IpAddr, Event)>,
+    pub(crate) more: u64,
+}
+
+/// Which lines are written, sans-IO: [`Summariser::note`] says whether an event gets its line,
+/// [`Summariser::flush`] which summaries are due.
+#[derive(Debug)]
+pub(crate) struct Summariser {
+    window: Duration,
+    cap: usize,
+    seen: HashMap<(IpAddr, Event), Seen>,
+    /// The pairs that came while `seen` was full, summed up together.
+    others: Option<Seen>,
+    flush_at: Option<Instant>,
+}
+
+impl Summariser {
+    pub(crate) fn new(window: Duration, cap: usize) -> Summariser {
+        Summariser {
+            window,
+            cap,
+            seen: HashMap::new(),
+            others: None,
+            flush_at: None,
+        }
+    }
+
+    /// Whether this event gets its own line: the first of its pair in a window does, the
+    /// rest are held back and counted. A pair whose window ended puts its summary in `due`.
+    pub(crate) fn note(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        event: Event,
+        due: &mut Vec<Summary>,
+    ) -> bool {
+        let key = (ip, event);
+        let window = self.window;
+        if let Some(s) = self.seen.get_mut(&key) {
+            if now < s.since + window {
+                s.more += 1;
+                return false;
+            }
+            if s.more > 0 {
+                due.push(Summary {
+                    key: Some(key),
+                    more: s.more,
+                });
+            }
+            *s = Seen {
+                since: now,
+                more: 0,
+            };
+        } else if self.seen.len() >= self.cap {
+            match &mut self.others {
+                Some(o) if now < o.since + window => {
+                    o.more += 1;
+                    return false;
+                }
+                other => {
+                    if let Some(o) = other.take().filter(|o| o.more > 0) {
+                        due.push(Summary {
+                            key: None,
+                            more: o.more,
+                        });
+                    }
+                    *other = Some(Seen {
+                        since: now,
+                        more: 0,
+                    });
+                }
+            }
+        } else {
+            self.seen.insert(
+                key,
+                Seen {
+                    since: now,
+                    more: 0,
+                },
+            );
+        }
+        if self.flush_at.is_none() {
+            self.flush_at = Some(now + window);
+        }
+        true
+    }
+
+    /// When [`Summariser::flush`] next has something to do.
+    pub(crate) fn next_flush(&self) -> Option<Instant> {
+        self.flush_at
+    }
+
+    /// Ends the windows that are over by `now`: their pairs are forgotten, and those that held
+    /// lines back put their summary in `due`.
+    pub(crate) fn flush(&mut self, now: Instant, due: &mut Vec<Summary>) {
+        if self.flush_at.is_none_or(|at| now < at) {
+            return;
+        }
+        let window = self.window;
+        self.seen.retain(|key, s| {
+            if now < s.since + window {
+                return true;
+            }
+            if s.more > 0 {
+                due.push(Summary {
+                    key: Some(*key),
+                    more: s.more,
+                });
+            }
+            false
+        });
+        if let Some(o) = self.others.filter(|o| now >= o.since + window) {
+            if o.more > 0 {
+                due.push(Summary {
+                    key: None,
+                    more: o.more,
+                });
+            }
+            self.others = None;
+        }
+        let earliest = self
+            .seen
+            .values()
+            .chain(&self.others)
+            .map(|s| s.since)
+            .min();
+        self.flush_at = earliest.map(|since| since + window);
+        if self.seen.capacity() > 4 * self.seen.len().max(16) {
+            self.seen.shrink_to_fit();
+        }
+    }
+
+    /// Pairs tracked now (for tests).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+/// The counters and the summariser together: what the server calls.
+#[derive(Debug)]
+pub(crate) struct Report {
+    counts: Counts,
+    summariser: Summariser,
+    due: Vec<Summary>,
+}
+
+impl Report {
+    pub(crate) fn new(window: Duration) -> Report {
+        Report {
+            counts: Counts::default(),
+            summariser: Summariser::new(window, SUMMARY_KEYS),
+            due: Vec::new(),
+        }
+    }
+
+    /// The counters now.
+    pub(crate) fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// A request or upgrade from `ip` refused (`status`: the answer sent, if any); `detail`
+    /// says what was wrong (the answer's text, escaped and cut here).
+    pub(crate) fn refused(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        why: Refusal,
+        status: Option<u16>,
+        detail: &str,
+    ) {
+        let event = Event::Refused(why, status);
+        if !self.count(now, ip, event) {
+            return;
+        }
+        let detail = short(detail);
+        let detail = log_safe(&detail);
+        let (level, reason) = (event.level(), why.label());
+        match status {
+            Some(s) => log::log!(
+                level,
+                addr:% = ip, status = s, reason = reason;
+                "refused {ip}: {s} {reason}: {detail}"
+            ),
+            None => log::log!(
+                level,
+                addr:% = ip, reason = reason;
+                "refused {ip}: {reason}: {detail}"
+            ),
+        }
+    }
+
+    /// A connection from `ip` closed by the server for `why` (the shutdown's closes are
+    /// counted, not logged: one line says the server shuts down).
+    pub(crate) fn closed(&mut self, now: Instant, ip: IpAddr, why: Close) {
+        let event = Event::Closed(why);
+        if why == Close::Shutdown {
+            self.counts.add(event);
+            return;
+        }
+        if !self.count(now, ip, event) {
+            return;
+        }
+        let (code, reason) = (why.code(), why.label());
+        log::log!(
+            event.level(),
+            addr:% = ip, code = code, reason = reason;
+            "closed {ip}: {code} {reason} ({})", why.reason()
+        );
+    }
+
+    /// When [`Report::tick`] next has a summary to write.
+    pub(crate) fn next_flush(&self) -> Option<Instant> {
+        self.summariser.next_flush()
+    }
+
+    /// Writes the summaries of windows over by `now`.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        self.summariser.flush(now, &mut self.due);
+        self.write_due();
+    }
+
+    /// Counts the event; whether it gets its own line. Summaries it made due are written.
+    fn count(&mut self, now: Instant, ip: IpAddr, event: Event) -> bool {
+        self.counts.add(event);
+        let first = self.summariser.note(now, ip, event, &mut self.due);
+        self.write_due();
+        first
+    }
+
+    fn write_due(&mut self) {
+        let window = secs(self.summariser.window);
+        for Summary { key, more } in self.due.drain(..) {
+            let n = thousands(more);
+            match key {
+                Some((ip, event)) => log::log!(
+                    event.level(),
+                    addr:% = ip, reason = event.label(), more = more;
+                    "… and {n} more from {ip} in {window}: {}", event.what()
+                ),
+                None => log::warn!(
+                    more = more;
+                    "… and {n} more refusals and closes from other addresses in {window} \
+                     (past {SUMMARY_KEYS} addresses and reasons at once)"
+                ),
+            }
+        }
+    }
+}
+
+/// `10 s`, `0.5 s`.
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// The first line of `text`, trimmed, at most [`MAX_DETAIL`] characters.
+fn short(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    match line.char_indices().nth(MAX_DETAIL) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Duration = Duration::from_secs(10);
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    const FLOOD: Event = Event::Refused(Refusal::TooManyFromAddress, Some(429));
+
+    #[test]
+    fn the_first_of_a_pair_is_written_the_repeats_summed_up_when_the_window_ends() {
+        let t0 = Instant::now();
+        let mut s = Summariser::new(W, 16);
+        let mut due = Vec::new();
+        assert!(s.note(t0, ip(7), FLOOD, &mut due));
+        for i in 1..=4312u64 {
+            assert!(!s.note(t0 + Duration::from_millis(i), ip(7), FLOOD, &mut due));
+        }
+        // Another reason, or another address, is a pair of its own.
+        let idle = Event::Closed(Close::Idle);
+        assert!(s.note(t0, ip(7), idle, &mut due));
+        assert!(s.note(t0, ip(8), FLOOD, &mut due));
+        assert_eq!(s.next_flush(), Some(t0 + W));
+        s.flush(t0 + W - Duration::from_millis(1), &mut due);
+        assert!(due.is_empty(), "nothing before the window ends");
+        s.flush(t0 + W, &mut due);
+        assert_eq!(
+            due,
+            [Summary {
+                key: Some((ip(7), FLOOD)),
+                more: 4312
+            }],
+            "pairs that held nothing back say nothing"
+        );
+        assert_eq!(s.tracked(), 0);
+        assert_eq!(s.next_flush(), None, "nothing left to flush");
+        // After the window the next one is written again.
+        due.clear();
+        assert!(s.note(t0 + W, ip(7), FLOOD, &mut due));
+        assert!(due.is_empty());
+    }
+
+    #[test]
+    fn a_pair_seen_again_after_its_window_is_summed_up_at_once() {
+        let t0 = Instant::now();
+        let mut s = Summariser::new(W, 16);
+        let mut due = Vec::new();
+        assert!(s.note(t0, ip(1), FLOOD, &mut due));
+        assert!(!s.note(t0, ip(1), FLOOD, &mut due));
+        // No flush ran (the loop was busy): the late event ends the window itself.
+        assert!(s.note(t0 + W * 2, ip(1), FLOOD, &mut due));
+        assert_eq!(
+            due,
+            [Summary {
+                key: Some((ip(1), FLOOD)),
+                more: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_pairs_past_the_cap_share_one_summary() {
+        let t0 = Instant::now();
+        let mut s = Summariser::new(W, 4);
+        let mut due = Vec::new();
+        let mut written = 0;
+        for n in 0..200u8 {
+            for _ in 0..10 {
+                written += usize::from(s.note(t0, ip(n), FLOOD, &mut due));
+            }
+        }
+        assert_eq!(s.tracked(), 4);
+        // Four pairs and one line for the rest.
+        assert_eq!(written, 5);
+        s.flush(t0 + W, &mut due);
+        let total: u64 = due.iter().map(|d| d.more).sum();
+        assert_eq!(total, 2000 - 5, "every held-back line is in a summary");
+        assert!(due.iter().any(|d| d.key.is_none()));
+        assert_eq!((s.tracked(), s.next_flush()), (0, None));
+    }
+
+    #[test]
+    fn flush_waits_for_the_earliest_window_still_open() {
+        let t0 = Instant::now();
+        let mut s = Summariser::new(W, 16);
+        let mut due = Vec::new();
+        s.note(t0, ip(1), FLOOD, &mut due);
+        s.note(t0 + Duration::from_secs(4), ip(2), FLOOD, &mut due);
+        s.note(t0 + Duration::from_secs(5), ip(2), FLOOD, &mut due);
+        s.flush(t0 + W, &mut due);
+        assert!(due.is_empty());
+        assert_eq!(s.next_flush(), Some(t0 + Duration::from_secs(14)));
+        s.flush(t0 + Duration::from_secs(14), &mut due);
+        assert_eq!(due.len(), 1);
+    }
+
+    #[test]
+    fn counts_render_every_reason_for_prometheus() {
+        let t0 = Instant::now();
+        let mut r = Report::new(W);
+        r.refused(
+            t0,
+            ip(1),
+            Refusal::Forbidden,
+            Some(403),
+            "origin not allowed\n",
+        );
+        r.refused(
+            t0,
+            ip(1),
+            Refusal::Forbidden,
+            Some(403),
+            "origin not allowed\n",
+        );
+        r.closed(t0, ip(2), Close::SlowConsumer);
+        r.closed(t0, ip(2), Close::Shutdown);
+        let mut out = String::new();
+        r.counts().prometheus(&mut out);
+        assert!(
+            out.contains("chatterbox_refused_total{reason=\"forbidden\"} 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("chatterbox_refused_total{reason=\"bad_request\"} 0\n"));
+        assert!(out.contains("chatterbox_closed_total{reason=\"slow_consumer\"} 1\n"));
+        assert!(out.contains("chatterbox_closed_total{reason=\"shutdown\"} 1\n"));
+        let lines = out.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(lines, Refusal::ALL.len() + Close::ALL.len());
+        let (refused, closed) = r.counts().json();
+        assert_eq!(
+            (refused["forbidden"].as_u64(), closed["idle"].as_u64()),
+            (Some(2), Some(0))
+        );
+    }
+
+    #[test]
+    fn details_are_one_short_line() {
+        assert_eq!(short("origin not allowed\n"), "origin not allowed");
+        assert_eq!(short("a\nb"), "a");
+        let long = "é".repeat(500);
+        assert_eq!(short(&long).chars().count(), MAX_DETAIL + 1);
+        assert_eq!(short(""), "");
+    }
+}
