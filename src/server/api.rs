@@ -222,8 +222,6 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
         "close_frames_lost": t.close_frames_lost,
-        "refused": t.report.json().0,
-        "closed": t.report.json().1,
     })
 }
 

@@ -191,16 +191,14 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 
 /// An I/O error as a phrase: `address already in use` (no capital, no `(os error 98)`).
 fn os_text(e: &io::Error) -> String {
-    let text = e.to_string();
-    let text = match text.find(" (os error") {
-        Some(i) => &text[..i],
-        None => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
+    let mut text = e.to_string();
+    if let Some(i) = text.find(" (os error") {
+        text.truncate(i);
     }
+    if let Some(first) = text.get_mut(..1) {
+        first.make_ascii_lowercase();
+    }
+    text
 }
 
 /// Returns free heap memory to the system (glibc keeps it otherwise, fragmented by bursts).
@@ -374,6 +372,7 @@ impl Server {
                 }
             }
         }
+        self.report.finish();
         // The store gets until grace + STORE_CLOSE_SLACK after the shutdown began, whatever
         // the disk does; what it could not write by then is counted, and the exit says so.
         let deadline = self.shutdown_at.unwrap_or_else(Instant::now) + STORE_CLOSE_SLACK;
