@@ -274,6 +274,25 @@ fn closes_the_server_decides_are_logged_and_counted_by_reason() {
     );
 }
 
+#[test]
+fn a_client_that_never_answers_pings_is_logged_as_a_pong_timeout() {
+    let server = Logged::start(&["--ping-interval", "0.1", "--pong-timeout", "0.3"]);
+    // A raw upgrade that then reads nothing, so never answers a ping.
+    let mut deaf = TcpStream::connect(server.addr).unwrap();
+    deaf.write_all(upgrade_request("/ws?name=deaf", "").as_bytes())
+        .unwrap();
+    let line = server.wait_line(|l| l.contains("closed 127.0.0.1: 1000 pong_timeout"));
+    assert!(line.contains("[INFO]"), "{line}");
+    let m = server.metrics();
+    assert_eq!(
+        sample(&m, r#"chatterbox_closed_total{reason="pong_timeout"}"#),
+        1,
+        "{m}"
+    );
+    assert_eq!(sample(&m, r#"chatterbox_closed_total{reason="idle"}"#), 0);
+    drop(deaf);
+}
+
 /// `2026-12-02T01:05:34.123Z`.
 fn is_rfc3339_utc(ts: &str) -> bool {
     let b = ts.as_bytes();

@@ -69,6 +69,7 @@ impl Server {
             let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
             let refuse = match admission::at_accept(self.conns.len(), from_ip, self.cfg()) {
                 AtAccept::Drop(why) => {
+                    let why = || why.to_string();
                     self.report
                         .refused(now, ip, admission::Refusal::Dropped, None, why);
                     continue;
@@ -154,9 +155,9 @@ impl Server {
             admission::Refusal::of_status(response.status),
             self.conns.get(id),
         ) {
-            let detail = refusal_text(&response);
             let status = Some(response.status);
-            self.report.refused(now, c.ip, why, status, &detail);
+            let detail = || refusal_text(&response);
+            self.report.refused(now, c.ip, why, status, detail);
         }
         self.send(id, response, now);
     }

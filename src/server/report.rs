@@ -266,20 +266,21 @@ impl Report {
     }
 
     /// A request or upgrade from `ip` refused (`status`: the answer sent, if any); `detail`
-    /// says what was wrong (the answer's text, escaped and cut here).
+    /// says what was wrong (the answer's text, escaped and cut here), asked for only when
+    /// the line is written.
     pub(crate) fn refused(
         &mut self,
         now: Instant,
         ip: IpAddr,
         why: Refusal,
         status: Option<u16>,
-        detail: &str,
+        detail: impl FnOnce() -> String,
     ) {
         let event = Event::Refused(why, status);
         if !self.count(now, ip, event) {
             return;
         }
-        let detail = short(detail);
+        let detail = short(&detail());
         let (addr, reason) = (ip.to_string(), why.label());
         let mut fields = vec![("addr", Field::Str(&addr)), ("reason", Field::Str(reason))];
         let status = match status {
@@ -487,20 +488,12 @@ mod tests {
     fn counts_render_every_reason_for_prometheus() {
         let t0 = Instant::now();
         let mut r = Report::new(W);
-        r.refused(
-            t0,
-            ip(1),
-            Refusal::Forbidden,
-            Some(403),
-            "origin not allowed\n",
-        );
-        r.refused(
-            t0,
-            ip(1),
-            Refusal::Forbidden,
-            Some(403),
-            "origin not allowed\n",
-        );
+        r.refused(t0, ip(1), Refusal::Forbidden, Some(403), || {
+            "origin not allowed\n".into()
+        });
+        r.refused(t0, ip(1), Refusal::Forbidden, Some(403), || {
+            "origin not allowed\n".into()
+        });
         r.closed(t0, ip(2), Close::SlowConsumer);
         r.closed(t0, ip(2), Close::Shutdown);
         let mut out = String::new();

@@ -164,7 +164,7 @@ impl Server {
                 self.drop_conn(id);
             }
             Some(Timer::Head) => {
-                let why = "the request head did not arrive in time";
+                let why = || "the request head did not arrive in time".to_string();
                 self.report
                     .refused(now, c.ip, Refusal::HeadTimeout, None, why);
                 self.drop_conn(id);
