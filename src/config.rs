@@ -1093,6 +1093,11 @@ mod tests {
         assert_eq!((c.log_format, c.log_messages), (LogFormat::Text, true));
         let c = run(&["--log-format", "JSON", "--log-messages", "false"], &[]).unwrap();
         assert_eq!((c.log_format, c.log_messages), (LogFormat::Json, false));
+        assert_eq!(c.log_summary_window, Duration::from_secs(10));
+        for bad in ["0", "3601"] {
+            let e = run(&["--log-summary-window", bad], &[]).unwrap_err();
+            assert!(e.starts_with("--log-summary-window (LOG_SUMMARY_WINDOW)"), "{e}");
+        }
         let e = run(&["--log-format", "xml"], &[]).unwrap_err();
         assert!(
             e.starts_with("--log-format (LOG_FORMAT): 'xml' is not a log format"),
