@@ -1096,7 +1096,10 @@ mod tests {
         assert_eq!(c.log_summary_window, Duration::from_secs(10));
         for bad in ["0", "3601"] {
             let e = run(&["--log-summary-window", bad], &[]).unwrap_err();
-            assert!(e.starts_with("--log-summary-window (LOG_SUMMARY_WINDOW)"), "{e}");
+            assert!(
+                e.starts_with("--log-summary-window (LOG_SUMMARY_WINDOW)"),
+                "{e}"
+            );
         }
         let e = run(&["--log-format", "xml"], &[]).unwrap_err();
         assert!(

@@ -129,6 +129,23 @@ fn a_port_in_use_is_named_once() {
 }
 
 #[test]
+fn ipv6_hosts_are_taken_with_or_without_brackets() {
+    for host in ["::1", "[::1]"] {
+        let cfg = Config {
+            host: host.into(),
+            port: 0,
+            db_path: ":memory:".into(),
+            ..Config::default()
+        };
+        match chatterbox::server::Server::bind(cfg) {
+            Ok(s) => assert!(s.local_addr().is_ipv6(), "{host}"),
+            // A machine without IPv6 on loopback: the error still names the address.
+            Err(e) => assert!(e.to_string().starts_with("cannot listen on [::1]:0"), "{e}"),
+        }
+    }
+}
+
+#[test]
 fn an_unknown_host_is_named_once() {
     // `.invalid` never resolves (RFC 6761), with or without a network.
     let out = start_fails(&["--host", "notahost.invalid", "--port", "0"], &[]);

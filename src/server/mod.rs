@@ -167,11 +167,15 @@ fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
     }
 }
 
-/// The address to listen on: `host` as an IP address, else the first address its name
-/// resolves to. The error names the host.
+/// The address to listen on: `host` as an IP address (IPv6 with or without brackets), else
+/// the first address its name resolves to. The error names the host.
 fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
     use std::net::ToSocketAddrs;
-    if let Ok(ip) = host.parse::<IpAddr>() {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
     let shown = crate::log_safe(host);
