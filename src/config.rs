@@ -412,13 +412,14 @@ impl Config {
         }
         for (flag, var, _) in Self::TABLE {
             if let Some(text) = env(var) {
-                cfg.set(flag, &text)
-                    .map_err(|e| format!("{var} (--{flag}), from the environment: {e}"))?;
+                cfg.set(flag, &text).map_err(|e| {
+                    format!("{var} (--{flag}), from the environment: {}", log_safe(&e))
+                })?;
             }
         }
         for (flag, value) in &flags {
             cfg.set(flag, value)
-                .map_err(|e| format!("--{flag} ({}): {e}", Self::env_of(flag)))?;
+                .map_err(|e| format!("--{flag} ({}): {}", Self::env_of(flag), log_safe(&e)))?;
         }
         cfg.validate()?;
         Ok(Cli::Run(Box::new(cfg)))
@@ -454,7 +455,7 @@ impl Config {
                 ));
             }
             self.set(flag, &value)
-                .map_err(|e| format!("{shown}:{line}: {name} (--{flag}): {e}"))?;
+                .map_err(|e| format!("{shown}:{line}: {name} (--{flag}): {}", log_safe(&e)))?;
         }
         Ok(())
     }
@@ -851,6 +852,14 @@ mod tests {
         assert_eq!(e, "--port (PORT) needs a value");
         let e = run(&["--\u{1b}[2J"], &[]).unwrap_err();
         assert!(!e.contains('\u{1b}'), "{e:?}");
+        // A value that is not one reaches the terminal escaped, from a flag or a variable.
+        let e = run(&["--port", "\u{1b}[2J"], &[]).unwrap_err();
+        assert_eq!(e, r"--port (PORT): '\u{1b}[2J' is not a whole number");
+        let e = run(&[], &[("LOG_LEVEL", "x\ny")]).unwrap_err();
+        assert!(
+            e.ends_with(r"'x\ny' is not a log level (off, error, warn, info, debug, trace)"),
+            "{e}"
+        );
     }
 
     #[test]
