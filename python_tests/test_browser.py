@@ -354,3 +354,32 @@ async def test_refused_commands_show_where_they_happened(server_factory, browser
     await page.get_by_role("button", name="Connect").click()
     await expect(page.locator("#login-error")).to_contain_text("taken")
     assert errors == []
+
+
+async def test_an_open_page_pings_so_a_reader_who_only_reads_is_not_idle(server, browser):
+    # The server closes members that send no command for --idle-timeout (5 min); an open page
+    # is not idle: it sends a `ping` command every minute while connected (the page's clock is
+    # Playwright's, so a minute passes at once).
+    errors: list[str] = []
+    ctx = await browser.new_context(**DESKTOP)
+    await ctx.clock.install()
+    m = Member(await ctx.new_page(), "reader", errors)
+    await m.page.goto(server.http + "/")
+    await m.page.get_by_label("Your name").fill("reader")
+    await m.page.get_by_label("Your name").press("Enter")
+    await m.expect_state("online")
+
+    def pings() -> int:
+        return sum(1 for c in m.sent if c == {"command": "ping"})
+
+    assert pings() == 0
+    for minute in (1, 2, 3):
+        await m.page.clock.fast_forward(61_000)
+        for _ in range(200):   # the frame is recorded a moment after it is sent
+            if pings() >= minute:
+                break
+            await m.page.wait_for_timeout(25)
+        assert pings() == minute, m.sent
+    await m.expect_state("online")
+    assert "reader" in server.get_json("/api/members")
+    assert errors == []

@@ -72,7 +72,7 @@ def test_page_bytes_over_half_the_output_bound_is_refused_at_start(tmp_path):
     from conftest import Server
     import pytest
     srv = Server(tmp_path, {"max_pending_output": 100000, "max_page_bytes": 50001})
-    with pytest.raises(RuntimeError, match="max-page-bytes must be at most half"):
+    with pytest.raises(RuntimeError, match=r"max-page-bytes \(MAX_PAGE_BYTES\) must be at most half"):
         srv.start()
 
 

@@ -2,12 +2,16 @@
 //!
 //! The `settings!` table below is the single source: it declares the [`Config`] fields, their
 //! defaults, the command-line flag, the environment variable and the line `--help` prints.
-//! Precedence: flag, then environment variable, then default.
+//! Precedence: flag, then environment variable, then the settings file (`--config`), then
+//! default. The settings file holds `NAME=value` lines under the environment variables' names
+//! ([`parse_settings_file`]).
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use log::LevelFilter;
+
+use crate::logging::{LogFormat, log_safe};
 
 /// A value a setting can hold: parsed from text, shown back in `--help`.
 pub trait SettingValue: Sized {
@@ -21,7 +25,15 @@ macro_rules! int_setting {
     ($($t:ty),*) => {$(
         impl SettingValue for $t {
             fn parse_setting(text: &str) -> Result<Self, String> {
-                text.trim().parse().map_err(|e| format!("'{text}' is not a whole number ({e})"))
+                let t = text.trim();
+                t.parse().map_err(|_| {
+                    let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+                    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                        format!("'{text}' is out of range ({} to {})", <$t>::MIN, <$t>::MAX)
+                    } else {
+                        format!("'{text}' is not a whole number")
+                    }
+                })
             }
             fn show(&self) -> String { self.to_string() }
         }
@@ -96,6 +108,19 @@ impl SettingValue for LevelFilter {
     }
 }
 
+impl SettingValue for LogFormat {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("'{text}' is not a log format (text or json)")),
+        }
+    }
+    fn show(&self) -> String {
+        self.name().to_string()
+    }
+}
+
 macro_rules! settings {
     ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:expr, $flag:literal, $env:literal; )*) => {
         /// The server's settings. Build it with [`Config::from_args`] or start from `Default`.
@@ -116,10 +141,11 @@ macro_rules! settings {
                 $( ($flag, $env, concat!($($doc),+)), )*
             ];
 
+            /// Sets the setting of `flag` from `text`; the error says what is wrong with the
+            /// text (its caller says where it came from).
             fn set(&mut self, flag: &str, text: &str) -> Result<(), String> {
                 match flag {
-                    $( $flag => self.$field = <$ty as SettingValue>::parse_setting(text)
-                        .map_err(|e| format!("--{}: {e}", $flag))?, )*
+                    $( $flag => self.$field = <$ty as SettingValue>::parse_setting(text)?, )*
                     _ => return Err(format!("unknown option --{flag} (see --help)")),
                 }
                 Ok(())
@@ -156,13 +182,14 @@ settings! {
     max_rooms: usize = 1000, "max-rooms", "MAX_ROOMS";
     /// Rooms one member may be in at once.
     max_rooms_per_member: usize = 32, "max-rooms-per-member", "MAX_ROOMS_PER_MEMBER";
-    /// Largest WebSocket message or frame in bytes; larger closes with 1009.
+    /// Largest WebSocket message or frame in bytes; larger closes with 1009. 512 to 64 MiB.
     max_frame_size: usize = 8192, "max-frame-size", "MAX_FRAME_SIZE";
     /// Longest `message` text in characters.
     max_message_chars: usize = 1000, "max-message-chars", "MAX_MESSAGE_CHARS";
     /// Join/leave notices are sent while a room has at most this many members.
     notice_max_members: usize = 1000, "notice-max-members", "NOTICE_MAX_MEMBERS";
-    /// Commands per second per connection (token bucket refill).
+    /// Commands per second per connection (token bucket refill); 0: no refill, each
+    /// connection has `--rate-burst` commands in all.
     rate_per_sec: u32 = 20, "rate-per-sec", "RATE_PER_SEC";
     /// Token bucket size (burst) per connection.
     rate_burst: u32 = 40, "rate-burst", "RATE_BURST";
@@ -181,9 +208,11 @@ settings! {
     head_timeout: Duration = Duration::from_secs(10), "head-timeout", "HEAD_TIMEOUT";
     /// Seconds between the server's pings.
     ping_interval: Duration = Duration::from_secs(30), "ping-interval", "PING_INTERVAL";
-    /// Seconds without any frame from the client before it is closed.
+    /// Seconds without any frame from the client before it is closed; longer than
+    /// `--ping-interval`.
     pong_timeout: Duration = Duration::from_secs(60), "pong-timeout", "PONG_TIMEOUT";
-    /// Seconds without a command before the connection is closed (1000, "idle").
+    /// Seconds without a command before the connection is closed (1000, "idle"); 0: never.
+    /// The browser page sends a `ping` command every 60 s while it is open.
     idle_timeout: Duration = Duration::from_secs(300), "idle-timeout", "IDLE_TIMEOUT";
     /// Bytes of output queued per connection; beyond it the client is closed (1008, "slow consumer").
     max_pending_output: usize = 256 * 1024, "max-pending-output", "MAX_PENDING_OUTPUT";
@@ -235,6 +264,18 @@ settings! {
     /// Frames one WebSocket message may have (its first frame and continuations); more closes
     /// with 1008 "too many fragments". At least 1.
     max_fragments: usize = 256, "max-fragments", "MAX_FRAGMENTS";
+    // --- operator: logs and the settings file (issue 13) ---
+    /// Log lines as `text` (a UTC date, the level, the message) or `json` (one object per
+    /// line: `ts`, `level`, `msg` and the line's fields).
+    log_format: LogFormat = LogFormat::Text, "log-format", "LOG_FORMAT";
+    /// Whether the broadcast log line carries the message text; false logs only who sent it.
+    log_messages: bool = true, "log-messages", "LOG_MESSAGES";
+    /// A settings file: `NAME=value` lines under the environment variables' names (`#`
+    /// comments, blank lines, optional quotes). Flags and environment variables win over it.
+    config: String = String::new(), "config", "CONFIG";
+    /// Seconds over which repeated refusal and close lines from one address for one reason
+    /// are summed up in one line; the first is always written. 0.01 to 3600.
+    log_summary_window: Duration = Duration::from_secs(10), "log-summary-window", "LOG_SUMMARY_WINDOW";
 }
 
 /// What the command line asked for.
@@ -244,6 +285,68 @@ pub enum Cli {
     Run(Box<Config>),
     /// Print this text (help or version) and exit 0.
     Print(String),
+}
+
+/// The largest settings file read: 1 MiB (a few dozen lines are typical).
+pub const MAX_SETTINGS_FILE: u64 = 1 << 20;
+
+/// One line of a settings file: its number (from 1), the name and the value.
+pub type SettingLine<'a> = (usize, &'a str, String);
+
+/// The `NAME=value` lines of a settings file, each with its line number (from 1): `#` starts a
+/// comment (a whole line, or after whitespace in an unquoted value), blank lines are skipped,
+/// spaces around the name and the value are dropped, and a value may be quoted in `"` or `'`
+/// (kept as it is inside, `#` included). A line without `=`, an empty or malformed name or an
+/// unclosed quote is an error with its line number. Names are not checked here.
+pub fn parse_settings_file(text: &str) -> Result<Vec<SettingLine<'_>>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            return Err((n, "expected NAME=value".into()));
+        };
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err((
+                n,
+                format!(
+                    "'{}' is not a setting name (NAME=value, NAME as in --help)",
+                    log_safe(name)
+                ),
+            ));
+        }
+        let value = value.trim();
+        let value = match value.chars().next() {
+            Some(q @ ('"' | '\'')) => {
+                let inner = &value[1..];
+                let Some(end) = inner.find(q) else {
+                    return Err((n, format!("{name}: the quote {q} is not closed")));
+                };
+                let rest = inner[end + 1..].trim_start();
+                if !(rest.is_empty() || rest.starts_with('#')) {
+                    return Err((n, format!("{name}: text after the closing quote")));
+                }
+                inner[..end].to_string()
+            }
+            _ => {
+                let end = value
+                    .char_indices()
+                    .find(|&(i, c)| c == '#' && value[..i].ends_with(|p: char| p.is_whitespace()))
+                    .map_or(value.len(), |(i, _)| i);
+                value[..end].trim_end().to_string()
+            }
+        };
+        out.push((n, name, value));
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -257,18 +360,14 @@ impl Config {
     }
 
     /// Builds the configuration from command-line arguments (without the program name) and an
-    /// environment lookup. Flags are `--name value` or `--name=value`.
+    /// environment lookup. Flags are `--name value` or `--name=value`. Precedence: flag, then
+    /// environment variable, then the settings file (`--config`, else `CONFIG`), then default.
     pub fn from_args<I, E>(args: I, env: E) -> Result<Cli, String>
     where
         I: IntoIterator<Item = String>,
         E: Fn(&str) -> Option<String>,
     {
-        let mut cfg = Config::default();
-        for (flag, var, _) in Self::TABLE {
-            if let Some(text) = env(var) {
-                cfg.set(flag, &text).map_err(|e| format!("{var}: {e}"))?;
-            }
-        }
+        let mut flags = Vec::new();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             if arg == "--help" || arg == "-h" {
@@ -281,62 +380,148 @@ impl Config {
                 )));
             }
             let Some(flag) = arg.strip_prefix("--") else {
-                return Err(format!("unexpected argument '{arg}' (see --help)"));
+                return Err(format!(
+                    "unexpected argument '{}' (see --help)",
+                    log_safe(&arg)
+                ));
             };
             let (flag, value) = match flag.split_once('=') {
                 Some((f, v)) => (f.to_string(), v.to_string()),
                 None => {
-                    let v = args
-                        .next()
-                        .ok_or_else(|| format!("--{flag} needs a value"))?;
+                    if Self::env_of(flag).is_empty() {
+                        return Err(format!("unknown option --{} (see --help)", log_safe(flag)));
+                    }
+                    let v = args.next().ok_or_else(|| {
+                        format!("--{flag} ({}) needs a value", Self::env_of(flag))
+                    })?;
                     (flag.to_string(), v)
                 }
             };
-            cfg.set(&flag, &value)?;
+            if Self::env_of(&flag).is_empty() {
+                return Err(format!("unknown option --{} (see --help)", log_safe(&flag)));
+            }
+            flags.push((flag, value));
+        }
+        let mut cfg = Config::default();
+        let file = match flags.iter().rev().find(|(f, _)| f == "config") {
+            Some((_, path)) => Some(path.clone()),
+            None => env("CONFIG"),
+        };
+        if let Some(path) = file.filter(|p| !p.trim().is_empty()) {
+            cfg.read_settings_file(&path)?;
+        }
+        for (flag, var, _) in Self::TABLE {
+            if let Some(text) = env(var) {
+                cfg.set(flag, &text).map_err(|e| {
+                    format!("{var} (--{flag}), from the environment: {}", log_safe(&e))
+                })?;
+            }
+        }
+        for (flag, value) in &flags {
+            cfg.set(flag, value)
+                .map_err(|e| format!("--{flag} ({}): {}", Self::env_of(flag), log_safe(&e)))?;
         }
         cfg.validate()?;
         Ok(Cli::Run(Box::new(cfg)))
     }
 
-    /// Checks every setting's range; the error names the flag (and, for the newer checks, the
-    /// variable). [`Config::from_args`] calls it; a `Config` built in code can call it too.
-    pub fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("max-frame-size", self.max_frame_size),
-            ("max-message-chars", self.max_message_chars),
-            ("history-page-cap", self.history_page_cap),
-            ("max-connections", self.max_connections),
-            ("max-connections-per-ip", self.max_connections_per_ip),
-            ("max-head-bytes", self.max_head_bytes),
-            ("max-pending-output", self.max_pending_output),
-            ("read-buffer-size", self.read_buffer_size),
-            ("rate-burst", self.rate_burst as usize),
-            ("max-unstored", self.max_unstored),
-            // core: every member joins `general`, which is a room of its own.
-            ("max-rooms", self.max_rooms),
-            ("max-rooms-per-member", self.max_rooms_per_member),
-            ("max-fragments", self.max_fragments),
-        ];
-        for (flag, v) in positive {
-            if v == 0 {
-                return Err(format!("--{flag} must be at least 1"));
+    /// Applies the settings file at `path` ([`parse_settings_file`]); errors name the file and
+    /// the line.
+    fn read_settings_file(&mut self, path: &str) -> Result<(), String> {
+        use std::io::Read as _;
+        let shown = log_safe(path);
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_SETTINGS_FILE + 1).read_to_string(&mut text))
+            .map_err(|e| format!("--config (CONFIG): cannot read '{shown}': {e}"))?;
+        if text.len() as u64 > MAX_SETTINGS_FILE {
+            return Err(format!(
+                "--config (CONFIG): '{shown}' is larger than {MAX_SETTINGS_FILE} bytes"
+            ));
+        }
+        for (line, name, value) in
+            parse_settings_file(&text).map_err(|(line, e)| format!("{shown}:{line}: {e}"))?
+        {
+            let Some((flag, _, _)) = Self::TABLE.iter().find(|(_, var, _)| *var == name) else {
+                return Err(format!(
+                    "{shown}:{line}: unknown setting '{}' (the names are those of the \
+                     environment variables in --help)",
+                    log_safe(name)
+                ));
+            };
+            if *flag == "config" {
+                return Err(format!(
+                    "{shown}:{line}: CONFIG cannot be set in a settings file"
+                ));
             }
+            self.set(flag, &value)
+                .map_err(|e| format!("{shown}:{line}: {name} (--{flag}): {}", log_safe(&e)))?;
         }
-        if !(512..=64 << 20).contains(&self.read_budget_bytes) {
-            return Err("--read-budget-bytes must be between 512 and 67108864".into());
-        }
-        // Counts of messages held or sent at once: beyond this they are mistakes, and huge
-        // values would overflow page arithmetic.
+        Ok(())
+    }
+
+    /// Checks every setting's range; the error names the flag and the variable.
+    /// [`Config::from_args`] calls it; a `Config` built in code can call it too.
+    pub fn validate(&self) -> Result<(), String> {
+        let named = |flag: &str| format!("--{flag} ({})", Self::env_of(flag));
+        // Sizes and counts: (flag, value, least, most). The least is what the server needs to
+        // work at all; the most is where a value can only be a mistake (or would overflow).
+        const MIB: usize = 1 << 20;
         const MAX_MESSAGES: usize = 1_000_000;
-        for (flag, v) in [
-            ("max-history", self.max_history),
-            ("history-page-cap", self.history_page_cap),
-            ("resume-cap", self.resume_cap),
-            ("memory-history-per-room", self.memory_history_per_room),
-            ("max-unstored", self.max_unstored),
-        ] {
-            if v > MAX_MESSAGES {
-                return Err(format!("--{flag} must be at most {MAX_MESSAGES}"));
+        let ranges = [
+            // A frame must hold an ordinary command with its ids (`request_id`, `msg_id`).
+            ("max-frame-size", self.max_frame_size, 512, 64 * MIB),
+            ("max-message-chars", self.max_message_chars, 1, MAX_MESSAGES),
+            ("max-history", self.max_history, 0, MAX_MESSAGES),
+            ("history-page-cap", self.history_page_cap, 1, MAX_MESSAGES),
+            ("resume-cap", self.resume_cap, 0, MAX_MESSAGES),
+            (
+                "memory-history-per-room",
+                self.memory_history_per_room,
+                1,
+                MAX_MESSAGES,
+            ),
+            ("max-unstored", self.max_unstored, 1, MAX_MESSAGES),
+            // core: every member joins `general`, which is a room of its own.
+            ("max-rooms", self.max_rooms, 1, 10_000_000),
+            (
+                "max-rooms-per-member",
+                self.max_rooms_per_member,
+                1,
+                100_000,
+            ),
+            ("notice-max-members", self.notice_max_members, 0, usize::MAX),
+            ("max-connections", self.max_connections, 1, 10_000_000),
+            (
+                "max-connections-per-ip",
+                self.max_connections_per_ip,
+                1,
+                10_000_000,
+            ),
+            // A browser's request head is some hundreds of bytes, with cookies a few KiB.
+            ("max-head-bytes", self.max_head_bytes, 1024, MIB),
+            // The output bound holds at least one ordinary event.
+            (
+                "max-pending-output",
+                self.max_pending_output,
+                1024,
+                1024 * MIB,
+            ),
+            ("read-buffer-size", self.read_buffer_size, 1, 64 * MIB),
+            ("read-budget-bytes", self.read_budget_bytes, 512, 64 * MIB),
+            ("max-fragments", self.max_fragments, 1, 1 << 20),
+            ("max-dedup-entries", self.max_dedup_entries, 1, 10_000_000),
+            ("rate-burst", self.rate_burst as usize, 1, 1_000_000),
+            ("rate-per-sec", self.rate_per_sec as usize, 0, 1_000_000),
+            ("listen-backlog", self.listen_backlog as usize, 1, 65_535),
+        ];
+        for (flag, v, least, most) in ranges {
+            if v < least || v > most {
+                return Err(if most == usize::MAX {
+                    format!("{} must be at least {least}", named(flag))
+                } else {
+                    format!("{} must be from {least} to {most}", named(flag))
+                });
             }
         }
         // A page must fit twice into the output bound, so that a page and the room traffic
@@ -344,12 +529,9 @@ impl Config {
         let half = self.max_pending_output / 2;
         if self.max_page_bytes > half {
             return Err(format!(
-                "--max-page-bytes must be at most half of --max-pending-output ({half}), or 0"
+                "{} must be at most half of --max-pending-output ({half}), or 0",
+                named("max-page-bytes")
             ));
-        }
-        const MAX_DEDUP: usize = 10_000_000;
-        if self.max_dedup_entries == 0 || self.max_dedup_entries > MAX_DEDUP {
-            return Err(format!("--max-dedup-entries must be from 1 to {MAX_DEDUP}"));
         }
         // Every deadline is `now + setting`: bounded settings keep that from overflowing.
         for (flag, v, max, what) in [
@@ -367,27 +549,52 @@ impl Config {
         ] {
             if v > max {
                 return Err(format!(
-                    "--{flag} ({}) must be at most {} seconds ({what})",
-                    Self::env_of(flag),
+                    "{} must be at most {} seconds ({what})",
+                    named(flag),
                     max.as_secs()
                 ));
             }
         }
+        if !(MIN_INTERVAL..=Duration::from_secs(3600)).contains(&self.log_summary_window) {
+            return Err(format!(
+                "{} must be from 0.01 to 3600 seconds",
+                named("log-summary-window")
+            ));
+        }
         // A zero ping interval re-arms its timer at `now` for ever: the loop never leaves
-        // `fire_timers` once a member is connected. Zero timeouts would close everything at once.
+        // `fire_timers` once a member is connected. Zero timeouts would close everything at
+        // once. (A zero idle timeout means no idle timeout: the timer is never armed.)
         for (flag, v) in [
             ("ping-interval", self.ping_interval),
             ("pong-timeout", self.pong_timeout),
-            ("idle-timeout", self.idle_timeout),
             ("head-timeout", self.head_timeout),
         ] {
             if v < MIN_INTERVAL {
                 return Err(format!(
-                    "--{flag} ({}) must be at least {} seconds",
-                    Self::env_of(flag),
+                    "{} must be at least {} seconds",
+                    named(flag),
                     MIN_INTERVAL.as_secs_f64()
                 ));
             }
+        }
+        if !self.idle_timeout.is_zero() && self.idle_timeout < MIN_INTERVAL {
+            return Err(format!(
+                "{} must be 0 (no idle timeout) or at least {} seconds",
+                named("idle-timeout"),
+                MIN_INTERVAL.as_secs_f64()
+            ));
+        }
+        // A client that answers every ping must never hit the pong timeout: the next ping
+        // has to reach it before the timeout runs out.
+        if self.pong_timeout <= self.ping_interval {
+            return Err(format!(
+                "{} ({}s) must be longer than {} ({}s): a client that answers every ping \
+                 would be closed before the next ping reaches it",
+                named("pong-timeout"),
+                self.pong_timeout.as_secs_f64(),
+                named("ping-interval"),
+                self.ping_interval.as_secs_f64()
+            ));
         }
         // An empty path would make SQLite open a private temporary database per connection:
         // acks for messages that are never kept.
@@ -398,11 +605,19 @@ impl Config {
                     .into(),
             );
         }
+        if self.host.trim().is_empty() {
+            return Err(
+                "--host (HOST) must not be empty: an address such as 0.0.0.0 or ::, or a \
+                 host name"
+                    .into(),
+            );
+        }
         for entry in self.allowed_hosts.split(',').map(str::trim) {
             if entry.contains("://") || entry.contains('/') || entry.contains(char::is_whitespace) {
                 return Err(format!(
-                    "--allowed-hosts (ALLOWED_HOSTS): '{entry}' is not a host name with an \
-                     optional :port (no scheme, no path)"
+                    "--allowed-hosts (ALLOWED_HOSTS): '{}' is not a host name with an \
+                     optional :port (no scheme, no path)",
+                    log_safe(entry)
                 ));
             }
         }
@@ -413,8 +628,8 @@ impl Config {
             ] {
                 if !v.is_empty() {
                     return Err(format!(
-                        "--{flag} ({}) only has an effect with --jwt-secret (JWT_SECRET)",
-                        Self::env_of(flag)
+                        "{} only has an effect with --jwt-secret (JWT_SECRET)",
+                        named(flag)
                     ));
                 }
             }
@@ -435,7 +650,9 @@ impl Config {
         let defaults = Config::default();
         let mut s = String::from(
             "chatterbox — a WebSocket chat room server\n\nUsage: chatterbox [--setting value]...\n\n\
-             Every setting is a flag and an environment variable (the flag wins).\n\n",
+             Every setting is a flag and an environment variable; a settings file (--config)\n\
+             holds NAME=value lines under the variables' names. A flag wins over a variable,\n\
+             a variable over the file, the file over the default.\n\n",
         );
         for (flag, var, doc) in Self::TABLE {
             let _ = writeln!(
@@ -504,7 +721,6 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown option")
         );
-        assert!(run(&["--port"], &[]).unwrap_err().contains("needs a value"));
         assert!(run(&["--max-frame-size", "0"], &[]).is_err());
         assert!(run(&["--max-unstored", "0"], &[]).is_err());
         assert!(run(&["--max-unstored", "1000001"], &[]).is_err());
@@ -583,19 +799,102 @@ mod tests {
     #[test]
     fn zero_intervals_and_timeouts_are_refused() {
         // `--ping-interval 0` used to wedge the loop at the first member's upgrade.
-        for flag in [
-            "ping-interval",
-            "pong-timeout",
-            "idle-timeout",
-            "head-timeout",
-        ] {
+        for flag in ["ping-interval", "pong-timeout", "head-timeout"] {
             for tiny in ["0", "0.001"] {
                 let e = run(&[&format!("--{flag}"), tiny], &[]).unwrap_err();
                 assert!(e.contains(&format!("--{flag} (")), "{flag} {tiny}: {e}");
             }
-            assert!(run(&[&format!("--{flag}"), "0.01"], &[]).is_ok(), "{flag}");
         }
+        assert!(run(&["--head-timeout", "0.01"], &[]).is_ok());
+        assert!(run(&["--ping-interval", "0.01", "--pong-timeout", "0.02"], &[]).is_ok());
+        // An idle timeout of 0 is off; a tiny one is a mistake.
+        assert!(
+            run(&["--idle-timeout", "0"], &[])
+                .unwrap()
+                .idle_timeout
+                .is_zero()
+        );
+        let e = run(&["--idle-timeout", "0.001"], &[]).unwrap_err();
+        assert!(e.contains("--idle-timeout (IDLE_TIMEOUT) must be 0"), "{e}");
+        assert!(run(&["--idle-timeout", "0.01"], &[]).is_ok());
         assert!(run(&["--shutdown-grace", "0", "--dedup-window", "0"], &[]).is_ok());
+    }
+
+    #[test]
+    fn a_pong_timeout_must_outlast_the_ping_interval() {
+        // Otherwise a client that answers every ping is closed before its next ping.
+        let e = run(&["--ping-interval", "60", "--pong-timeout", "30"], &[]).unwrap_err();
+        assert!(e.contains("--pong-timeout (PONG_TIMEOUT)"), "{e}");
+        assert!(e.contains("--ping-interval (PING_INTERVAL)"), "{e}");
+        assert!(
+            run(&["--pong-timeout", "30"], &[]).is_err(),
+            "the default ping is 30 s"
+        );
+        assert!(run(&["--ping-interval", "29.9", "--pong-timeout", "30"], &[]).is_ok());
+    }
+
+    #[test]
+    fn numbers_out_of_range_say_so_and_unknown_flags_say_unknown() {
+        let e = run(&["--port", "99999"], &[]).unwrap_err();
+        assert_eq!(e, "--port (PORT): '99999' is out of range (0 to 65535)");
+        let e = run(&["--max-rooms", "-1"], &[]).unwrap_err();
+        assert!(e.contains("is out of range"), "{e}");
+        let e = run(&["--port", "80x"], &[]).unwrap_err();
+        assert_eq!(e, "--port (PORT): '80x' is not a whole number");
+        let e = run(&[], &[("PORT", "70000")]).unwrap_err();
+        assert!(e.starts_with("PORT (--port), from the environment: '70000' is out of range"));
+        // Last on the line, or before another flag, or with `=`: unknown, not "needs a value".
+        for line in [&["--nope"][..], &["--nope", "--port", "1"], &["--nope=3"]] {
+            let e = run(line, &[]).unwrap_err();
+            assert_eq!(e, "unknown option --nope (see --help)", "{line:?}");
+        }
+        let e = run(&["--port"], &[]).unwrap_err();
+        assert_eq!(e, "--port (PORT) needs a value");
+        let e = run(&["--\u{1b}[2J"], &[]).unwrap_err();
+        assert!(!e.contains('\u{1b}'), "{e:?}");
+        // A value that is not one reaches the terminal escaped, from a flag or a variable.
+        let e = run(&["--port", "\u{1b}[2J"], &[]).unwrap_err();
+        assert_eq!(e, r"--port (PORT): '\u{1b}[2J' is not a whole number");
+        let e = run(&[], &[("LOG_LEVEL", "x\ny")]).unwrap_err();
+        assert!(
+            e.ends_with(r"'x\ny' is not a log level (off, error, warn, info, debug, trace)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_size_and_count_has_a_range_named_with_flag_and_variable() {
+        for (flag, bad, good) in [
+            ("max-frame-size", "10", "512"),
+            ("max-frame-size", "67108865", "67108864"),
+            ("max-head-bytes", "100", "1024"),
+            ("max-pending-output", "10", "1024"),
+            ("memory-history-per-room", "0", "1"),
+            ("listen-backlog", "0", "1"),
+            ("listen-backlog", "65536", "65535"),
+            ("max-connections", "0", "1"),
+            ("rate-burst", "0", "1"),
+            ("max-fragments", "0", "1"),
+        ] {
+            let e = run(&[&format!("--{flag}"), bad], &[]).unwrap_err();
+            let named = format!("--{flag} ({})", Config::env_of(flag));
+            assert!(
+                e.starts_with(&named) && e.contains("must be from"),
+                "{flag} {bad}: {e}"
+            );
+            assert!(
+                run(&[&format!("--{flag}"), good], &[]).is_ok(),
+                "{flag} {good}"
+            );
+        }
+        // 0 is documented as meaningful for these.
+        let c = run(&["--rate-per-sec", "0", "--notice-max-members", "0"], &[]).unwrap();
+        assert_eq!((c.rate_per_sec, c.notice_max_members), (0, 0));
+        assert!(
+            run(&["--host", " "], &[])
+                .unwrap_err()
+                .contains("--host (HOST)")
+        );
     }
 
     #[test]
@@ -644,5 +943,177 @@ mod tests {
             assert!(help.contains(var), "{var}");
         }
         assert!(help.contains("default: 8080"));
+    }
+    #[test]
+    fn settings_file_lines_comments_and_quotes() {
+        let text = "# chatterbox\n\n  PORT = 9000  \nHOST=\"::1\" # v6\nALLOWED_ORIGINS='https://a#b'\n\
+                    DB_PATH=/var/lib/x.db # where\nJWT_ISSUER=a#b\nEMPTY=\n";
+        let got = parse_settings_file(text).unwrap();
+        let pairs: Vec<(usize, &str, &str)> =
+            got.iter().map(|(n, k, v)| (*n, *k, v.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                (3, "PORT", "9000"),
+                (4, "HOST", "::1"),
+                (5, "ALLOWED_ORIGINS", "https://a#b"),
+                (6, "DB_PATH", "/var/lib/x.db"),
+                (7, "JWT_ISSUER", "a#b"),
+                (8, "EMPTY", ""),
+            ]
+        );
+        for (bad, line, says) in [
+            ("PORT=1\njust words\n", 2, "expected NAME=value"),
+            ("=1", 1, "not a setting name"),
+            ("port=1", 1, "not a setting name"),
+            ("HOST=\"::1", 1, "not closed"),
+            ("HOST=\"a\" b", 1, "after the closing quote"),
+        ] {
+            let (n, e) = parse_settings_file(bad).unwrap_err();
+            assert_eq!(n, line, "{bad:?}");
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    /// A settings file with `text`, removed when dropped.
+    struct TempFile(std::path::PathBuf);
+    impl TempFile {
+        fn new(text: &[u8]) -> TempFile {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "chatterbox-config-{}-{}.conf",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let f = TempFile::new(b"PORT=7000\nMAX_ROOMS=5\nMAX_HISTORY=7\nLOG_FORMAT=json\n");
+        let path = f.path();
+        let c = run(
+            &["--config", path, "--port", "9000"],
+            &[("PORT", "8000"), ("MAX_ROOMS", "6")],
+        )
+        .unwrap();
+        assert_eq!((c.port, c.max_rooms, c.max_history), (9000, 6, 7));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.max_rooms_per_member, 32,
+            "the default where nobody sets it"
+        );
+        // CONFIG names the file too; the flag wins over it.
+        let c = run(&[], &[("CONFIG", path), ("MAX_ROOMS", "6")]).unwrap();
+        assert_eq!((c.port, c.max_rooms), (7000, 6));
+        let other = TempFile::new(b"PORT=7001\n");
+        let c = run(
+            &[&format!("--config={}", other.path())],
+            &[("CONFIG", path)],
+        )
+        .unwrap();
+        assert_eq!((c.port, c.max_rooms), (7001, 1000));
+        // Empty: no file.
+        assert_eq!(run(&[], &[("CONFIG", "")]).unwrap().port, 8080);
+    }
+
+    #[test]
+    fn settings_file_errors_name_the_file_and_line() {
+        let f = TempFile::new(b"# ok\nPORT=7000\nMAX_ROOMZ=5\n");
+        let e = run(&["--config", f.path()], &[]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "{}:3: unknown setting 'MAX_ROOMZ' (the names are those of the environment \
+                 variables in --help)",
+                f.path()
+            )
+        );
+        let f = TempFile::new(b"PORT=99999\n");
+        let e = run(&["--config", f.path()], &[]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "{}:1: PORT (--port): '99999' is out of range (0 to 65535)",
+                f.path()
+            )
+        );
+        let f = TempFile::new(b"\n\nmax_rooms 5\n");
+        let e = run(&["--config", f.path()], &[]).unwrap_err();
+        assert!(e.starts_with(&format!("{}:3: ", f.path())), "{e}");
+        let f = TempFile::new(b"CONFIG=/etc/other\n");
+        assert!(
+            run(&["--config", f.path()], &[])
+                .unwrap_err()
+                .contains(":1: CONFIG cannot")
+        );
+        // Range checks apply to what the file set, naming flag and variable.
+        let f = TempFile::new(b"MAX_FRAME_SIZE=10\n");
+        let e = run(&["--config", f.path()], &[]).unwrap_err();
+        assert!(
+            e.starts_with("--max-frame-size (MAX_FRAME_SIZE) must be"),
+            "{e}"
+        );
+        // Missing, a directory, not UTF-8, too big.
+        let e = run(&["--config", "/nonexistent/chatterbox.conf"], &[]).unwrap_err();
+        assert!(e.starts_with("--config (CONFIG): cannot read '/nonexistent/chatterbox.conf'"));
+        let dir = std::env::temp_dir();
+        assert!(
+            run(&["--config", dir.to_str().unwrap()], &[])
+                .unwrap_err()
+                .contains("cannot read")
+        );
+        let f = TempFile::new(b"PORT=\xff\xfe\n");
+        assert!(
+            run(&["--config", f.path()], &[])
+                .unwrap_err()
+                .contains("cannot read")
+        );
+        let big = vec![b'#'; MAX_SETTINGS_FILE as usize + 10];
+        let f = TempFile::new(&big);
+        assert!(
+            run(&["--config", f.path()], &[])
+                .unwrap_err()
+                .contains("larger than")
+        );
+        // Hostile text in a name does not reach the terminal raw.
+        let f = TempFile::new(b"\x1b[2J=1\n");
+        assert!(
+            !run(&["--config", f.path()], &[])
+                .unwrap_err()
+                .contains('\u{1b}')
+        );
+    }
+
+    #[test]
+    fn log_settings_parse() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!((c.log_format, c.log_messages), (LogFormat::Text, true));
+        let c = run(&["--log-format", "JSON", "--log-messages", "false"], &[]).unwrap();
+        assert_eq!((c.log_format, c.log_messages), (LogFormat::Json, false));
+        assert_eq!(c.log_summary_window, Duration::from_secs(10));
+        for bad in ["0", "3601"] {
+            let e = run(&["--log-summary-window", bad], &[]).unwrap_err();
+            assert!(
+                e.starts_with("--log-summary-window (LOG_SUMMARY_WINDOW)"),
+                "{e}"
+            );
+        }
+        let e = run(&["--log-format", "xml"], &[]).unwrap_err();
+        assert!(
+            e.starts_with("--log-format (LOG_FORMAT): 'xml' is not a log format"),
+            "{e}"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API.
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
-//! - [`logging`] — [`log_safe`], the escaping every client-chosen value gets in a log line.
+//! - [`logging`] — the logger (text or JSON lines with UTC dates) and [`log_safe`], the
+//!   escaping every client-chosen value gets in a log line.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
 //!   the transport feeds it inputs with the time and it answers through an [`chat::Outbox`].
 //!   Member ids come from a source given to [`chat::Chat::new`] (the server: UUID v4; tests:
@@ -34,6 +35,9 @@
 //!   - `server/conn.rs` — one connection and its life as a state machine (`Life`: open, close
 //!     queued, closing, write side shut); `server/closing.rs` — the one place a
 //!     [`chat::Close`] (each close's code and reason) becomes a close frame.
+//!   - `server/report.rs` — what the operator sees of refusals (`admission::Refusal`) and
+//!     closes ([`chat::Close`]): one log line each with address and reason, floods summed
+//!     up per address and reason, counts by reason for `/metrics`.
 //!   - `server/timers.rs` — the per-connection `TimerTable` and `timer_due`, the one place
 //!     each timer is acted on; `server/output.rs` — the output bound, reply credit and kept
 //!     buffers.

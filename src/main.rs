@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use chatterbox::config::{Cli, Config};
 use chatterbox::server::Server;
-use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
 
 fn main() -> ExitCode {
     let cfg = match Config::from_args(std::env::args().skip(1), |k| std::env::var(k).ok()) {
@@ -18,12 +17,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let log_cfg = ConfigBuilder::new()
-        .set_target_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .set_location_level(LevelFilter::Off)
-        .build();
-    let _ = WriteLogger::init(cfg.log_level, log_cfg, std::io::stderr());
+    chatterbox::logging::init(cfg.log_level, cfg.log_format);
     let result = Server::bind(cfg).and_then(|mut server| {
         server.handle_signals()?;
         server.run()
@@ -31,8 +25,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("chatterbox: {e}");
-            eprintln!("chatterbox: {e}");
+            // Once: through the logger (a JSON log stays all JSON), or on stderr when the log
+            // level hides errors.
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("chatterbox: {e}");
+            } else {
+                eprintln!("chatterbox: {e}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,7 @@
 /// Why the server closes a connection. The core asks for some ([`Close::RateLimited`]) through
 /// [`super::Outbox::close`]; the transport decides the rest. [`Close::code`] and
 /// [`Close::reason`] are what the client reads in the close frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Close {
     /// The output buffer passed its bound: the client does not read fast enough.
     SlowConsumer,
@@ -29,6 +29,45 @@ pub enum Close {
 }
 
 impl Close {
+    /// Every reason, in the order `/metrics` lists them.
+    pub const ALL: [Close; 10] = [
+        Close::SlowConsumer,
+        Close::Idle,
+        Close::PongTimeout,
+        Close::RateLimited,
+        Close::TokenExpired,
+        Close::Shutdown,
+        Close::TooManyFragments,
+        Close::MessageTooBig,
+        Close::InvalidUtf8,
+        Close::Protocol,
+    ];
+
+    /// The reason as a metric label and log field (`chatterbox_closed_total{reason=..}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Close::SlowConsumer => "slow_consumer",
+            Close::Idle => "idle",
+            Close::PongTimeout => "pong_timeout",
+            Close::RateLimited => "rate_limited",
+            Close::TokenExpired => "token_expired",
+            Close::Shutdown => "shutdown",
+            Close::TooManyFragments => "too_many_fragments",
+            Close::MessageTooBig => "message_too_big",
+            Close::InvalidUtf8 => "invalid_utf8",
+            Close::Protocol => "protocol_error",
+        }
+    }
+
+    /// Whether the close is the client's doing (it misbehaved: logged at `warn`) rather than
+    /// time passing (idle, no pong, token expiry: `info`).
+    pub fn is_misbehaviour(self) -> bool {
+        !matches!(
+            self,
+            Close::Idle | Close::PongTimeout | Close::TokenExpired | Close::Shutdown
+        )
+    }
+
     /// The WebSocket close code.
     pub fn code(self) -> u16 {
         match self {
@@ -77,7 +116,13 @@ mod tests {
             (Close::InvalidUtf8, 1007, "invalid UTF-8"),
             (Close::Protocol, 1002, "protocol error"),
         ];
+        assert_eq!(Close::ALL.map(|c| c.code()), all.map(|(c, _, _)| c.code()));
+        let labels: std::collections::HashSet<_> = Close::ALL.iter().map(|c| c.label()).collect();
+        assert_eq!(labels.len(), Close::ALL.len(), "labels are distinct");
         for (close, code, reason) in all {
+            assert!(Close::ALL.contains(&close));
+            let label_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+            assert!(close.label().bytes().all(label_ok), "{close:?}");
             assert_eq!((close.code(), close.reason()), (code, reason), "{close:?}");
             // A close frame's reason must fit its 123 bytes.
             assert!(close.reason().len() <= 123);

@@ -458,11 +458,15 @@ impl Chat {
             };
             self.send_event(held.conn, &alone, out);
         }
-        log::info!(
-            "📤 Broadcast from {}: {}",
-            crate::log_safe(&held.sender),
-            crate::log_safe(&held.message)
-        );
+        if self.config().log_messages {
+            log::info!(
+                "📤 Broadcast from {}: {}",
+                crate::log_safe(&held.sender),
+                crate::log_safe(&held.message)
+            );
+        } else {
+            log::info!("📤 Broadcast from {}", crate::log_safe(&held.sender));
+        }
         if let Some(msg_id) = &held.msg_id {
             self.dedup.remember(held.mono, room, msg_id, id);
         }

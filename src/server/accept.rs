@@ -6,7 +6,7 @@
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::warn;
 use mio::{Interest, Token};
 
 use super::admission::AtAccept;
@@ -23,6 +23,19 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// The browser client, compiled in.
 const INDEX_HTML: &str = include_str!("../client/index.html");
+
+/// What a refusal's answer says: its text, or a JSON error's `message`.
+fn refusal_text(r: &Response) -> String {
+    let body = String::from_utf8_lossy(&r.body);
+    if r.content_type == "application/json" {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+            if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
+                return m.to_string();
+            }
+        }
+    }
+    body.into_owned()
+}
 
 impl Server {
     pub(super) fn accept(&mut self, now: Instant) {
@@ -56,7 +69,9 @@ impl Server {
             let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
             let refuse = match admission::at_accept(self.conns.len(), from_ip, self.cfg()) {
                 AtAccept::Drop(why) => {
-                    debug!("dropping connection from {addr}: {why}");
+                    let why = || why.to_string();
+                    self.report
+                        .refused(now, ip, admission::Refusal::Dropped, None, why);
                     continue;
                 }
                 AtAccept::Refuse => true,
@@ -133,7 +148,22 @@ impl Server {
         }
     }
 
+    /// Sends `response` and ends the connection once it is written. A refusal (its status
+    /// says so, [`admission::Refusal::of_status`]) is reported: logged and counted.
     pub(super) fn respond(&mut self, id: usize, response: Response, now: Instant) {
+        if let (Some(why), Some(c)) = (
+            admission::Refusal::of_status(response.status),
+            self.conns.get(id),
+        ) {
+            let status = Some(response.status);
+            let detail = || refusal_text(&response);
+            self.report.refused(now, c.ip, why, status, detail);
+        }
+        self.send(id, response, now);
+    }
+
+    /// Sends `response` and ends the connection once it is written, reporting nothing.
+    fn send(&mut self, id: usize, response: Response, now: Instant) {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -154,7 +184,11 @@ impl Server {
             return self.respond(id, r, now);
         }
         let response = match head.path.as_str() {
-            "/health" if get => self.health(),
+            // A 503 here answers a health check; it refuses nobody.
+            "/health" if get => {
+                let r = self.health();
+                return self.send(id, r, now);
+            }
             "/" if get => {
                 let mut r = Response::text(200, INDEX_HTML);
                 r.content_type = "text/html; charset=utf-8";
@@ -172,6 +206,7 @@ impl Server {
                         connections: self.conns.len(),
                         uptime_secs: self.started.elapsed().as_secs(),
                         close_frames_lost: self.close_frames_lost,
+                        report: self.report.counts(),
                     };
                     match self.core(|chat, sink| api::route(chat, &head, t, sink)) {
                         Some(api::Answer::Now(r)) => r,
@@ -226,7 +261,9 @@ impl Server {
         c.counted = true;
         c.timers.stop(Timer::Head);
         c.timers.set(Timer::Pong, now + pong);
-        c.timers.set(Timer::Idle, now + idle);
+        if !idle.is_zero() {
+            c.timers.set(Timer::Idle, now + idle); // 0: no idle timeout
+        }
         c.timers.set(Timer::Ping, now + ping);
         if let Some(exp) = identity
             .as_ref()

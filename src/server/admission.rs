@@ -5,7 +5,7 @@
 //! The `Host` allow-list is applied by the router, for every path but `/health`.
 
 use crate::auth;
-use crate::chat::Refusal;
+use crate::chat;
 use crate::config::Config;
 
 use super::http::{Head, Response};
@@ -13,6 +13,91 @@ use super::http::{Head, Response};
 /// Sockets accepted beyond `max_connections`, so that refusals can still be answered with a
 /// status instead of a reset.
 const HANDSHAKE_SLACK: usize = 256;
+
+/// Why the server refused a request or an upgrade: the reason `/metrics` counts it under
+/// (`chatterbox_refused_total{reason=..}`) and the log names. Each answered refusal is known by
+/// its status ([`Refusal::of_status`]), which every path that refuses sends through
+/// `Server::respond`; the two without a status are named where they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Refusal {
+    /// `400`: malformed HTTP, a bad WebSocket handshake, a badly escaped or invalid name or
+    /// token, a bad API query.
+    BadRequest,
+    /// `401`: a token missing, invalid or expired.
+    Unauthorized,
+    /// `403`: a foreign origin, or a token that does not allow it.
+    Forbidden,
+    /// `409`: the name asked for is taken.
+    NameTaken,
+    /// `421`: a `Host` not in `--allowed-hosts`.
+    WrongHost,
+    /// `429`: the address holds its share of connections.
+    TooManyFromAddress,
+    /// `431`: the request head is over `--max-head-bytes`.
+    HeadTooLarge,
+    /// `503`: the server is full, or the history store cannot answer now.
+    Unavailable,
+    /// No answer: the head did not arrive within `--head-timeout`.
+    HeadTimeout,
+    /// No answer: accepted past the socket table's room, or past twice the address's cap.
+    Dropped,
+}
+
+impl Refusal {
+    /// Every reason, in the order `/metrics` lists them.
+    pub(crate) const ALL: [Refusal; 10] = [
+        Refusal::BadRequest,
+        Refusal::Unauthorized,
+        Refusal::Forbidden,
+        Refusal::NameTaken,
+        Refusal::WrongHost,
+        Refusal::TooManyFromAddress,
+        Refusal::HeadTooLarge,
+        Refusal::Unavailable,
+        Refusal::HeadTimeout,
+        Refusal::Dropped,
+    ];
+
+    /// The refusal a response with this status is; `None` for answers that are not refusals
+    /// (`200`, `404`, `405`, ...).
+    pub(crate) fn of_status(status: u16) -> Option<Refusal> {
+        Some(match status {
+            400 => Refusal::BadRequest,
+            401 => Refusal::Unauthorized,
+            403 => Refusal::Forbidden,
+            409 => Refusal::NameTaken,
+            421 => Refusal::WrongHost,
+            429 => Refusal::TooManyFromAddress,
+            431 => Refusal::HeadTooLarge,
+            503 => Refusal::Unavailable,
+            _ => return None,
+        })
+    }
+
+    /// The reason as a metric label and log field.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Forbidden => "forbidden",
+            Refusal::NameTaken => "name_taken",
+            Refusal::WrongHost => "wrong_host",
+            Refusal::TooManyFromAddress => "too_many_from_address",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::Unavailable => "unavailable",
+            Refusal::HeadTimeout => "head_timeout",
+            Refusal::Dropped => "dropped",
+        }
+    }
+
+    /// Whether it speaks of load (logged at `warn`) rather than of one bad request (`info`).
+    pub(crate) fn is_load(self) -> bool {
+        matches!(
+            self,
+            Refusal::TooManyFromAddress | Refusal::Unavailable | Refusal::Dropped
+        )
+    }
+}
 
 /// What a freshly accepted socket gets.
 #[derive(Debug, PartialEq, Eq)]
@@ -63,7 +148,7 @@ pub(crate) fn admit(
     members: usize,
     cfg: &Config,
     unix_now: u64,
-    check_name: impl FnOnce(&str) -> Result<(), Refusal>,
+    check_name: impl FnOnce(&str) -> Result<(), chat::Refusal>,
 ) -> Result<Admission, Response> {
     let bad = |why: &str| Response::text(400, format!("{why}\n"));
     if !head
@@ -190,6 +275,28 @@ mod tests {
 
     fn token(claims: serde_json::Value) -> String {
         auth::sign(&claims, b"k")
+    }
+
+    #[test]
+    fn refusals_are_known_by_status_with_distinct_labels() {
+        use super::Refusal;
+        for (status, r) in [
+            (400, Refusal::BadRequest),
+            (401, Refusal::Unauthorized),
+            (403, Refusal::Forbidden),
+            (409, Refusal::NameTaken),
+            (421, Refusal::WrongHost),
+            (429, Refusal::TooManyFromAddress),
+            (431, Refusal::HeadTooLarge),
+            (503, Refusal::Unavailable),
+        ] {
+            assert_eq!(Refusal::of_status(status), Some(r));
+        }
+        for status in [101, 200, 404, 405, 500] {
+            assert_eq!(Refusal::of_status(status), None, "{status}");
+        }
+        let labels: std::collections::HashSet<_> = Refusal::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), Refusal::ALL.len());
     }
 
     #[test]

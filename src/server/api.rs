@@ -40,6 +40,8 @@ pub struct TransportStats {
     pub uptime_secs: u64,
     /// Close frames never delivered: the client did not read them within the grace time.
     pub close_frames_lost: u64,
+    /// Refusals and closes by reason.
+    pub report: super::report::Counts,
 }
 
 fn error(status: u16, code: &str, message: String) -> Response {
@@ -306,5 +308,6 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     }
+    t.report.prometheus(&mut out);
     out
 }

@@ -29,6 +29,9 @@ impl Server {
             }
         };
         debug!("closing connection {id}: {} ({e})", why.reason());
+        if let Some(c) = self.conns.get(id) {
+            self.report.closed(now, c.ip, why);
+        }
         self.end_member(id);
         if let Some(c) = self.conns.get_mut(id) {
             // tungstenite may already be past the point of sending a close; then just drop.
@@ -77,6 +80,7 @@ impl Server {
                 self.chat.count_slow_consumer();
             }
             debug!("closing connection {id}: {}", why.reason());
+            self.report.closed(now, c.ip, why);
             c.close_with(why, now + CLOSE_GRACE);
             self.schedule(id);
             self.mark_dirty(id);
@@ -108,6 +112,7 @@ impl Server {
                 self.drop_conn(id);
                 continue;
             }
+            self.report.closed(now, c.ip, Close::Shutdown);
             c.close_with(Close::Shutdown, now + grace);
             self.schedule(id);
             self.mark_dirty(id);

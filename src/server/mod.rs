@@ -59,6 +59,7 @@ mod closing;
 mod conn;
 pub mod http;
 mod output;
+pub mod report;
 mod timers;
 pub mod wire;
 
@@ -142,6 +143,8 @@ pub struct Server {
     trim_at: Option<Instant>,
     /// REST pages the engine has yet to answer: its token → the HTTP connection and room.
     rest_pages: HashMap<u64, (usize, String)>,
+    /// Refusals and closes: logged once each, summed up in floods, counted by reason.
+    report: report::Report,
 }
 
 fn now_of(mono: Instant) -> Now {
@@ -162,6 +165,44 @@ fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The address to listen on: `host` as an IP address (IPv6 with or without brackets), else
+/// the first address its name resolves to. The error names the host.
+fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let shown = crate::log_safe(host);
+    let found = (host, port).to_socket_addrs().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot resolve host '{shown}': {}", os_text(&e)),
+        )
+    })?;
+    found.into_iter().next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("cannot resolve host '{shown}': it has no address"),
+        )
+    })
+}
+
+/// An I/O error as a phrase: `address already in use` (no capital, no `(os error 98)`).
+fn os_text(e: &io::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(i) = text.find(" (os error") {
+        text.truncate(i);
+    }
+    if let Some(first) = text.get_mut(..1) {
+        first.make_ascii_lowercase();
+    }
+    text
 }
 
 /// Returns free heap memory to the system (glibc keeps it otherwise, fragmented by bursts).
@@ -186,15 +227,14 @@ fn would_block(e: &io::Error) -> bool {
 impl Server {
     /// Binds the listener and opens the history store the settings name.
     pub fn bind(cfg: Config) -> io::Result<Server> {
-        let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port).parse().or_else(|_| {
-            use std::net::ToSocketAddrs;
-            (cfg.host.as_str(), cfg.port)
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))
-        })?;
+        let addr = resolve(&cfg.host, cfg.port)?;
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr}: {}", os_text(&e)),
+            )
+        })?;
         set_backlog(&listener, cfg.listen_backlog)?;
         let local = listener.local_addr()?;
         poll.registry()
@@ -209,6 +249,7 @@ impl Server {
             }),
         )
         .map_err(io::Error::other)?;
+        let report = report::Report::new(cfg.log_summary_window);
         let ws_config = wire::websocket_config(&cfg);
         let read_limits = ReadLimits::from_config(&cfg);
         Ok(Server {
@@ -239,6 +280,7 @@ impl Server {
             dropped_since_trim: 0,
             trim_at: None,
             rest_pages: HashMap::new(),
+            report,
         })
     }
 
@@ -322,6 +364,7 @@ impl Server {
             }
             self.fire_timers(now);
             self.process_closing(now);
+            self.report.tick(now);
             self.unpark();
             self.flush_dirty();
             if self.trim_at.is_some_and(|at| now >= at) {
@@ -333,6 +376,7 @@ impl Server {
                 }
             }
         }
+        self.report.finish();
         // The store gets until grace + STORE_CLOSE_SLACK after the shutdown began, whatever
         // the disk does; what it could not write by then is counted, and the exit says so.
         let deadline = self.shutdown_at.unwrap_or_else(Instant::now) + STORE_CLOSE_SLACK;
@@ -472,7 +516,9 @@ impl Server {
             match next {
                 Next::Message(Message::Text(text)) => {
                     if let Some(c) = self.conns.get_mut(id) {
-                        c.timers.set(Timer::Idle, now + idle);
+                        if !idle.is_zero() {
+                            c.timers.set(Timer::Idle, now + idle); // 0: no idle timeout
+                        }
                     }
                     self.core(|chat, sink| chat.handle_text(cfg_now, id, text.as_str(), sink));
                 }

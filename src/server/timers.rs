@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
+use super::admission::Refusal;
 use super::conn::Phase;
 use super::{BUFFER_RELEASE_DELAY, Server};
 use crate::chat::Close;
@@ -101,6 +102,9 @@ impl Server {
         if let Some(at) = self.accept_retry_at {
             timer = Some(timer.map_or(at, |t| t.min(at)));
         }
+        if let Some(at) = self.report.next_flush() {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
+        }
         let next = match (timer, self.shutdown_at) {
             (Some(t), Some(s)) => t.min(s),
             (t, s) => t.or(s)?,
@@ -160,7 +164,9 @@ impl Server {
                 self.drop_conn(id);
             }
             Some(Timer::Head) => {
-                debug!("closing connection {id}: request head timed out");
+                let why = || "the request head did not arrive in time".to_string();
+                self.report
+                    .refused(now, c.ip, Refusal::HeadTimeout, None, why);
                 self.drop_conn(id);
             }
             Some(Timer::TokenExpiry) => self.close_later(id, Close::TokenExpired),
