@@ -140,7 +140,8 @@ settings! {
     host: String = "0.0.0.0".into(), "host", "HOST";
     /// Port to listen on (0 picks a free one; the address is logged).
     port: u16 = 8080, "port", "PORT";
-    /// SQLite history file; `:memory:` keeps history in memory only.
+    /// SQLite history file; `:memory:` keeps history in memory only. Under systemd
+    /// (`STATE_DIRECTORY` set by `StateDirectory=`) the default is `$STATE_DIRECTORY/chatterbox.db`.
     db_path: String = "chatterbox.db".into(), "db-path", "DB_PATH";
     /// Log level: off, error, warn, info, debug or trace.
     log_level: LevelFilter = LevelFilter::Info, "log-level", "LOG_LEVEL";
@@ -235,7 +236,33 @@ settings! {
     /// Frames one WebSocket message may have (its first frame and continuations); more closes
     /// with 1008 "too many fragments". At least 1.
     max_fragments: usize = 256, "max-fragments", "MAX_FRAGMENTS";
+    // --- edge (issue 13): SQLite history retention ---
+    /// SQLite only: seconds after which a stored message is deleted (0: kept for ever). At
+    /// most 3153600000 (100 years).
+    history_max_age: u64 = 0, "history-max-age", "HISTORY_MAX_AGE";
+    /// SQLite only: messages kept per room, the oldest deleted first (0: all). At most
+    /// 100000000. The memory store keeps `--memory-history-per-room`.
+    history_max_per_room: u64 = 0, "history-max-per-room", "HISTORY_MAX_PER_ROOM";
 }
+
+/// The file name of the default database inside systemd's state directory.
+pub const STATE_DB_FILE: &str = "chatterbox.db";
+
+/// The default database path when run as a service: the first directory of
+/// `STATE_DIRECTORY` (systemd sets it for `StateDirectory=`; several are `:`-separated) joined
+/// with [`STATE_DB_FILE`]; `None` when the variable is unset or empty.
+pub fn state_db_path(state_directory: Option<&str>) -> Option<String> {
+    let dir = state_directory?.split(':').next()?.trim_end_matches('/');
+    if dir.trim().is_empty() {
+        return None;
+    }
+    Some(format!("{dir}/{STATE_DB_FILE}"))
+}
+
+/// Most seconds `--history-max-age` may be: 100 years.
+pub const MAX_HISTORY_AGE_SECS: u64 = 100 * 365 * 24 * 3600;
+/// Most messages `--history-max-per-room` may keep.
+pub const MAX_HISTORY_PER_ROOM: u64 = 100_000_000;
 
 /// What the command line asked for.
 #[derive(Debug)]
@@ -264,6 +291,11 @@ impl Config {
         E: Fn(&str) -> Option<String>,
     {
         let mut cfg = Config::default();
+        // As a service the data belongs in the state directory, never in the working
+        // directory of whoever started it; DB_PATH and --db-path still win (set below).
+        if let Some(path) = state_db_path(env("STATE_DIRECTORY").as_deref()) {
+            cfg.db_path = path;
+        }
         for (flag, var, _) in Self::TABLE {
             if let Some(text) = env(var) {
                 cfg.set(flag, &text).map_err(|e| format!("{var}: {e}"))?;
@@ -321,6 +353,18 @@ impl Config {
             if v == 0 {
                 return Err(format!("--{flag} must be at least 1"));
             }
+        }
+        if self.history_max_age > MAX_HISTORY_AGE_SECS {
+            return Err(format!(
+                "--history-max-age (HISTORY_MAX_AGE) must be at most {MAX_HISTORY_AGE_SECS} \
+                 seconds (100 years), or 0 to keep messages for ever"
+            ));
+        }
+        if self.history_max_per_room > MAX_HISTORY_PER_ROOM {
+            return Err(format!(
+                "--history-max-per-room (HISTORY_MAX_PER_ROOM) must be at most \
+                 {MAX_HISTORY_PER_ROOM}, or 0 to keep every message"
+            ));
         }
         if !(512..=64 << 20).contains(&self.read_budget_bytes) {
             return Err("--read-budget-bytes must be between 512 and 67108864".into());
@@ -634,6 +678,53 @@ mod tests {
         let e = run(&["--allowed-hosts", "http://chat.example"], &[]).unwrap_err();
         assert!(e.contains("--allowed-hosts"), "{e}");
         assert!(run(&["--allowed-hosts", "chat.example, [::1]:8080,x:1"], &[]).is_ok());
+    }
+
+    #[test]
+    fn under_systemd_the_default_database_is_in_the_state_directory() {
+        let c = run(&[], &[("STATE_DIRECTORY", "/var/lib/chatterbox")]).unwrap();
+        assert_eq!(c.db_path, "/var/lib/chatterbox/chatterbox.db");
+        // Several StateDirectory= entries: the first; a trailing slash is not doubled.
+        let c = run(&[], &[("STATE_DIRECTORY", "/var/lib/cb/:/var/lib/other")]).unwrap();
+        assert_eq!(c.db_path, "/var/lib/cb/chatterbox.db");
+        // An explicit path wins, from the environment and from the command line.
+        let env = [
+            ("STATE_DIRECTORY", "/var/lib/cb"),
+            ("DB_PATH", "/data/h.db"),
+        ];
+        assert_eq!(run(&[], &env).unwrap().db_path, "/data/h.db");
+        let c = run(&["--db-path", ":memory:"], &env).unwrap();
+        assert_eq!(c.db_path, ":memory:");
+        // Unset or empty: the working directory, as before.
+        assert_eq!(run(&[], &[]).unwrap().db_path, "chatterbox.db");
+        assert_eq!(
+            run(&[], &[("STATE_DIRECTORY", "")]).unwrap().db_path,
+            "chatterbox.db"
+        );
+        assert_eq!(state_db_path(Some(":/x")), None);
+    }
+
+    #[test]
+    fn retention_settings_default_to_keep_all_and_are_range_checked() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!((c.history_max_age, c.history_max_per_room), (0, 0));
+        let c = run(
+            &["--history-max-age", "86400"],
+            &[("HISTORY_MAX_PER_ROOM", "500")],
+        )
+        .unwrap();
+        assert_eq!((c.history_max_age, c.history_max_per_room), (86_400, 500));
+        let e = run(&["--history-max-age", "3153600001"], &[]).unwrap_err();
+        assert!(e.contains("--history-max-age (HISTORY_MAX_AGE)"), "{e}");
+        let e = run(&[], &[("HISTORY_MAX_PER_ROOM", "100000001")]).unwrap_err();
+        assert!(
+            e.contains("--history-max-per-room (HISTORY_MAX_PER_ROOM)"),
+            "{e}"
+        );
+        for bad in ["-1", "1.5", "ten"] {
+            let e = run(&["--history-max-age", bad], &[]).unwrap_err();
+            assert!(e.contains("--history-max-age"), "{e}");
+        }
     }
 
     #[test]
