@@ -61,7 +61,7 @@ def test_a_broken_unit_fails_verify(tmp_path: Path, unit_copy: Path):
     bad = tmp_path / "bad.service"
     bad.write_text(unit_copy.read_text().replace("ProtectSystem=strict", "ProtectSystem=stricct"))
     r = subprocess.run([tool, "verify", "--man=no", str(bad)], capture_output=True, text=True)
-    assert "ProtectSystem" in r.stderr, r.stderr
+    assert "stricct" in r.stderr, r.stderr  # a warning, exit 0: hence the empty-stderr check
     gone = tmp_path / "gone.service"
     gone.write_text(UNIT.read_text().replace(INSTALLED_BIN, str(tmp_path / "no-such-binary")))
     r = subprocess.run([tool, "verify", "--man=no", str(gone)], capture_output=True, text=True)
