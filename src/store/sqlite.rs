@@ -836,6 +836,8 @@ impl Writer {
 
     /// One pruning transaction of at most [`PRUNE_BATCH`] rows, if one is due. Returns
     /// whether more may be due at once.
+    // Off the hot path: built for size.
+    #[cold]
     fn prune_step(&mut self) -> bool {
         let now = Instant::now();
         let result = if !self.pruner.dirty.is_empty() {
@@ -866,6 +868,8 @@ impl Writer {
 
     /// Deletes the oldest messages beyond `--history-max-per-room` of the rooms appended to,
     /// in one transaction of at most [`PRUNE_BATCH`] rows. Returns whether a room is left over.
+    // Off the hot path: built for size.
+    #[cold]
     fn prune_rooms(&mut self) -> rusqlite::Result<bool> {
         let cap = self.pruner.retention.max_per_room;
         let rooms: Vec<String> = self.pruner.dirty.iter().cloned().collect();
@@ -931,6 +935,8 @@ impl Writer {
 
     /// Deletes messages older than `--history-max-age`, oldest first, one batch. Returns
     /// whether a full batch went (more may be due).
+    // Off the hot path: built for size.
+    #[cold]
     fn prune_aged(&mut self, now: Instant) -> rusqlite::Result<bool> {
         let age = self.pruner.retention.max_age_ms;
         let cut = unix_millis().saturating_sub(age).min(i64::MAX as u64) as i64;
