@@ -360,6 +360,20 @@ impl Config {
                  seconds (100 years), or 0 to keep messages for ever"
             ));
         }
+        if self.db_path == ":memory:" {
+            for (flag, v) in [
+                ("history-max-age", self.history_max_age),
+                ("history-max-per-room", self.history_max_per_room),
+            ] {
+                if v != 0 {
+                    return Err(format!(
+                        "--{flag} ({}) applies to the SQLite store only; with --db-path \
+                         :memory: use --memory-history-per-room",
+                        Self::env_of(flag)
+                    ));
+                }
+            }
+        }
         if self.history_max_per_room > MAX_HISTORY_PER_ROOM {
             return Err(format!(
                 "--history-max-per-room (HISTORY_MAX_PER_ROOM) must be at most \
@@ -725,6 +739,19 @@ mod tests {
             let e = run(&["--history-max-age", bad], &[]).unwrap_err();
             assert!(e.contains("--history-max-age"), "{e}");
         }
+        // Without SQLite they would do nothing: said at start, like --jwt-audience alone.
+        let e = run(&["--db-path", ":memory:", "--history-max-age", "60"], &[]).unwrap_err();
+        assert!(
+            e.contains("--history-max-age (HISTORY_MAX_AGE) applies to the SQLite"),
+            "{e}"
+        );
+        let e = run(
+            &[],
+            &[("DB_PATH", ":memory:"), ("HISTORY_MAX_PER_ROOM", "9")],
+        )
+        .unwrap_err();
+        assert!(e.contains("--memory-history-per-room"), "{e}");
+        assert!(run(&["--db-path", ":memory:", "--history-max-age", "0"], &[]).is_ok());
     }
 
     #[test]
