@@ -166,7 +166,8 @@ settings! {
     host: String = "0.0.0.0".into(), "host", "HOST";
     /// Port to listen on (0 picks a free one; the address is logged).
     port: u16 = 8080, "port", "PORT";
-    /// SQLite history file; `:memory:` keeps history in memory only.
+    /// SQLite history file; `:memory:` keeps history in memory only. Under systemd
+    /// (`STATE_DIRECTORY` set by `StateDirectory=`) the default is `$STATE_DIRECTORY/chatterbox.db`.
     db_path: String = "chatterbox.db".into(), "db-path", "DB_PATH";
     /// Log level: off, error, warn, info, debug or trace.
     log_level: LevelFilter = LevelFilter::Info, "log-level", "LOG_LEVEL";
@@ -276,7 +277,33 @@ settings! {
     /// Seconds over which repeated refusal and close lines from one address for one reason
     /// are summed up in one line; the first is always written. 0.01 to 3600.
     log_summary_window: Duration = Duration::from_secs(10), "log-summary-window", "LOG_SUMMARY_WINDOW";
+    // --- edge (issue 13): SQLite history retention ---
+    /// SQLite only: seconds after which a stored message is deleted (0: kept for ever). At
+    /// most 3153600000 (100 years).
+    history_max_age: u64 = 0, "history-max-age", "HISTORY_MAX_AGE";
+    /// SQLite only: messages kept per room, the oldest deleted first (0: all). At most
+    /// 100000000. The memory store keeps `--memory-history-per-room`.
+    history_max_per_room: u64 = 0, "history-max-per-room", "HISTORY_MAX_PER_ROOM";
 }
+
+/// The file name of the default database inside systemd's state directory.
+pub const STATE_DB_FILE: &str = "chatterbox.db";
+
+/// The default database path when run as a service: the first directory of
+/// `STATE_DIRECTORY` (systemd sets it for `StateDirectory=`; several are `:`-separated) joined
+/// with [`STATE_DB_FILE`]; `None` when the variable is unset or empty.
+pub fn state_db_path(state_directory: Option<&str>) -> Option<String> {
+    let dir = state_directory?.split(':').next()?.trim_end_matches('/');
+    if dir.trim().is_empty() {
+        return None;
+    }
+    Some(format!("{dir}/{STATE_DB_FILE}"))
+}
+
+/// Most seconds `--history-max-age` may be: 100 years.
+pub const MAX_HISTORY_AGE_SECS: u64 = 100 * 365 * 24 * 3600;
+/// Most messages `--history-max-per-room` may keep.
+pub const MAX_HISTORY_PER_ROOM: u64 = 100_000_000;
 
 /// What the command line asked for.
 #[derive(Debug)]
@@ -403,6 +430,11 @@ impl Config {
             flags.push((flag, value));
         }
         let mut cfg = Config::default();
+        // As a service the data belongs in the state directory, never in the working
+        // directory of whoever started it; the file, DB_PATH and --db-path still win.
+        if let Some(path) = state_db_path(env("STATE_DIRECTORY").as_deref()) {
+            cfg.db_path = path;
+        }
         let file = match flags.iter().rev().find(|(f, _)| f == "config") {
             Some((_, path)) => Some(path.clone()),
             None => env("CONFIG"),
@@ -467,6 +499,32 @@ impl Config {
         // Sizes and counts: (flag, value, least, most). The least is what the server needs to
         // work at all; the most is where a value can only be a mistake (or would overflow).
         const MIB: usize = 1 << 20;
+        if self.history_max_age > MAX_HISTORY_AGE_SECS {
+            return Err(format!(
+                "--history-max-age (HISTORY_MAX_AGE) must be at most {MAX_HISTORY_AGE_SECS} \
+                 seconds (100 years), or 0 to keep messages for ever"
+            ));
+        }
+        if self.db_path == ":memory:" {
+            for (flag, v) in [
+                ("history-max-age", self.history_max_age),
+                ("history-max-per-room", self.history_max_per_room),
+            ] {
+                if v != 0 {
+                    return Err(format!(
+                        "--{flag} ({}) applies to the SQLite store only; with --db-path \
+                         :memory: use --memory-history-per-room",
+                        Self::env_of(flag)
+                    ));
+                }
+            }
+        }
+        if self.history_max_per_room > MAX_HISTORY_PER_ROOM {
+            return Err(format!(
+                "--history-max-per-room (HISTORY_MAX_PER_ROOM) must be at most \
+                 {MAX_HISTORY_PER_ROOM}, or 0 to keep every message"
+            ));
+        }
         const MAX_MESSAGES: usize = 1_000_000;
         let ranges = [
             // A frame must hold an ordinary command with its ids (`request_id`, `msg_id`).
@@ -933,6 +991,66 @@ mod tests {
         let e = run(&["--allowed-hosts", "http://chat.example"], &[]).unwrap_err();
         assert!(e.contains("--allowed-hosts"), "{e}");
         assert!(run(&["--allowed-hosts", "chat.example, [::1]:8080,x:1"], &[]).is_ok());
+    }
+
+    #[test]
+    fn under_systemd_the_default_database_is_in_the_state_directory() {
+        let c = run(&[], &[("STATE_DIRECTORY", "/var/lib/chatterbox")]).unwrap();
+        assert_eq!(c.db_path, "/var/lib/chatterbox/chatterbox.db");
+        // Several StateDirectory= entries: the first; a trailing slash is not doubled.
+        let c = run(&[], &[("STATE_DIRECTORY", "/var/lib/cb/:/var/lib/other")]).unwrap();
+        assert_eq!(c.db_path, "/var/lib/cb/chatterbox.db");
+        // An explicit path wins, from the environment and from the command line.
+        let env = [
+            ("STATE_DIRECTORY", "/var/lib/cb"),
+            ("DB_PATH", "/data/h.db"),
+        ];
+        assert_eq!(run(&[], &env).unwrap().db_path, "/data/h.db");
+        let c = run(&["--db-path", ":memory:"], &env).unwrap();
+        assert_eq!(c.db_path, ":memory:");
+        // Unset or empty: the working directory, as before.
+        assert_eq!(run(&[], &[]).unwrap().db_path, "chatterbox.db");
+        assert_eq!(
+            run(&[], &[("STATE_DIRECTORY", "")]).unwrap().db_path,
+            "chatterbox.db"
+        );
+        assert_eq!(state_db_path(Some(":/x")), None);
+    }
+
+    #[test]
+    fn retention_settings_default_to_keep_all_and_are_range_checked() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!((c.history_max_age, c.history_max_per_room), (0, 0));
+        let c = run(
+            &["--history-max-age", "86400"],
+            &[("HISTORY_MAX_PER_ROOM", "500")],
+        )
+        .unwrap();
+        assert_eq!((c.history_max_age, c.history_max_per_room), (86_400, 500));
+        let e = run(&["--history-max-age", "3153600001"], &[]).unwrap_err();
+        assert!(e.contains("--history-max-age (HISTORY_MAX_AGE)"), "{e}");
+        let e = run(&[], &[("HISTORY_MAX_PER_ROOM", "100000001")]).unwrap_err();
+        assert!(
+            e.contains("--history-max-per-room (HISTORY_MAX_PER_ROOM)"),
+            "{e}"
+        );
+        for bad in ["-1", "1.5", "ten"] {
+            let e = run(&["--history-max-age", bad], &[]).unwrap_err();
+            assert!(e.contains("--history-max-age"), "{e}");
+        }
+        // Without SQLite they would do nothing: said at start, like --jwt-audience alone.
+        let e = run(&["--db-path", ":memory:", "--history-max-age", "60"], &[]).unwrap_err();
+        assert!(
+            e.contains("--history-max-age (HISTORY_MAX_AGE) applies to the SQLite"),
+            "{e}"
+        );
+        let e = run(
+            &[],
+            &[("DB_PATH", ":memory:"), ("HISTORY_MAX_PER_ROOM", "9")],
+        )
+        .unwrap_err();
+        assert!(e.contains("--memory-history-per-room"), "{e}");
+        assert!(run(&["--db-path", ":memory:", "--history-max-age", "0"], &[]).is_ok());
     }
 
     #[test]

@@ -352,7 +352,9 @@ fn memory_engine_passes_the_contract() {
 #[test]
 fn the_memory_engine_needs_no_wake_up() {
     let wakeups = Wakeups::default();
-    let mut e = chatterbox::store::open_engine(":memory:", 10, wakeups.notify()).unwrap();
+    let mut e =
+        chatterbox::store::open_engine(":memory:", 10, Default::default(), wakeups.notify())
+            .unwrap();
     e.request(Request::Append {
         room: "r".into(),
         msg: msg(1),
@@ -388,7 +390,8 @@ mod sqlite {
 
     fn open(path: &str) -> Driver {
         let wakeups = Wakeups::default();
-        let engine = chatterbox::store::open_engine(path, 10, wakeups.notify()).unwrap();
+        let engine =
+            chatterbox::store::open_engine(path, 10, Default::default(), wakeups.notify()).unwrap();
         Driver {
             engine,
             wakeups,

@@ -244,6 +244,7 @@ impl Server {
         let engine = crate::store::open_engine(
             &cfg.db_path,
             cfg.memory_history_per_room,
+            crate::store::Retention::from_config(&cfg),
             Box::new(move || {
                 let _ = notify_waker.wake();
             }),

@@ -165,6 +165,31 @@ pub(crate) fn page_from_asc(mut asc: Vec<StoredMessage>, limit: usize) -> Page {
     }
 }
 
+/// How long the SQLite store keeps history (`--history-max-age`, `--history-max-per-room`);
+/// the default keeps everything. The memory store has its own per-room trim.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Milliseconds after which a message is deleted; 0: never.
+    pub max_age_ms: u64,
+    /// Messages kept per room, the oldest deleted first; 0: all.
+    pub max_per_room: u64,
+}
+
+impl Retention {
+    /// The retention the settings ask for.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Retention {
+            max_age_ms: cfg.history_max_age.saturating_mul(1000),
+            max_per_room: cfg.history_max_per_room,
+        }
+    }
+
+    /// Whether anything is ever deleted.
+    pub fn prunes(&self) -> bool {
+        self.max_age_ms > 0 || self.max_per_room > 0
+    }
+}
+
 /// Opens the engine the settings ask for: the memory engine for `:memory:`, SQLite otherwise.
 ///
 /// `notify` is called from the SQLite engine's threads (the writer after each commit or change
@@ -172,6 +197,7 @@ pub(crate) fn page_from_asc(mut asc: Vec<StoredMessage>, limit: usize) -> Page {
 pub fn open_engine(
     db_path: &str,
     memory_per_room: usize,
+    retention: Retention,
     notify: Box<dyn Fn() + Send>,
 ) -> Result<Box<dyn engine::Engine>, String> {
     if db_path == ":memory:" {
@@ -180,13 +206,13 @@ pub fn open_engine(
     }
     #[cfg(feature = "sqlite")]
     {
-        let store = sqlite::SqliteStore::open(db_path, notify)
+        let store = sqlite::SqliteStore::open_with(db_path, retention, notify)
             .map_err(|e| format!("cannot open history database '{db_path}': {e}"))?;
         Ok(Box::new(store))
     }
     #[cfg(not(feature = "sqlite"))]
     {
-        drop(notify);
+        drop((notify, retention));
         Err(format!(
             "this build has no SQLite support: start it with --db-path :memory: (asked for '{db_path}')"
         ))

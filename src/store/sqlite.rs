@@ -17,6 +17,13 @@
 //! above the mark, so ids may jump after a crash but never repeat; a clean shutdown gives the
 //! unused part of the block back.
 //!
+//! Retention (`--history-max-age`, `--history-max-per-room`, see [`Retention`]): the writer
+//! deletes the oldest messages in transactions of at most [`PRUNE_BATCH`] rows, between group
+//! commits and when idle, never on the loop thread. Deleted pages go to SQLite's free list and
+//! are reused by later messages, so the file stops growing. The table `pruned(room, upto)`
+//! keeps the highest id deleted per room, so a room whose messages are all gone still
+//! continues above its last id: ids are never reused.
+//!
 //! As an [`Engine`](super::engine::Engine) (see [`super::engine`] for the boundary): appends go to the same writer;
 //! pages and last ids are read on a reader thread with its own read-only connection, never on
 //! the loop thread, and come back through `notify`; a reservation the loop already holds is
@@ -35,7 +42,7 @@ use log::{debug, error, info, warn};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::engine::{Reply, Request, RequestToken};
-use super::{Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
+use super::{Page, Query, Retention, StoreError, StoredMessage, page_from_asc, page_from_desc};
 use crate::chat::protocol::RawJson;
 
 /// Most messages written in one transaction.
@@ -51,6 +58,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_CACHED_ROOMS: usize = if cfg!(test) { 16 } else { 4096 };
 /// Rooms whose reservation a clean shutdown gives back; beyond it the gaps stay (harmless).
 const MAX_GIVE_BACK: usize = 65_536;
+/// Most rows one pruning transaction deletes: small, so a commit never waits long behind it.
+pub const PRUNE_BATCH: u64 = 1000;
+/// Shortest and longest pause between two looks for messages past `--history-max-age`.
+const AGE_CHECK_MIN: Duration = Duration::from_secs(1);
+const AGE_CHECK_MAX: Duration = Duration::from_secs(60);
 /// How long closing waits for the writer to notice the stop once the flush deadline passed.
 const STOP_WAIT: Duration = Duration::from_millis(500);
 
@@ -66,6 +78,9 @@ enum Job {
         upto: u64,
     },
     Flush(mpsc::Sender<()>),
+    /// Tests: prune until nothing is due, then answer.
+    #[cfg(test)]
+    Settle(mpsc::Sender<()>),
 }
 
 /// A read for the reader thread, with what the loop knew when it was asked.
@@ -193,6 +208,10 @@ const SCHEMA: &str = "
         room     TEXT    PRIMARY KEY,
         reserved INTEGER NOT NULL
     ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS pruned (
+        room TEXT    PRIMARY KEY,
+        upto INTEGER NOT NULL
+    ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS meta (
         key   TEXT PRIMARY KEY,
         value
@@ -204,6 +223,15 @@ impl SqliteStore {
     /// commit), and starts the writer thread. A file that is read-only, corrupt or on a full
     /// disk fails here rather than at the first message.
     pub fn open(path: &str, notify: Box<dyn Fn() + Send>) -> rusqlite::Result<Self> {
+        Self::open_with(path, Retention::default(), notify)
+    }
+
+    /// [`SqliteStore::open`], with the writer deleting what `retention` no longer keeps.
+    pub fn open_with(
+        path: &str,
+        retention: Retention,
+        notify: Box<dyn Fn() + Send>,
+    ) -> rusqlite::Result<Self> {
         let notify: Notify = {
             let notify = Mutex::new(notify);
             Arc::new(move || (notify.lock().unwrap_or_else(|e| e.into_inner()))())
@@ -217,6 +245,12 @@ impl SqliteStore {
                 "cannot switch the journal to WAL (it stays '{mode}'): is the file writable?"
             )));
         }
+        // Age pruning finds old messages by `ts`; without it the index would only cost writes.
+        writer_conn.execute_batch(if retention.max_age_ms > 0 {
+            "CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);"
+        } else {
+            "DROP INDEX IF EXISTS messages_ts;"
+        })?;
         // Reading works on a read-only file or a full disk: only a write tells.
         let tx = writer_conn.transaction()?;
         tx.execute(
@@ -251,7 +285,7 @@ impl SqliteStore {
             .stack_size(256 * 1024)
             .spawn(move || {
                 let _done = done_tx;
-                Writer::new(writer_conn, theirs, writer_notify).run(rx);
+                Writer::new(writer_conn, theirs, writer_notify, retention).run(rx);
             })
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let (reads, read_rx) = mpsc::channel();
@@ -388,7 +422,15 @@ fn last_id_from(
         Some(floor) => floor,
         None => stored_reservation(conn, room)?,
     };
-    Ok(queued.max(stored).max(reserved))
+    // Messages deleted by retention took their ids with them: the mark of the highest.
+    let pruned = conn
+        .query_row("SELECT upto FROM pruned WHERE room = ?1", [room], |row| {
+            row.get::<_, i64>(0)
+        })
+        .optional()
+        .map(|v| v.unwrap_or(0).max(0) as u64)
+        .map_err(|e| read_error(room, e))?;
+    Ok(queued.max(stored).max(reserved).max(pruned))
 }
 
 /// The committed high-water mark of `room`, 0 when it has none.
@@ -437,6 +479,12 @@ fn read_error(room: &str, e: rusqlite::Error) -> StoreError {
     StoreError(format!("history read failed: {e}"))
 }
 
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn unix_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -453,16 +501,38 @@ struct Writer {
     floors: HashMap<String, u64>,
     /// More rooms than [`MAX_GIVE_BACK`] were reserved for: nothing is given back.
     floors_full: bool,
+    pruner: Pruner,
+}
+
+/// The writer's retention state.
+struct Pruner {
+    retention: Retention,
+    /// Rows per room, for the rooms counted this run (commits and deletes keep it right);
+    /// starts over past [`MAX_CACHED_ROOMS`] rooms (a room is counted again when next due).
+    counts: HashMap<String, u64>,
+    /// Rooms appended to since they were last held against `--history-max-per-room`.
+    dirty: HashSet<String>,
+    /// When to look for messages past `--history-max-age` next.
+    next_age: Instant,
+    /// The last pruning transaction failed (logged once until one works again).
+    failing: bool,
 }
 
 impl Writer {
-    fn new(conn: Connection, shared: Arc<Shared>, notify: Notify) -> Self {
+    fn new(conn: Connection, shared: Arc<Shared>, notify: Notify, retention: Retention) -> Self {
         Writer {
             conn,
             shared,
             notify,
             floors: HashMap::new(),
             floors_full: false,
+            pruner: Pruner {
+                retention,
+                counts: HashMap::new(),
+                dirty: HashSet::new(),
+                next_age: Instant::now(),
+                failing: false,
+            },
         }
     }
 
@@ -470,8 +540,23 @@ impl Writer {
         let mut batch = Vec::new();
         let mut reserve: HashMap<String, u64> = HashMap::new();
         let mut flushes = Vec::new();
-        while let Ok(first) = rx.recv() {
-            let mut next = Some(first);
+        #[cfg(test)]
+        let mut settles: Vec<mpsc::Sender<()>> = Vec::new();
+        loop {
+            // Blocks for the next job, or until pruning is due.
+            let first = match self.prune_wait() {
+                None => match rx.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => break,
+                },
+                Some(wait) => match rx.recv_timeout(wait) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            let mut next = first;
+            let mut committed = 0;
             while let Some(job) = next.take() {
                 match job {
                     Job::Append { ticket, room, msg } => batch.push((ticket, room, msg)),
@@ -480,16 +565,37 @@ impl Writer {
                         *r = (*r).max(upto);
                     }
                     Job::Flush(reply) => flushes.push(reply),
+                    #[cfg(test)]
+                    Job::Settle(reply) => settles.push(reply),
                 }
                 if batch.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
-            if (!batch.is_empty() || !reserve.is_empty()) && !self.write(&mut batch, &mut reserve) {
-                // Stopped while the store could not write: what is left is not stored.
-                return;
+            if !batch.is_empty() || !reserve.is_empty() {
+                committed = batch.len() as u64;
+                if !self.write(&mut batch, &mut reserve) {
+                    // Stopped while the store could not write: what is left is not stored.
+                    return;
+                }
             }
             for reply in flushes.drain(..) {
+                let _ = reply.send(());
+            }
+            // Pruning keeps pace with what came in: one batch per PRUNE_BATCH committed.
+            for _ in 0..=committed / PRUNE_BATCH {
+                if self.prune_wait() != Some(Duration::ZERO) || !self.prune_step() {
+                    break;
+                }
+            }
+            #[cfg(test)]
+            for reply in settles.drain(..) {
+                loop {
+                    self.pruner.next_age = Instant::now();
+                    if !self.prune_step() {
+                        break;
+                    }
+                }
                 let _ = reply.send(());
             }
         }
@@ -515,10 +621,14 @@ impl Writer {
         loop {
             let end = (start + size).min(batch.len());
             let mut landed = Vec::new();
-            match self.commit(&batch[start..end], reserve, &mut landed) {
+            let mut added = Vec::new();
+            match self.commit(&batch[start..end], reserve, &mut landed, &mut added) {
                 Ok(()) => {
                     reserve.clear();
                     self.publish(landed);
+                    for i in added {
+                        self.pruner.added(&batch[start + i].1);
+                    }
                     if end > start {
                         self.shared
                             .durable
@@ -575,13 +685,16 @@ impl Writer {
     }
 
     /// One transaction: the reservations, then `batch`. `landed` gets each reserved room's
-    /// reservation as it stands once this commits.
+    /// reservation as it stands once this commits; `added` the index in `batch` of each
+    /// message stored (not a duplicate), when the per-room cap needs to count them.
     fn commit(
         &mut self,
         batch: &[(u64, String, StoredMessage)],
         reserve: &HashMap<String, u64>,
         landed: &mut Vec<(String, Reservation)>,
+        added: &mut Vec<usize>,
     ) -> rusqlite::Result<()> {
+        let count = self.pruner.retention.max_per_room > 0;
         // IMMEDIATE takes the write lock first, through the busy timeout: a deferred
         // transaction that read first and then finds the lock held elsewhere (a backup tool)
         // fails at once without waiting, and the store would turn unavailable for nothing.
@@ -624,9 +737,9 @@ impl Writer {
                 "INSERT OR IGNORE INTO messages (room, id, member, message, ts, data)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            for (_, room, m) in batch {
+            for (i, (_, room, m)) in batch.iter().enumerate() {
                 let data = m.data.as_ref().map(RawJson::get);
-                stmt.execute(params![
+                let stored = stmt.execute(params![
                     room,
                     m.id as i64,
                     m.member,
@@ -634,6 +747,9 @@ impl Writer {
                     m.ts as i64,
                     data
                 ])?;
+                if count && stored > 0 {
+                    added.push(i);
+                }
             }
         }
         tx.commit()
@@ -662,14 +778,217 @@ impl Writer {
         }
         let tx = self.conn.transaction()?;
         for (room, floor) in &self.floors {
+            // Ids deleted by retention count as used.
             tx.prepare_cached(
                 "UPDATE rooms SET reserved = MAX(?2,
-                     COALESCE((SELECT MAX(id) FROM messages WHERE room = ?1), 0))
+                     COALESCE((SELECT MAX(id) FROM messages WHERE room = ?1), 0),
+                     COALESCE((SELECT upto FROM pruned WHERE room = ?1), 0))
                  WHERE room = ?1",
             )?
             .execute(params![room, *floor as i64])?;
         }
         tx.commit()
+    }
+}
+
+impl Pruner {
+    /// A message of `room` was stored.
+    fn added(&mut self, room: &str) {
+        if let Some(n) = self.counts.get_mut(room) {
+            *n += 1;
+        }
+        if !self.dirty.contains(room) {
+            self.dirty.insert(room.to_string());
+        }
+    }
+
+    /// `n` messages of `room` were deleted.
+    fn removed(&mut self, room: &str, n: u64) {
+        if let Some(c) = self.counts.get_mut(room) {
+            *c = c.saturating_sub(n);
+        }
+    }
+}
+
+/// Records that ids of `room` up to `upto` were deleted (never lowering the mark).
+fn record_pruned(tx: &rusqlite::Transaction<'_>, room: &str, upto: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO pruned (room, upto) VALUES (?1, ?2)
+         ON CONFLICT (room) DO UPDATE SET upto = MAX(upto, excluded.upto)",
+    )?
+    .execute(params![room, upto])?;
+    Ok(())
+}
+
+impl Writer {
+    /// How long until pruning is due: `None` when nothing is ever pruned, zero when it is now.
+    fn prune_wait(&self) -> Option<Duration> {
+        let p = &self.pruner;
+        if !p.retention.prunes() || !self.shared.writable.load(Ordering::Acquire) {
+            // A store that cannot commit cannot delete either: its retries come first.
+            return None;
+        }
+        if !p.dirty.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        (p.retention.max_age_ms > 0).then(|| p.next_age.saturating_duration_since(Instant::now()))
+    }
+
+    /// One pruning transaction of at most [`PRUNE_BATCH`] rows, if one is due. Returns
+    /// whether more may be due at once.
+    // Off the hot path: built for size.
+    #[cold]
+    fn prune_step(&mut self) -> bool {
+        let now = Instant::now();
+        let result = if !self.pruner.dirty.is_empty() {
+            self.prune_rooms()
+        } else if self.pruner.retention.max_age_ms > 0 && now >= self.pruner.next_age {
+            self.prune_aged(now)
+        } else {
+            return false;
+        };
+        match result {
+            Ok(more) => {
+                if std::mem::take(&mut self.pruner.failing) {
+                    info!("history pruning works again");
+                }
+                more || !self.pruner.dirty.is_empty()
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.pruner.failing, true) {
+                    warn!("history pruning failed ({e}); retrying later");
+                }
+                // The next append of a room or the next age check tries again.
+                self.pruner.dirty.clear();
+                self.pruner.next_age = now + AGE_CHECK_MIN;
+                false
+            }
+        }
+    }
+
+    /// Deletes the oldest messages beyond `--history-max-per-room` of the rooms appended to,
+    /// in one transaction of at most [`PRUNE_BATCH`] rows. Returns whether a room is left over.
+    // Off the hot path: built for size.
+    #[cold]
+    fn prune_rooms(&mut self) -> rusqlite::Result<bool> {
+        let cap = self.pruner.retention.max_per_room;
+        let rooms: Vec<String> = self.pruner.dirty.iter().cloned().collect();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut budget = PRUNE_BATCH;
+        // (room, rows before, rows deleted); applied once the transaction commits.
+        let mut done: Vec<(String, u64, u64)> = Vec::new();
+        for room in rooms {
+            if budget == 0 {
+                break;
+            }
+            let count = match self.pruner.counts.get(&room) {
+                Some(&n) => n,
+                // Once per room and run; commits and deletes keep the count from then on.
+                None => tx
+                    .prepare_cached("SELECT COUNT(*) FROM messages WHERE room = ?1")?
+                    .query_row([&room], |r| r.get::<_, i64>(0))?
+                    .max(0) as u64,
+            };
+            if count <= cap {
+                done.push((room, count, 0));
+                continue;
+            }
+            let over = (count - cap).min(budget);
+            let upto: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT id FROM messages WHERE room = ?1 ORDER BY id LIMIT 1 OFFSET ?2",
+                )?
+                .query_row(params![room, (over - 1) as i64], |r| r.get(0))
+                .optional()?;
+            let Some(upto) = upto else {
+                // Fewer rows than counted: count again next time.
+                self.pruner.counts.remove(&room);
+                continue;
+            };
+            let deleted = tx
+                .prepare_cached("DELETE FROM messages WHERE room = ?1 AND id <= ?2")?
+                .execute(params![room, upto])? as u64;
+            record_pruned(&tx, &room, upto)?;
+            budget = budget.saturating_sub(deleted.max(1));
+            done.push((room, count, deleted));
+        }
+        tx.commit()?;
+        for (room, count, deleted) in done {
+            if deleted > 0 {
+                debug!("history pruning: {deleted} messages of room '{room}' over the cap");
+            }
+            let left = count.saturating_sub(deleted);
+            if left <= cap {
+                self.pruner.dirty.remove(&room);
+            }
+            if !self.pruner.counts.contains_key(&room)
+                && self.pruner.counts.len() >= MAX_CACHED_ROOMS
+            {
+                self.pruner.counts.clear();
+            }
+            self.pruner.counts.insert(room, left);
+        }
+        Ok(!self.pruner.dirty.is_empty())
+    }
+
+    /// Deletes messages older than `--history-max-age`, oldest first, one batch. Returns
+    /// whether a full batch went (more may be due).
+    // Off the hot path: built for size.
+    #[cold]
+    fn prune_aged(&mut self, now: Instant) -> rusqlite::Result<bool> {
+        let age = self.pruner.retention.max_age_ms;
+        let cut = unix_millis().saturating_sub(age).min(i64::MAX as u64) as i64;
+        let victims: Vec<(String, i64)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT room, id FROM messages WHERE ts < ?1 ORDER BY ts LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![cut, PRUNE_BATCH as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if !victims.is_empty() {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut per_room: HashMap<&str, (i64, u64)> = HashMap::new();
+            {
+                let mut del =
+                    tx.prepare_cached("DELETE FROM messages WHERE room = ?1 AND id = ?2")?;
+                for (room, id) in &victims {
+                    let n = del.execute(params![room, id])? as u64;
+                    let e = per_room.entry(room.as_str()).or_insert((0, 0));
+                    e.0 = e.0.max(*id);
+                    e.1 += n;
+                }
+            }
+            for (room, (upto, _)) in &per_room {
+                record_pruned(&tx, room, *upto)?;
+            }
+            tx.commit()?;
+            debug!("history pruning: {} messages past the age", victims.len());
+            for (room, (_, n)) in per_room {
+                self.pruner.removed(room, n);
+            }
+        }
+        if victims.len() as u64 >= PRUNE_BATCH {
+            return Ok(true);
+        }
+        // Nothing else can expire before the oldest message left does.
+        let oldest: Option<i64> = self
+            .conn
+            .query_row("SELECT MIN(ts) FROM messages", [], |r| r.get(0))?;
+        let wait = match oldest {
+            Some(ts) => {
+                let expires = (ts.max(0) as u64).saturating_add(age);
+                Duration::from_millis(expires.saturating_sub(unix_millis()))
+            }
+            None => Duration::from_millis(age),
+        };
+        self.pruner.next_age = now + wait.clamp(AGE_CHECK_MIN, AGE_CHECK_MAX);
+        Ok(false)
     }
 }
 
@@ -1438,13 +1757,15 @@ mod tests {
             reserved: Mutex::new(HashMap::new()),
             read_gate: (Mutex::new(true), Condvar::new()),
         });
-        let mut writer = Writer::new(conn, shared, Arc::new(|| {}));
+        let mut writer = Writer::new(conn, shared, Arc::new(|| {}), Retention::default());
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
         let reserve = HashMap::from([("r".to_string(), 999)]);
         let batch = vec![(1, "r".to_string(), super::super::test_message(1))];
         assert!(
-            writer.commit(&batch, &reserve, &mut Vec::new()).is_err(),
+            writer
+                .commit(&batch, &reserve, &mut Vec::new(), &mut Vec::new())
+                .is_err(),
             "the lock is held"
         );
         assert!(
@@ -1453,7 +1774,7 @@ mod tests {
         );
         other.execute_batch("COMMIT;").unwrap();
         writer
-            .commit(&batch, &reserve, &mut Vec::new())
+            .commit(&batch, &reserve, &mut Vec::new(), &mut Vec::new())
             .expect("commits once the lock is free");
     }
 
@@ -1566,6 +1887,214 @@ mod tests {
             if let Query::After { after, .. } = query {
                 assert_eq!(first, after + 1, "everything since");
             }
+        }
+    }
+
+    /// Retention: `--history-max-age` and `--history-max-per-room`, pruned by the writer.
+    mod retention {
+        use super::*;
+
+        impl SqliteStore {
+            /// Waits until the writer has committed everything and pruned all that is due.
+            fn settle(&mut self) {
+                self.flush_writer();
+                let (tx, rx) = mpsc::channel();
+                assert!(self.send(Job::Settle(tx)));
+                rx.recv_timeout(Duration::from_secs(60))
+                    .expect("the writer settles");
+            }
+            fn ids(&mut self, room: &str) -> Vec<u64> {
+                let p = self.page(
+                    room,
+                    Query::After {
+                        after: 0,
+                        limit: 1_000_000,
+                    },
+                );
+                assert!(!p.more);
+                p.messages.iter().map(|m| m.id).collect()
+            }
+        }
+
+        fn per_room(n: u64) -> Retention {
+            Retention {
+                max_per_room: n,
+                ..Retention::default()
+            }
+        }
+
+        fn message(id: u64, ts: u64, text_len: usize) -> StoredMessage {
+            StoredMessage {
+                id,
+                member: "m".into(),
+                message: "x".repeat(text_len),
+                ts,
+                data: None,
+            }
+        }
+
+        /// Appends messages `ids` of `room` with reserved ids, as the core would.
+        fn append_reserved(s: &mut SqliteStore, room: &str, ids: std::ops::RangeInclusive<u64>) {
+            for id in ids {
+                s.reserve(room, id).unwrap();
+                s.append(room, message(id, unix_millis(), 20));
+            }
+        }
+
+        #[test]
+        fn the_per_room_cap_keeps_the_newest_and_ids_continue_after_a_restart() {
+            let path = temp_db("ret-cap");
+            {
+                let mut s = SqliteStore::open_with(&path, per_room(10), Box::new(|| {})).unwrap();
+                append_reserved(&mut s, "r", 1..=2500);
+                append_reserved(&mut s, "small", 1..=5);
+                s.settle();
+                assert_eq!(s.ids("r"), (2491..=2500).collect::<Vec<_>>());
+                assert_eq!(s.ids("small"), (1..=5).collect::<Vec<_>>(), "under the cap");
+                assert_eq!(s.last_id("r"), Ok(2500));
+                // More of the same room: still the newest ten, counted without a recount.
+                append_reserved(&mut s, "r", 2501..=2503);
+                s.settle();
+                assert_eq!(s.ids("r"), (2494..=2503).collect::<Vec<_>>());
+            }
+            // A clean restart gives the unused ids back, never the used ones.
+            let mut s = SqliteStore::open_with(&path, per_room(3), Box::new(|| {})).unwrap();
+            assert_eq!(s.last_id("r"), Ok(2503));
+            append_reserved(&mut s, "r", 2504..=2504);
+            s.settle();
+            assert_eq!(
+                s.ids("r"),
+                vec![2502, 2503, 2504],
+                "a lower cap applies at once"
+            );
+            // Without retention nothing more is deleted.
+            drop(s);
+            let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+            append_reserved(&mut s, "r", 2505..=2506);
+            s.settle();
+            assert_eq!(s.ids("r"), (2502..=2506).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn aged_messages_go_and_a_room_emptied_by_age_never_reuses_an_id() {
+            let path = temp_db("ret-age");
+            let hour = Retention {
+                max_age_ms: 3_600_000,
+                ..Retention::default()
+            };
+            let now = unix_millis();
+            {
+                let mut s = SqliteStore::open_with(&path, hour, Box::new(|| {})).unwrap();
+                for id in 1..=1500 {
+                    s.reserve("old", id).unwrap();
+                    // Two hours old: past the age.
+                    s.append("old", message(id, now - 7_200_000 + id, 20));
+                }
+                s.reserve("mixed", 2).unwrap();
+                s.append("mixed", message(1, now - 7_200_000, 20));
+                s.append("mixed", message(2, now, 20));
+                s.settle();
+                assert_eq!(
+                    s.ids("old"),
+                    Vec::<u64>::new(),
+                    "every message past the age"
+                );
+                assert_eq!(s.ids("mixed"), vec![2], "the young one stays");
+                // In this run (the room's reservation cached) and after a clean restart,
+                // the emptied room continues above its last id.
+                assert_eq!(s.last_id("old"), Ok(1500));
+            }
+            for _ in 0..2 {
+                let mut s = SqliteStore::open_with(&path, hour, Box::new(|| {})).unwrap();
+                assert_eq!(s.last_id("old"), Ok(1500));
+                assert_eq!(s.last_id("mixed"), Ok(2));
+            }
+            // The mark also holds with retention off (the index is dropped, the mark stays).
+            let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+            assert_eq!(s.last_id("old"), Ok(1500));
+        }
+
+        /// Size of the database file once the WAL is checkpointed into it.
+        fn db_bytes(path: &str) -> u64 {
+            let c = Connection::open(path).unwrap();
+            let _: (i64, i64, i64) = c
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .unwrap();
+            let f: i64 = c
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap();
+            let pc: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            let rows: i64 = c
+                .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+                .unwrap();
+            eprintln!("free {f} pages {pc} rows {rows}");
+            std::fs::metadata(path).unwrap().len()
+        }
+
+        /// Writes `n` messages of 400 bytes into 4 rooms, then settles; returns the file size.
+        /// A flush every 500 keeps the commits at most that big, so the peak between a commit
+        /// and its pruning (what the file must hold at once) is the same in every run.
+        fn write_rooms(s: &mut SqliteStore, next: &mut u64, n: u64, path: &str) -> u64 {
+            for _ in 0..n {
+                *next += 1;
+                let room = format!("room{}", *next % 4);
+                let id = *next / 4 + 1;
+                s.reserve(&room, id).unwrap();
+                s.append(&room, message(id, unix_millis(), 400));
+                if *next % 500 == 0 {
+                    s.flush();
+                }
+            }
+            s.settle();
+            db_bytes(path)
+        }
+
+        #[test]
+        fn with_a_cap_the_file_stops_growing_without_vacuum() {
+            const N: u64 = 12_000;
+            let sizes = |retention: Retention, name: &str| {
+                let path = temp_db(name);
+                let mut s = SqliteStore::open_with(&path, retention, Box::new(|| {})).unwrap();
+                let mut next = 0;
+                let after_n = write_rooms(&mut s, &mut next, N, &path);
+                let after_3n = write_rooms(&mut s, &mut next, 2 * N, &path);
+                (after_n, after_3n)
+            };
+            // 250 per room, 4 rooms: the cap is reached within the first N messages.
+            let (n, n3) = sizes(per_room(250), "ret-size");
+            eprintln!(
+                "with a cap of 250 per room: {n} bytes after {N}, {n3} after {}",
+                3 * N
+            );
+            assert!(
+                n3 <= n + n / 10,
+                "the file grew from {n} to {n3} bytes: freed pages are not reused"
+            );
+            // The control: without retention the same writes triple it.
+            let (n, n3) = sizes(Retention::default(), "ret-size-control");
+            eprintln!(
+                "without retention: {n} bytes after {N}, {n3} after {}",
+                3 * N
+            );
+            assert!(n3 > 2 * n, "the control did not grow: {n} -> {n3}");
+        }
+
+        #[test]
+        fn pruning_interleaves_with_commits_and_loses_nothing_kept() {
+            // Many small commits with a cap: every message inside the cap is there, in
+            // order, without gaps, whatever the interleaving of commits and prunes.
+            let path = temp_db("ret-interleave");
+            let mut s = SqliteStore::open_with(&path, per_room(50), Box::new(|| {})).unwrap();
+            for round in 0..20u64 {
+                let first = round * 137 + 1;
+                append_reserved(&mut s, "r", first..=first + 136);
+                s.flush();
+            }
+            s.settle();
+            let last = 20 * 137;
+            assert_eq!(s.ids("r"), (last - 49..=last).collect::<Vec<_>>());
         }
     }
 }
