@@ -235,6 +235,13 @@ settings! {
     /// Frames one WebSocket message may have (its first frame and continuations); more closes
     /// with 1008 "too many fragments". At least 1.
     max_fragments: usize = 256, "max-fragments", "MAX_FRAGMENTS";
+    // --- reverse proxy (issue 13) ---
+    /// Reverse proxies trusted to name the client, comma-separated IPv4/IPv6 addresses or
+    /// networks (`10.0.0.0/8`, `::1`): from these peers the client address is taken from
+    /// `X-Forwarded-For` (else `Forwarded: for=`), the right-most hop not itself trusted, and
+    /// the origin check uses `X-Forwarded-Host` (else `Forwarded: host=`). Empty: the headers
+    /// are ignored. See docs/DEPLOY.md.
+    trusted_proxies: crate::proxy::TrustedProxies = crate::proxy::TrustedProxies::default(), "trusted-proxies", "TRUSTED_PROXIES";
 }
 
 /// What the command line asked for.

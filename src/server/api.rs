@@ -90,8 +90,8 @@ pub fn route(
     if !known {
         return None;
     }
-    if head.method != "GET" {
-        return Some(Answer::Now(Response::method_not_allowed("GET")));
+    if head.method != "GET" && head.method != "HEAD" {
+        return Some(Answer::Now(Response::method_not_allowed("GET, HEAD")));
     }
     if let Some(rest) = path.strip_prefix("/api/rooms/") {
         return Some(room_route(chat, head, rest, out));
@@ -306,5 +306,46 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     }
+    process_metrics(&mut out);
     out
+}
+
+/// The process gauges (from `/proc/self`, left out where it is missing) and the build info.
+fn process_metrics(out: &mut String) {
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        );
+    };
+    if let Some(rss) = resident_bytes() {
+        gauge(
+            out,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            rss,
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        // The listing's own descriptor is in it.
+        let fds = dir.count().saturating_sub(1) as u64;
+        gauge(out, "process_open_fds", "Open file descriptors.", fds);
+    }
+    let _ = write!(
+        out,
+        "# HELP chatterbox_build_info The version and cargo features of this binary.\n\
+         # TYPE chatterbox_build_info gauge\n\
+         chatterbox_build_info{{version=\"{}\",features=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        super::startup::features()
+    );
+}
+
+/// Resident set size: the second field of `/proc/self/statm`, in pages.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }

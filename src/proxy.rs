@@ -1,0 +1,534 @@
+//! Reverse proxies the server trusts (`--trusted-proxies`), and what a request that came
+//! through one says about its client: the address (`X-Forwarded-For`, else RFC 7239
+//! `Forwarded: for=`) and the host it asked for (`X-Forwarded-Host`, else `Forwarded: host=`).
+//! Pure functions over a parsed head: no sockets.
+//!
+//! The address is found by walking the hops from the right (the one nearest the server)
+//! while they are trusted proxies: the first one that is not is the client. A hop that names
+//! no address (`unknown`, an obfuscated `_id`, garbage) ends the walk, and the last address
+//! known (the proxy that added it) stands for the client: what lies left of it cannot be
+//! told apart from what a client wrote. From a peer that is not trusted the headers are
+//! ignored.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::config::SettingValue;
+use crate::server::http::Head;
+
+/// One network: an address and how many leading bits of it count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address (all its bits count). Host bits past
+    /// the prefix are cleared (`10.1.2.3/8` is `10.0.0.0/8`).
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, bits) = match text.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (text, None),
+        };
+        let net: IpAddr = addr.parse().map_err(|_| {
+            format!("'{text}' is not an IP address or network (like 10.0.0.0/8 or fd00::/8)")
+        })?;
+        let net = net.to_canonical();
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => match b.parse::<u8>() {
+                Ok(n) if n <= max && b.bytes().all(|c| c.is_ascii_digit()) => n,
+                _ => {
+                    return Err(format!(
+                        "'{text}': the prefix length must be a whole number from 0 to {max}"
+                    ));
+                }
+            },
+        };
+        Ok(Cidr {
+            net: mask(net, bits),
+            bits,
+        })
+    }
+
+    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.net.is_ipv4() && mask(ip, self.bits) == self.net
+    }
+}
+
+fn mask(ip: IpAddr, bits: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & m).into())
+        }
+        IpAddr::V6(v6) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & m).into())
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
+    }
+}
+
+/// The `--trusted-proxies` setting: networks whose peers may name the client. Empty (the
+/// default): nobody may, and the forwarding headers are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<Cidr>);
+
+impl TrustedProxies {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// Entries separated by commas or blanks; empty entries are skipped.
+impl SettingValue for TrustedProxies {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|e| !e.is_empty())
+            .map(Cidr::parse)
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for TrustedProxies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, c) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Who a request is from, as far as the server can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The client's address: the peer's, or the one a trusted proxy names.
+    pub addr: IpAddr,
+    /// The host the client asked for, when a trusted proxy forwarded it; `None`: the
+    /// request's own `Host` stands.
+    pub forwarded_host: Option<String>,
+}
+
+/// What request `head` from socket peer `peer` says about its client, under `trusted`.
+pub fn client(peer: IpAddr, head: &Head, trusted: &TrustedProxies) -> Client {
+    let peer = peer.to_canonical();
+    if !trusted.contains(peer) {
+        return Client {
+            addr: peer,
+            forwarded_host: None,
+        };
+    }
+    let hops = if head.headers.iter().any(|(n, _)| n == "x-forwarded-for") {
+        values(head, "x-forwarded-for")
+            .flat_map(|v| v.split(','))
+            .map(node)
+            .collect()
+    } else {
+        // An element without `for` is no hop; the empty one a malformed line ends with is
+        // a hop that names nobody.
+        forwarded_elements(head)
+            .iter()
+            .filter_map(|e| match e.is_empty() {
+                true => Some(None),
+                false => param(e, "for").map(|v| node(&v)),
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut addr = peer;
+    for hop in hops.iter().rev() {
+        let Some(ip) = *hop else { break };
+        addr = ip;
+        if !trusted.contains(ip) {
+            break;
+        }
+    }
+    let forwarded_host = values(head, "x-forwarded-host")
+        .last()
+        .and_then(|v| v.rsplit(',').next())
+        .map(|h| h.trim().to_string())
+        .or_else(|| {
+            forwarded_elements(head)
+                .iter()
+                .rev()
+                .find_map(|e| param(e, "host"))
+        })
+        .filter(|h| !h.is_empty() && !h.contains(|c: char| c.is_whitespace() || c.is_control()));
+    Client {
+        addr,
+        forwarded_host,
+    }
+}
+
+fn values<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a str> {
+    head.headers
+        .iter()
+        .filter(move |(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A hop of `X-Forwarded-For` or a `for=` value: an address, with or without a port (IPv6 in
+/// brackets when it has one). `unknown`, obfuscated names and garbage are `None`.
+fn node(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    let host = if let Some(rest) = text.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.starts_with(':')) {
+            return None;
+        }
+        inside
+    } else {
+        // `a.b.c.d:port`: an IPv6 address without brackets never gets here with a port.
+        text.split_once(':')?.0
+    };
+    host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+/// The elements of every `Forwarded` header line, in order; each is its `key=value` pairs
+/// (keys lower-cased, quoted values unquoted). Parsing stops at the first malformed pair,
+/// which ends the list as an element without pairs: a hop that names nobody.
+fn forwarded_elements(head: &Head) -> Vec<Vec<(String, String)>> {
+    let mut elements = Vec::new();
+    for line in values(head, "forwarded") {
+        if !parse_forwarded(line, &mut elements) {
+            elements.push(Vec::new());
+            break;
+        }
+    }
+    elements
+}
+
+/// Parses one `Forwarded` line into `out`; `false` when it is malformed.
+fn parse_forwarded(line: &str, out: &mut Vec<Vec<(String, String)>>) -> bool {
+    let mut chars = line.chars().peekable();
+    let mut element = Vec::new();
+    loop {
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && *c != ';' && *c != ',') {
+            key.push(c.to_ascii_lowercase());
+        }
+        let key = key.trim().to_string();
+        if chars.next() != Some('=') || key.is_empty() {
+            return false;
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return false,
+                    },
+                    Some(c) => value.push(c),
+                    None => return false,
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| *c != ';' && *c != ',') {
+                value.push(c);
+            }
+            value = value.trim().to_string();
+        }
+        element.push((key, value));
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        match chars.next() {
+            Some(';') => {}
+            Some(',') => out.push(std::mem::take(&mut element)),
+            None => {
+                out.push(element);
+                return true;
+            }
+            Some(_) => return false,
+        }
+    }
+}
+
+fn param(element: &[(String, String)], key: &str) -> Option<String> {
+    element
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::http::{self, Parsed};
+
+    fn proxies(text: &str) -> TrustedProxies {
+        TrustedProxies::parse_setting(text).expect("valid list")
+    }
+
+    fn head(extra: &[(&str, &str)]) -> Head {
+        let mut req = String::from("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n");
+        for (n, v) in extra {
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        match http::parse(req.as_bytes()) {
+            Parsed::Complete(h) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The client address of a request from `peer` with headers `extra`, trusting `list`.
+    fn addr(list: &str, peer: &str, extra: &[(&str, &str)]) -> IpAddr {
+        client(ip(peer), &head(extra), &proxies(list)).addr
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let p = proxies("10.0.0.0/8, 192.168.1.7 fd00::/8,::1");
+        assert_eq!(p.to_string(), "10.0.0.0/8,192.168.1.7/32,fd00::/8,::1/128");
+        for yes in [
+            "10.0.0.1",
+            "10.255.255.255",
+            "192.168.1.7",
+            "fd12::1",
+            "::1",
+        ] {
+            assert!(p.contains(ip(yes)), "{yes}");
+        }
+        for no in ["11.0.0.1", "192.168.1.8", "fe80::1", "::2", "9.255.255.255"] {
+            assert!(!p.contains(ip(no)), "{no}");
+        }
+        // An IPv4-mapped peer (a dual-stack listener) is its IPv4 address.
+        assert!(p.contains(ip("::ffff:10.1.2.3")));
+        // Host bits are cleared; /0 is everything of its family.
+        assert_eq!(proxies("10.1.2.3/8").to_string(), "10.0.0.0/8");
+        assert!(proxies("0.0.0.0/0").contains(ip("1.2.3.4")));
+        assert!(!proxies("0.0.0.0/0").contains(ip("::1")));
+        assert!(proxies("::/0").contains(ip("2001:db8::1")));
+        assert!(proxies("").is_empty() && proxies(" , ").is_empty());
+    }
+
+    #[test]
+    fn bad_networks_are_refused_naming_the_entry() {
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+            "10.0.0.0/+8",
+            "10.0.0.0/8/8",
+            "10.0.0",
+            "localhost",
+            "http://10.0.0.1",
+            "10.0.0.1:80",
+            "[::1]",
+            "1.2.3.4\u{7}",
+        ] {
+            let e = TrustedProxies::parse_setting(&format!("127.0.0.1,{bad}")).unwrap_err();
+            assert!(e.contains(bad.split('/').next().unwrap()), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn headers_from_an_untrusted_peer_are_ignored() {
+        let spoof = [
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("Forwarded", "for=5.6.7.8;host=evil.example"),
+            ("X-Forwarded-Host", "evil.example"),
+        ];
+        let c = client(ip("203.0.113.9"), &head(&spoof), &proxies("10.0.0.0/8"));
+        assert_eq!(c.addr, ip("203.0.113.9"));
+        assert_eq!(c.forwarded_host, None);
+        // No list at all: nobody is trusted, loopback included.
+        let c = client(ip("127.0.0.1"), &head(&spoof), &TrustedProxies::default());
+        assert_eq!((c.addr, c.forwarded_host), (ip("127.0.0.1"), None));
+    }
+
+    #[test]
+    fn x_forwarded_for_gives_the_right_most_untrusted_hop() {
+        let t = "127.0.0.1, 10.0.0.0/8";
+        assert_eq!(
+            addr(t, "127.0.0.1", &[("X-Forwarded-For", "198.51.100.7")]),
+            ip("198.51.100.7")
+        );
+        // What the client wrote is left of what the proxies added.
+        let h = [("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 10.0.0.3")];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("198.51.100.7"));
+        // Several header lines are one list, in order.
+        let h = [
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-For", "198.51.100.7,10.0.0.3"),
+        ];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("198.51.100.7"));
+        // Ports and IPv6, with or without brackets.
+        let h = [("X-Forwarded-For", "[2001:db8::5]:4711")];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("2001:db8::5"));
+        let h = [("X-Forwarded-For", "2001:db8::5")];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("2001:db8::5"));
+        let h = [("X-Forwarded-For", "198.51.100.7:5000")];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("198.51.100.7"));
+        // Every hop trusted: the furthest one.
+        let h = [("X-Forwarded-For", "10.0.0.9, 10.0.0.3")];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("10.0.0.9"));
+        // No header, or an empty one: the proxy itself is the client.
+        assert_eq!(addr(t, "127.0.0.1", &[]), ip("127.0.0.1"));
+        assert_eq!(
+            addr(t, "127.0.0.1", &[("X-Forwarded-For", "")]),
+            ip("127.0.0.1")
+        );
+    }
+
+    #[test]
+    fn a_hop_without_an_address_ends_the_walk() {
+        let t = "127.0.0.1, 10.0.0.0/8";
+        for bad in [
+            "unknown",
+            "_hidden",
+            "garbage",
+            "999.1.1.1",
+            "[::1",
+            "[::1]x",
+            "1.2.3.4:",
+        ] {
+            let h = [("X-Forwarded-For", format!("6.6.6.6, {bad}, 10.0.0.3"))];
+            let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            // `1.2.3.4:` has an address before its empty port: taken as 1.2.3.4.
+            let want = if bad == "1.2.3.4:" {
+                "1.2.3.4"
+            } else {
+                "10.0.0.3"
+            };
+            assert_eq!(addr(t, "127.0.0.1", &h), ip(want), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwarded_is_read_when_there_is_no_x_forwarded_for() {
+        let t = "127.0.0.1";
+        let f = |v: &str| addr(t, "127.0.0.1", &[("Forwarded", v)]);
+        assert_eq!(
+            f("for=192.0.2.60;proto=http;by=203.0.113.43"),
+            ip("192.0.2.60")
+        );
+        assert_eq!(
+            f(r#"for="[2001:db8:cafe::17]:4711""#),
+            ip("2001:db8:cafe::17")
+        );
+        assert_eq!(f(r#"For="192.0.2.43:47011""#), ip("192.0.2.43"));
+        assert_eq!(f("for=6.6.6.6, for=192.0.2.60"), ip("192.0.2.60"));
+        assert_eq!(f("for=6.6.6.6, for=127.0.0.1"), ip("6.6.6.6"));
+        // Obfuscated or unknown: the proxy stands for the client.
+        assert_eq!(f("for=_hidden"), ip("127.0.0.1"));
+        assert_eq!(f("for=unknown"), ip("127.0.0.1"));
+        assert_eq!(f("for=6.6.6.6, for=_x"), ip("127.0.0.1"));
+        // An element without `for` is not a hop.
+        assert_eq!(f("for=192.0.2.60, proto=https"), ip("192.0.2.60"));
+        // Malformed: an unclosed quote swallowing the proxy's element, a missing `=`.
+        assert_eq!(f(r#"for="6.6.6.6, for=192.0.2.60"#), ip("127.0.0.1"));
+        assert_eq!(f("for=192.0.2.60, garbage"), ip("127.0.0.1"));
+        assert_eq!(f("=1.2.3.4"), ip("127.0.0.1"));
+        assert_eq!(f(r#"for="1.2.3.4"x"#), ip("127.0.0.1"));
+        // Escapes inside quotes; commas inside quotes do not split.
+        assert_eq!(f(r#"for="1.2.3.4", by="a,b\"c""#), ip("1.2.3.4"));
+        // X-Forwarded-For wins when both are there (most proxies set only that one).
+        let h = [
+            ("Forwarded", "for=6.6.6.6"),
+            ("X-Forwarded-For", "192.0.2.60"),
+        ];
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("192.0.2.60"));
+    }
+
+    #[test]
+    fn hostile_headers_stay_bounded_and_never_panic() {
+        let t = "127.0.0.1, 10.0.0.0/8";
+        // Many addresses: only the right end counts.
+        let many: String = (0..1500)
+            .map(|i| format!("10.0.{}.{},", i / 250, i % 250))
+            .collect();
+        let h = [("X-Forwarded-For", format!("6.6.6.6,{many}10.0.0.1"))];
+        let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        assert_eq!(addr(t, "127.0.0.1", &h), ip("6.6.6.6"));
+        // Garbage of every kind.
+        for junk in [
+            ",,,,",
+            "\"",
+            "[",
+            "]",
+            ":::::",
+            "[]:",
+            "for=",
+            ";;;",
+            "\\",
+            "é,ü",
+            "[::1]:99999999999",
+        ] {
+            let _ = addr(t, "127.0.0.1", &[("X-Forwarded-For", junk)]);
+            let _ = addr(t, "127.0.0.1", &[("Forwarded", junk)]);
+            let _ = client(
+                ip("127.0.0.1"),
+                &head(&[("X-Forwarded-Host", junk)]),
+                &proxies(t),
+            );
+        }
+        let long = "for=".to_string() + &"\"".repeat(7000);
+        assert_eq!(
+            addr(t, "127.0.0.1", &[("Forwarded", &long)]),
+            ip("127.0.0.1")
+        );
+    }
+
+    #[test]
+    fn the_forwarded_host_comes_from_a_trusted_proxy() {
+        let t = proxies("127.0.0.1");
+        let host =
+            |extra: &[(&str, &str)]| client(ip("127.0.0.1"), &head(extra), &t).forwarded_host;
+        assert_eq!(
+            host(&[("X-Forwarded-Host", "chat.example:8443")]).as_deref(),
+            Some("chat.example:8443")
+        );
+        assert_eq!(
+            host(&[("X-Forwarded-Host", "a.example, chat.example")]).as_deref(),
+            Some("chat.example")
+        );
+        assert_eq!(
+            host(&[("Forwarded", r#"for=1.2.3.4;host="chat.example""#)]).as_deref(),
+            Some("chat.example")
+        );
+        assert_eq!(
+            host(&[
+                ("Forwarded", "host=a.example"),
+                ("X-Forwarded-Host", "chat.example")
+            ])
+            .as_deref(),
+            Some("chat.example")
+        );
+        assert_eq!(host(&[]), None);
+        assert_eq!(host(&[("X-Forwarded-Host", "")]), None);
+        assert_eq!(host(&[("X-Forwarded-Host", "a b")]), None);
+    }
+}
