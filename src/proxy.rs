@@ -141,140 +141,131 @@ pub fn client(peer: IpAddr, head: &Head, trusted: &TrustedProxies) -> Client {
             forwarded_host: None,
         };
     }
-    let hops = if head.headers.iter().any(|(n, _)| n == "x-forwarded-for") {
-        values(head, "x-forwarded-for")
-            .flat_map(|v| v.split(','))
-            .map(node)
-            .collect()
-    } else {
-        // An element without `for` is no hop; the empty one a malformed line ends with is
-        // a hop that names nobody.
-        forwarded_elements(head)
+    let lines = |name: &'static str| {
+        head.headers
             .iter()
-            .filter_map(|e| match e.is_empty() {
-                true => Some(None),
-                false => param(e, "for").map(|v| node(&v)),
-            })
-            .collect::<Vec<_>>()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     };
-    let mut addr = peer;
-    for hop in hops.iter().rev() {
-        let Some(ip) = *hop else { break };
-        addr = ip;
-        if !trusted.contains(ip) {
-            break;
-        }
-    }
-    let forwarded_host = values(head, "x-forwarded-host")
+    let (hops, forwarded_host) = forwarded(lines("forwarded"));
+    let addr = if lines("x-forwarded-for").next().is_some() {
+        let hops = lines("x-forwarded-for").rev().flat_map(|v| v.rsplit(','));
+        walk(peer, hops.map(node), trusted)
+    } else {
+        walk(peer, hops.into_iter().rev(), trusted)
+    };
+    let forwarded_host = lines("x-forwarded-host")
         .last()
         .and_then(|v| v.rsplit(',').next())
-        .map(|h| h.trim().to_string())
-        .or_else(|| {
-            forwarded_elements(head)
-                .iter()
-                .rev()
-                .find_map(|e| param(e, "host"))
+        .or(forwarded_host)
+        .map(str::trim)
+        .filter(|h| {
+            !h.is_empty() && !h.contains(|c: char| c.is_whitespace() || c.is_control() || c == '\\')
         })
-        .filter(|h| !h.is_empty() && !h.contains(|c: char| c.is_whitespace() || c.is_control()));
+        .map(str::to_string);
     Client {
         addr,
         forwarded_host,
     }
 }
 
-fn values<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a str> {
-    head.headers
-        .iter()
-        .filter(move |(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
+/// The client among `hops`, nearest first: the first that is not a trusted proxy; where a hop
+/// names no address, the last address before it.
+fn walk(
+    peer: IpAddr,
+    hops: impl Iterator<Item = Option<IpAddr>>,
+    trusted: &TrustedProxies,
+) -> IpAddr {
+    let mut addr = peer;
+    for hop in hops {
+        let Some(ip) = hop else { break };
+        addr = ip;
+        if !trusted.contains(ip) {
+            break;
+        }
+    }
+    addr
 }
 
 /// A hop of `X-Forwarded-For` or a `for=` value: an address, with or without a port (IPv6 in
 /// brackets when it has one). `unknown`, obfuscated names and garbage are `None`.
 fn node(text: &str) -> Option<IpAddr> {
     let text = text.trim();
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Some(ip.to_canonical());
-    }
     let host = if let Some(rest) = text.strip_prefix('[') {
         let (inside, after) = rest.split_once(']')?;
         if !(after.is_empty() || after.starts_with(':')) {
             return None;
         }
         inside
-    } else {
-        // `a.b.c.d:port`: an IPv6 address without brackets never gets here with a port.
+    } else if text.bytes().filter(|&b| b == b':').count() == 1 {
+        // `a.b.c.d:port`; more colons are an IPv6 address without brackets.
         text.split_once(':')?.0
+    } else {
+        text
     };
     host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
-/// The elements of every `Forwarded` header line, in order; each is its `key=value` pairs
-/// (keys lower-cased, quoted values unquoted). Parsing stops at the first malformed pair,
-/// which ends the list as an element without pairs: a hop that names nobody.
-fn forwarded_elements(head: &Head) -> Vec<Vec<(String, String)>> {
-    let mut elements = Vec::new();
-    for line in values(head, "forwarded") {
-        if !parse_forwarded(line, &mut elements) {
-            elements.push(Vec::new());
-            break;
-        }
-    }
-    elements
-}
-
-/// Parses one `Forwarded` line into `out`; `false` when it is malformed.
-fn parse_forwarded(line: &str, out: &mut Vec<Vec<(String, String)>>) -> bool {
-    let mut chars = line.chars().peekable();
-    let mut element = Vec::new();
-    loop {
-        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && *c != ';' && *c != ',') {
-            key.push(c.to_ascii_lowercase());
-        }
-        let key = key.trim().to_string();
-        if chars.next() != Some('=') || key.is_empty() {
-            return false;
-        }
-        let mut value = String::new();
-        if chars.next_if_eq(&'"').is_some() {
-            loop {
-                match chars.next() {
-                    Some('"') => break,
-                    Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => return false,
-                    },
-                    Some(c) => value.push(c),
-                    None => return false,
+/// The `for=` hops of `Forwarded` lines in order, one per element that has one, and the last
+/// `host=`. A malformed line ends the list with a hop that names nobody (and no more hosts are
+/// taken). Values are tokens or quoted strings; a quoted value is taken as it stands between
+/// its quotes (an escape makes it no address and no host, neither ever needs one).
+fn forwarded<'a>(lines: impl Iterator<Item = &'a str>) -> (Vec<Option<IpAddr>>, Option<&'a str>) {
+    let mut hops = Vec::new();
+    let mut host = None;
+    for line in lines {
+        let mut rest = line;
+        let mut hop = None;
+        loop {
+            let Some((key, value, after)) = pair(rest) else {
+                hops.push(None);
+                return (hops, host);
+            };
+            if key.eq_ignore_ascii_case("for") {
+                hop = Some(node(value));
+            } else if key.eq_ignore_ascii_case("host") {
+                host = Some(value);
+            }
+            rest = after.trim_start();
+            match rest.bytes().next() {
+                Some(b';') => rest = &rest[1..],
+                Some(b',') | None => {
+                    hops.extend(hop.take());
+                    if rest.is_empty() {
+                        break;
+                    }
+                    rest = &rest[1..];
+                }
+                Some(_) => {
+                    hops.push(None);
+                    return (hops, host);
                 }
             }
-        } else {
-            while let Some(c) = chars.next_if(|c| *c != ';' && *c != ',') {
-                value.push(c);
-            }
-            value = value.trim().to_string();
-        }
-        element.push((key, value));
-        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
-        match chars.next() {
-            Some(';') => {}
-            Some(',') => out.push(std::mem::take(&mut element)),
-            None => {
-                out.push(element);
-                return true;
-            }
-            Some(_) => return false,
         }
     }
+    (hops, host)
 }
 
-fn param(element: &[(String, String)], key: &str) -> Option<String> {
-    element
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
+/// `key=value` at the start of `s` (blanks before it skipped): key, value, and what follows.
+fn pair(s: &str) -> Option<(&str, &str, &str)> {
+    let s = s.trim_start();
+    let eq = s.find(['=', ';', ','])?;
+    let key = s[..eq].trim();
+    if !s[eq..].starts_with('=') || key.is_empty() {
+        return None;
+    }
+    let v = &s[eq + 1..];
+    if let Some(q) = v.strip_prefix('"') {
+        let bytes = q.as_bytes();
+        let mut i = 0;
+        while *bytes.get(i)? != b'"' {
+            i += if bytes[i] == b'\\' { 2 } else { 1 };
+        }
+        Some((key, &q[..i], &q[i + 1..]))
+    } else {
+        let end = v.find([';', ',']).unwrap_or(v.len());
+        Some((key, v[..end].trim(), &v[end..]))
+    }
 }
 
 #[cfg(test)]

@@ -240,17 +240,21 @@ impl Server {
                 },
             );
         }
-        let mut body = serde_json::json!({
-            "status": if reason.is_some() { "unavailable" } else { "ok" },
-            "connections": self.conns.len(),
-            "members": self.chat.member_count(),
-            "rooms": self.chat.room_count(),
-            "uptime_secs": self.started.elapsed().as_secs(),
-        });
-        if let Some(r) = reason {
-            body["reason"] = r.into();
-        }
-        Response::json(status, &body)
+        // Written by hand: every value is a number or one of the fixed texts above.
+        let (word, reason) = match reason {
+            Some(r) => ("unavailable", format!(",\"reason\":\"{r}\"")),
+            None => ("ok", String::new()),
+        };
+        let body = format!(
+            "{{\"status\":\"{word}\",\"connections\":{},\"members\":{},\"rooms\":{},\"uptime_secs\":{}{reason}}}",
+            self.conns.len(),
+            self.chat.member_count(),
+            self.chat.room_count(),
+            self.started.elapsed().as_secs(),
+        );
+        let mut r = Response::text(status, body);
+        r.content_type = "application/json";
+        r
     }
 
     /// Checks an upgrade request ([`admission::admit`]) and, when it passes, switches the

@@ -318,7 +318,7 @@ fn process_metrics(out: &mut String) {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
         );
     };
-    if let Some(rss) = resident_bytes() {
+    if let Some(rss) = resident_pages().map(|p| p * page_size()) {
         gauge(
             out,
             "process_resident_memory_bytes",
@@ -326,9 +326,7 @@ fn process_metrics(out: &mut String) {
             rss,
         );
     }
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        // The listing's own descriptor is in it.
-        let fds = dir.count().saturating_sub(1) as u64;
+    if let Some(fds) = open_fds() {
         gauge(out, "process_open_fds", "Open file descriptors.", fds);
     }
     let _ = write!(
@@ -341,11 +339,54 @@ fn process_metrics(out: &mut String) {
     );
 }
 
-/// Resident set size: the second field of `/proc/self/statm`, in pages.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+// `/proc` is read with libc directly: `std::fs` would add kilobytes to the smallest build.
+
+fn page_size() -> u64 {
     // SAFETY: sysconf only reads a constant of the system.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// Resident set size in pages: the second field of `/proc/self/statm`.
+fn resident_pages() -> Option<u64> {
+    let mut buf = [0u8; 128];
+    // SAFETY: a NUL-terminated path; `read` writes at most `buf.len()` bytes into `buf`; the
+    // descriptor is closed on every path.
+    let n = unsafe {
+        let fd = libc::open(
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        usize::try_from(n).ok()?
+    };
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// Open descriptors: the entries of `/proc/self/fd`, less the one listing it.
+fn open_fds() -> Option<u64> {
+    let mut n = 0u64;
+    // SAFETY: a NUL-terminated path; entries are only counted (and their names read while the
+    // directory is open); the directory is closed before returning.
+    unsafe {
+        let dir = libc::opendir(c"/proc/self/fd".as_ptr());
+        if dir.is_null() {
+            return None;
+        }
+        loop {
+            let entry = libc::readdir(dir);
+            if entry.is_null() {
+                break;
+            }
+            if (*entry).d_name[0] != b'.' as libc::c_char {
+                n += 1;
+            }
+        }
+        libc::closedir(dir);
+    }
+    Some(n.saturating_sub(1))
 }

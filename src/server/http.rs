@@ -312,7 +312,14 @@ pub fn accepts_json(head: &Head) -> bool {
                 .is_some_and(|t| t.eq_ignore_ascii_case("application/json"));
             let refused = parts.any(|p| {
                 p.split_once('=').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
+                    // `q=0`, `q=0.0`, …: at most three decimals (RFC 9110).
+                    let zero = v.trim().strip_prefix('0').is_some_and(|rest| {
+                        rest.is_empty()
+                            || rest
+                                .strip_prefix('.')
+                                .is_some_and(|d| d.bytes().all(|b| b == b'0'))
+                    });
+                    k.trim().eq_ignore_ascii_case("q") && zero
                 })
             });
             json && !refused

@@ -26,9 +26,14 @@ pub fn lines(cfg: &Config, local: SocketAddr) -> Vec<String> {
             cfg.memory_history_per_room
         )
     } else {
-        let path = std::path::Path::new(&cfg.db_path);
-        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        format!("store: SQLite file {}", shown.display())
+        // Where it lands: a relative path is relative to the working directory.
+        let mut shown = String::new();
+        if !cfg.db_path.starts_with('/') {
+            if let Ok(dir) = std::env::current_dir() {
+                shown = format!("{}/", dir.display());
+            }
+        }
+        format!("store: SQLite file {shown}{}", cfg.db_path)
     };
     let auth = if cfg.jwt_secret.is_empty() {
         "auth: off (anyone may connect and read the REST API)".to_string()
