@@ -3,7 +3,10 @@
 //! `Forwarded` names — per-address caps count that address, the proxy's own address holds no
 //! share, the origin check uses `X-Forwarded-Host`; from an untrusted peer the same headers
 //! change nothing. Also the operator's view: `HEAD`, `/health` as JSON, the process gauges of
-//! `/metrics`, the start-up lines and a bad `--trusted-proxies` refused at start.
+//! `/metrics`, the start-up lines and a bad `--trusted-proxies` refused at start. (Cargo
+//! feature `deploy`; `tests/deploy_small.rs` checks the build without it.)
+
+#![cfg(feature = "deploy")]
 
 mod common;
 
@@ -342,9 +345,9 @@ fn metrics_carry_process_gauges_and_build_info() {
         "chatterbox_build_info{{version=\"{}\",features=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION"),
         if cfg!(feature = "sqlite") {
-            "sqlite"
+            "sqlite,deploy"
         } else {
-            ""
+            "deploy"
         }
     );
     assert!(r.contains(&build), "{r}");
@@ -404,7 +407,7 @@ fn startup_says_what_is_in_force_one_line_each() {
     );
     assert!(find("chatterbox listening on 127.0.0.1:").ends_with("(plain)"));
     assert!(find("store: memory").contains("INFO"));
-    assert!(find("auth: JWT (HS256)").contains("INFO"));
+    assert!(find("auth: JWT (HS256), audience: any, issuer: any").contains("INFO"));
     assert!(find("origin rule: only https://chat.example").contains("INFO"));
     assert!(find("trusted proxies: 10.0.0.0/8,::1/128").contains("INFO"));
     let log = startup_log(&["--db-path", ":memory:"], &[], "trusted proxies:");

@@ -54,7 +54,7 @@ impl Server {
             self.accept_retry_at = None;
             let ip = addr.ip().to_canonical();
             // A trusted proxy's sockets count against the address its heads name, not its own.
-            let trusted = self.cfg().trusted_proxies.contains(ip);
+            let trusted = cfg!(feature = "deploy") && self.cfg().trusted_proxies.contains(ip);
             let from_ip = (!trusted).then(|| self.per_ip.get(&ip).copied().unwrap_or(0));
             let refuse = match admission::at_accept(self.conns.len(), from_ip, self.cfg()) {
                 AtAccept::Drop(why) => {
@@ -162,7 +162,7 @@ impl Server {
         c.head_only = head.method == "HEAD";
         let get = head.method == "GET" || c.head_only;
         let client = proxy::client(c.peer, &head, &self.chat.config().trusted_proxies);
-        if !c.ip_counted {
+        if cfg!(feature = "deploy") && !c.ip_counted {
             // A trusted proxy's socket: from now on it counts against the client it names.
             c.ip = client.addr;
             c.ip_counted = true;
@@ -230,7 +230,7 @@ impl Server {
             None
         };
         let status = if reason.is_some() { 503 } else { 200 };
-        if !http::accepts_json(head) {
+        if !cfg!(feature = "deploy") || !http::accepts_json(head) {
             return Response::text(
                 status,
                 if reason.is_some() {

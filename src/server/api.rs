@@ -312,6 +312,9 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
 
 /// The process gauges (from `/proc/self`, left out where it is missing) and the build info.
 fn process_metrics(out: &mut String) {
+    if !cfg!(feature = "deploy") {
+        return;
+    }
     let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
         let _ = write!(
             out,

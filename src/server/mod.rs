@@ -275,9 +275,7 @@ impl Server {
     /// Runs the loop until a shutdown completes: every client got close `1001` (or the grace
     /// ran out) and the history store is flushed.
     pub fn run(mut self) -> io::Result<()> {
-        for line in startup::lines(self.cfg(), self.local) {
-            info!("{line}");
-        }
+        startup::log(self.cfg(), self.local);
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.backlog.is_empty() {
