@@ -1,6 +1,7 @@
-"""Behind a real nginx (issue 13, section 1): the configuration of docs/DEPLOY.md, run by
-Debian's nginx on a free port (its own prefix, pid, logs and temp paths in the test's
-directory, `daemon off;`), in front of chatterbox.
+"""Behind a real nginx and a real Caddy (issue 13, section 1): the configurations of
+docs/DEPLOY.md, run by Debian's nginx (its own prefix, pid, logs and temp paths in the test's
+directory, `daemon off;`) and Debian's Caddy (admin API off, its data in the test's directory)
+on a free port in front of chatterbox.
 
 Clients connect through nginx from two loopback addresses (127.0.0.2 and 127.0.0.3) with a
 browser's `Origin`; nginx reaches chatterbox from 127.0.0.1, the one trusted proxy. They are
@@ -9,7 +10,8 @@ refused, the other address is not), what a client writes into `X-Forwarded-For` 
 it, the origin check passes although nginx rewrote `Host`, and they chat. The same nginx in
 front of a server that trusts nobody shows what the setting changes.
 
-`scripts/test` installs nginx with apt-get when it is missing; without it these tests skip.
+`scripts/test` installs nginx and Caddy with apt-get when they are missing; without one, its
+tests skip.
 """
 
 from __future__ import annotations
@@ -29,16 +31,33 @@ from websockets.exceptions import InvalidStatus
 from conftest import REPO_ROOT, Client, Server, free_port, http_request
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+CADDY = shutil.which("caddy")
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test installs it)")
+needs_nginx = pytest.mark.skipif(NGINX is None,
+                                 reason="nginx is not installed (scripts/test installs it)")
+needs_caddy = pytest.mark.skipif(CADDY is None,
+                                 reason="caddy is not installed (scripts/test installs it)")
 
 
-def deploy_nginx_block() -> str:
-    """The nginx configuration of docs/DEPLOY.md: its first ```nginx block."""
+def deploy_block(lang: str) -> str:
+    """A configuration of docs/DEPLOY.md: its first ```<lang> block."""
     text = (REPO_ROOT / "docs" / "DEPLOY.md").read_text(encoding="utf-8")
-    m = re.search(r"```nginx\n(.*?)```", text, re.S)
-    assert m, "docs/DEPLOY.md has no ```nginx block"
+    m = re.search(rf"```{lang}\n(.*?)```", text, re.S)
+    assert m, f"docs/DEPLOY.md has no ```{lang} block"
     return m.group(1)
+
+
+def wait_answering(proc: subprocess.Popen, port: int, log) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        assert proc.poll() is None, f"the proxy exited: {log()}"
+        try:
+            if http_request(port, "/health", timeout=1.0).status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the proxy never answered: {log()}"
+        time.sleep(0.05)
 
 
 class Nginx:
@@ -48,7 +67,7 @@ class Nginx:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        block = deploy_nginx_block()
+        block = deploy_block("nginx")
         assert "listen 80;" in block and "127.0.0.1:8080" in block, block
         block = block.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
         block = block.replace("127.0.0.1:8080", f"127.0.0.1:{upstream_port}")
@@ -70,17 +89,9 @@ class Nginx:
         check = subprocess.run(cmd + ["-t"], capture_output=True, text=True)
         assert check.returncode == 0, f"nginx -t: {check.stderr}\n{self.conf.read_text()}"
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.proc.poll() is None, f"nginx exited: {self.proc.stderr.read()!r}"
-            try:
-                if http_request(self.port, "/health", timeout=1.0).status == 200:
-                    return self
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"nginx never answered: {self.log()}"
-            time.sleep(0.05)
+                                     stderr=subprocess.DEVNULL)
+        wait_answering(self.proc, self.port, self.log)
+        return self
 
     def log(self) -> str:
         p = self.dir / "error.log"
@@ -94,6 +105,54 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Caddy:
+    """Caddy in the foreground on a free port, plain HTTP, without its admin API, its data and
+    config directories under `workdir`."""
+
+    def __init__(self, workdir: Path, upstream_port: int):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        block = deploy_block("caddy")
+        assert "chat.example.com {" in block and "127.0.0.1:8080" in block, block
+        block = block.replace("chat.example.com {", f"http://:{self.port} {{")
+        block = block.replace("127.0.0.1:8080", f"127.0.0.1:{upstream_port}")
+        self.conf = self.dir / "Caddyfile"
+        self.conf.write_text("{\n    admin off\n    auto_https off\n}\n\n" + block)
+        self.log_path = self.dir / "caddy.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Caddy":
+        env = dict(os.environ, HOME=str(self.dir), XDG_DATA_HOME=str(self.dir / "data"),
+                   XDG_CONFIG_HOME=str(self.dir / "config"))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [CADDY, "run", "--config", str(self.conf), "--adapter", "caddyfile"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.dir)
+        wait_answering(self.proc, self.port, self.log)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        Nginx.stop(self)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def caddy_factory(tmp_path: Path):
+    started: list[Caddy] = []
+
+    def make(upstream: Server) -> Caddy:
+        c = Caddy(tmp_path / f"caddy{len(started)}", upstream.port)
+        started.append(c)
+        return c.start()
+
+    yield make
+    for c in started:
+        c.stop()
 
 
 @pytest.fixture
@@ -110,7 +169,7 @@ def nginx_factory(tmp_path: Path):
         n.stop()
 
 
-async def through(proxy: Nginx, name: str, source: str, headers: dict[str, str] | None = None,
+async def through(proxy: Nginx | Caddy, name: str, source: str, headers: dict[str, str] | None = None,
                   ) -> Client:
     """A browser-like client of the page nginx serves: from loopback address `source`, with
     the `Origin` of the page, connected through nginx and welcomed."""
@@ -124,7 +183,7 @@ async def through(proxy: Nginx, name: str, source: str, headers: dict[str, str] 
     return c
 
 
-async def refused_status(proxy: Nginx, name: str, source: str,
+async def refused_status(proxy: Nginx | Caddy, name: str, source: str,
                          headers: dict[str, str] | None = None) -> int:
     try:
         c = await through(proxy, name, source, headers)
@@ -134,10 +193,8 @@ async def refused_status(proxy: Nginx, name: str, source: str,
     raise AssertionError(f"{name} from {source} was let in")
 
 
-async def test_clients_through_nginx_are_counted_by_their_own_address_and_chat(
-        server_factory, nginx_factory):
-    srv = server_factory(trusted_proxies="127.0.0.1", max_connections_per_ip=2)
-    proxy = nginx_factory(srv)
+async def counted_by_their_own_address_and_chat(srv: Server, proxy: Nginx | Caddy) -> None:
+    """The scenario of both proxies; `srv` trusts 127.0.0.1 and allows 2 per address."""
     # Two from 127.0.0.2: its share. The origin check passes with nginx's Host rewrite.
     a1 = await through(proxy, "a1", "127.0.0.2")
     a2 = await through(proxy, "a2", "127.0.0.2")
@@ -148,9 +205,9 @@ async def test_clients_through_nginx_are_counted_by_their_own_address_and_chat(
     # Another address through the same nginx (so from the same peer, 127.0.0.1) is in.
     b = await through(proxy, "b", "127.0.0.3")
     await a1.recv_event("broadcast", joined="b")
-    await b.send({"command": "broadcast", "message": "hello through nginx"})
+    await b.send({"command": "broadcast", "message": "hello through the proxy"})
     got = await a1.recv_event("broadcast", member="b")
-    assert got["message"] == "hello through nginx"
+    assert got["message"] == "hello through the proxy"
     assert sorted(srv.get_json("/api/members")) == ["a1", "a2", "b"]
     # Leaving frees the address's share.
     await a2.ws.close()
@@ -168,6 +225,21 @@ async def test_clients_through_nginx_are_counted_by_their_own_address_and_chat(
         await c.ws.close()
 
 
+@needs_nginx
+async def test_clients_through_nginx_are_counted_by_their_own_address_and_chat(
+        server_factory, nginx_factory):
+    srv = server_factory(trusted_proxies="127.0.0.1", max_connections_per_ip=2)
+    await counted_by_their_own_address_and_chat(srv, nginx_factory(srv))
+
+
+@needs_caddy
+async def test_clients_through_caddy_are_counted_by_their_own_address_and_chat(
+        server_factory, caddy_factory):
+    srv = server_factory(trusted_proxies="127.0.0.1", max_connections_per_ip=2)
+    await counted_by_their_own_address_and_chat(srv, caddy_factory(srv))
+
+
+@needs_nginx
 async def test_the_same_nginx_without_trusted_proxies_shows_the_difference(
         server_factory, nginx_factory):
     srv = server_factory(max_connections_per_ip=2)
