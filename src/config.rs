@@ -284,6 +284,13 @@ settings! {
     /// SQLite only: messages kept per room, the oldest deleted first (0: all). At most
     /// 100000000. The memory store keeps `--memory-history-per-room`.
     history_max_per_room: u64 = 0, "history-max-per-room", "HISTORY_MAX_PER_ROOM";
+    // --- reverse proxy (issue 13) ---
+    /// Reverse proxies trusted to name the client, comma-separated IPv4/IPv6 addresses or
+    /// networks (`10.0.0.0/8`, `::1`): from these peers the client address is taken from
+    /// `X-Forwarded-For` (else `Forwarded: for=`), the right-most hop not itself trusted, and
+    /// the origin check uses `X-Forwarded-Host` (else `Forwarded: host=`). Empty: the headers
+    /// are ignored. See docs/DEPLOY.md.
+    trusted_proxies: crate::proxy::TrustedProxies = crate::proxy::TrustedProxies::default(), "trusted-proxies", "TRUSTED_PROXIES";
 }
 
 /// The file name of the default database inside systemd's state directory.

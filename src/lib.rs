@@ -6,6 +6,9 @@
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
 //! - [`logging`] — the logger (text or JSON lines with UTC dates) and [`log_safe`], the
 //!   escaping every client-chosen value gets in a log line.
+//! - [`proxy`] — `--trusted-proxies` and what a request through one says of its client
+//!   (`X-Forwarded-For`, `Forwarded`, `X-Forwarded-Host`): pure parsing, no sockets; cargo
+//!   feature `deploy` (default), without which no proxy is trusted.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
 //!   the transport feeds it inputs with the time and it answers through an [`chat::Outbox`].
 //!   Member ids come from a source given to [`chat::Chat::new`] (the server: UUID v4; tests:
@@ -52,6 +55,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod logging;
+pub mod proxy;
 pub mod server;
 pub mod store;
 

@@ -24,7 +24,7 @@ fn http_endpoints_and_errors() {
     );
     let r = s.http("POST /health HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
     assert!(
-        r.starts_with("HTTP/1.1 405") && r.contains("Allow: GET\r\n"),
+        r.starts_with("HTTP/1.1 405") && r.contains("Allow: GET, HEAD\r\n"),
         "{r}"
     );
     assert!(

@@ -15,7 +15,7 @@ use super::http::{self, Head, Parsed, Response};
 use super::timers::Timer;
 use super::wire::Wire;
 use super::{CLOSE_GRACE, Server, admission, api, now_of, unix_secs, would_block};
-use crate::auth;
+use crate::{auth, proxy};
 
 /// How long to wait before accepting again after `accept` failed for want of descriptors or
 /// memory.
@@ -65,8 +65,10 @@ impl Server {
                 }
             };
             self.accept_retry_at = None;
-            let ip = addr.ip();
-            let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+            let ip = addr.ip().to_canonical();
+            // A trusted proxy's sockets count against the address its heads name, not its own.
+            let trusted = cfg!(feature = "deploy") && self.cfg().trusted_proxies.contains(ip);
+            let from_ip = (!trusted).then(|| self.per_ip.get(&ip).copied().unwrap_or(0));
             let refuse = match admission::at_accept(self.conns.len(), from_ip, self.cfg()) {
                 AtAccept::Drop(why) => {
                     let why = || why.to_string();
@@ -89,8 +91,12 @@ impl Server {
                 continue;
             }
             let deadline = now + self.chat.config().head_timeout;
-            entry.insert(Conn::new(stream, ip, deadline));
-            *self.per_ip.entry(ip).or_insert(0) += 1;
+            let c = entry.insert(Conn::new(stream, ip, deadline));
+            if trusted {
+                c.ip_counted = false;
+            } else {
+                *self.per_ip.entry(ip).or_insert(0) += 1;
+            }
             if refuse {
                 let refusal = Response::text(429, "too many connections from your address\n");
                 self.respond(id, refusal, now);
@@ -167,26 +173,50 @@ impl Server {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        c.out.extend_from_slice(&response.to_bytes());
+        let mut bytes = response.to_bytes();
+        if c.head_only {
+            // `HEAD`: the same head, `Content-Length` included, and no body.
+            bytes.truncate(bytes.len() - response.body.len());
+        }
+        c.out.extend_from_slice(&bytes);
         c.finish_by(now + CLOSE_GRACE);
         self.schedule(id);
         self.mark_dirty(id);
     }
 
     pub(super) fn route(&mut self, id: usize, head: Head, now: Instant) {
-        let get = head.method == "GET";
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        // `HEAD` is answered as `GET` is, without the body (see `respond`).
+        c.head_only = head.method == "HEAD";
+        let get = head.method == "GET" || c.head_only;
+        let client = proxy::client(c.peer, &head, &self.chat.config().trusted_proxies);
+        if cfg!(feature = "deploy") && !c.ip_counted {
+            // A trusted proxy's socket: from now on it counts against the client it names.
+            c.ip = client.addr;
+            c.ip_counted = true;
+            let slot = self.per_ip.entry(client.addr).or_insert(0);
+            let from_ip = *slot;
+            *slot += 1;
+            if let Err(refusal) = admission::at_head(from_ip, self.chat.config()) {
+                return self.respond(id, refusal, now);
+            }
+        }
+        let host = client
+            .forwarded_host
+            .as_deref()
+            .or_else(|| head.header("host"));
         // DNS rebinding: a page on evil.example whose name now resolves here sends
         // `Host: evil.example`. Health checks often come by address, and tell nothing.
-        if head.path != "/health"
-            && !http::host_allowed(head.header("host"), &self.cfg().allowed_hosts)
-        {
+        if head.path != "/health" && !http::host_allowed(host, &self.cfg().allowed_hosts) {
             let r = Response::text(421, "this server does not answer to that host\n");
             return self.respond(id, r, now);
         }
         let response = match head.path.as_str() {
             // A 503 here answers a health check; it refuses nobody.
             "/health" if get => {
-                let r = self.health();
+                let r = self.health(&head);
                 return self.send(id, r, now);
             }
             "/" if get => {
@@ -194,11 +224,12 @@ impl Server {
                 r.content_type = "text/html; charset=utf-8";
                 r
             }
-            "/ws" if get => match self.upgrade(id, &head, now) {
+            "/ws" if head.method == "GET" => match self.upgrade(id, &head, host, now) {
                 Ok(()) => return,
                 Err(r) => r,
             },
-            "/health" | "/" | "/ws" => Response::method_not_allowed("GET"),
+            "/ws" => Response::method_not_allowed("GET"),
+            "/health" | "/" => Response::method_not_allowed("GET, HEAD"),
             _ => match api::authorize(self.cfg(), &head, unix_secs()) {
                 Err(refused) => refused,
                 Ok(()) => {
@@ -221,19 +252,56 @@ impl Server {
         self.respond(id, response, now);
     }
 
-    /// `200 ok`, or `503` while the history store cannot write or its backlog is full.
-    pub(super) fn health(&mut self) -> Response {
-        if self.chat.store_available() {
-            Response::text(200, "ok")
+    /// `200 ok`, or `503` while the history store cannot write or its backlog is full. Asked
+    /// with `Accept: application/json`, the same as
+    /// `{"status":"ok","connections":N,"members":N,"rooms":N,"uptime_secs":N}` (on `503`:
+    /// `"status":"unavailable"` and a `reason`).
+    pub(super) fn health(&mut self, head: &Head) -> Response {
+        let reason = if !self.chat.engine_writable() {
+            Some("the history store cannot write")
+        } else if !self.chat.store_available() {
+            Some("the history store's backlog is full")
         } else {
-            Response::text(503, "store unavailable")
+            None
+        };
+        let status = if reason.is_some() { 503 } else { 200 };
+        if !cfg!(feature = "deploy") || !http::accepts_json(head) {
+            return Response::text(
+                status,
+                if reason.is_some() {
+                    "store unavailable"
+                } else {
+                    "ok"
+                },
+            );
         }
+        // Written by hand: every value is a number or one of the fixed texts above.
+        let (word, reason) = match reason {
+            Some(r) => ("unavailable", format!(",\"reason\":\"{r}\"")),
+            None => ("ok", String::new()),
+        };
+        let body = format!(
+            "{{\"status\":\"{word}\",\"connections\":{},\"members\":{},\"rooms\":{},\"uptime_secs\":{}{reason}}}",
+            self.conns.len(),
+            self.chat.member_count(),
+            self.chat.room_count(),
+            self.started.elapsed().as_secs(),
+        );
+        let mut r = Response::text(status, body);
+        r.content_type = "application/json";
+        r
     }
 
     /// Checks an upgrade request ([`admission::admit`]) and, when it passes, switches the
     /// connection to WebSocket and hands the new member to the core. Refusals come back as the
     /// response to send.
-    pub(super) fn upgrade(&mut self, id: usize, head: &Head, now: Instant) -> Result<(), Response> {
+    pub(super) fn upgrade(
+        &mut self,
+        id: usize,
+        head: &Head,
+        host: Option<&str>,
+        now: Instant,
+    ) -> Result<(), Response> {
         if !self.conns.contains(id) {
             return Ok(());
         }
@@ -242,7 +310,7 @@ impl Server {
             key,
             name,
             identity,
-        } = admission::admit(head, self.ws_count, chat.config(), unix_secs(), |n| {
+        } = admission::admit(head, host, self.ws_count, chat.config(), unix_secs(), |n| {
             chat.check_name(n)
         })?;
 

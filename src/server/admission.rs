@@ -111,20 +111,38 @@ pub(crate) enum AtAccept {
 }
 
 /// Decides at accept, from the sockets open (`sockets`) and those from the same address
-/// (`from_ip`, this one not included). A socket counts against its address from accept on,
-/// whatever it turns out to be: a head still being read holds a slot as much as a member
-/// does. Past the per-address cap it is answered `429`; past twice the cap (that many refusals
-/// still being answered) it is dropped, so one address never holds more than that of the table.
-pub(crate) fn at_accept(sockets: usize, from_ip: usize, cfg: &Config) -> AtAccept {
+/// (`from_ip`, this one not included; `None` for a trusted proxy, whose sockets count
+/// against the address they forward, see [`at_head`]). A socket counts against its address
+/// from accept on, whatever it turns out to be: a head still being read holds a slot as much
+/// as a member does. Past the per-address cap it is answered `429`; past twice the cap (that
+/// many refusals still being answered) it is dropped, so one address never holds more than
+/// that of the table. The socket cap holds for every address, trusted or not.
+pub(crate) fn at_accept(sockets: usize, from_ip: Option<usize>, cfg: &Config) -> AtAccept {
     let per_ip_cap = cfg.max_connections_per_ip;
     if sockets >= cfg.max_connections + HANDSHAKE_SLACK {
         AtAccept::Drop("socket cap reached")
-    } else if from_ip >= per_ip_cap.saturating_mul(2) {
+    } else if from_ip.is_none() {
+        AtAccept::Serve
+    } else if from_ip >= Some(per_ip_cap.saturating_mul(2)) {
         AtAccept::Drop("per-address cap reached")
-    } else if from_ip >= per_ip_cap {
+    } else if from_ip >= Some(per_ip_cap) {
         AtAccept::Refuse
     } else {
         AtAccept::Serve
+    }
+}
+
+/// Decides for a trusted proxy's socket once its head named the client: `from_ip` sockets
+/// already count against that address (this one not included). Past the per-address cap the
+/// answer is `429`, as at accept; the socket is already taken, so it is never dropped.
+pub(crate) fn at_head(from_ip: usize, cfg: &Config) -> Result<(), Response> {
+    if from_ip >= cfg.max_connections_per_ip {
+        Err(Response::text(
+            429,
+            "too many connections from your address\n",
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -142,9 +160,12 @@ pub(crate) struct Admission {
 /// Checks an upgrade request, in this order: `Upgrade`, `Connection`, version and key; origin;
 /// the token (authentication on); the name's escaping; the member cap (`members` connected
 /// now); and the name itself, through `check_name` (the core's rules and names taken).
-/// `unix_now` is the time tokens are checked against. A refusal is the response to send.
+/// `unix_now` is the time tokens are checked against. The origin is compared with
+/// `forwarded_host` when a trusted proxy named one, else with the request's `Host`. A refusal
+/// is the response to send.
 pub(crate) fn admit(
     head: &Head,
+    forwarded_host: Option<&str>,
     members: usize,
     cfg: &Config,
     unix_now: u64,
@@ -169,7 +190,8 @@ pub(crate) fn admit(
         _ => return Err(bad("missing or malformed Sec-WebSocket-Key")),
     };
     if let Some(origin) = head.header("origin") {
-        if !super::http::origin_allowed(origin, head.header("host"), &cfg.allowed_origins) {
+        let host = forwarded_host.or_else(|| head.header("host"));
+        if !super::http::origin_allowed(origin, host, &cfg.allowed_origins) {
             return Err(Response::text(403, "origin not allowed\n"));
         }
     }
@@ -210,7 +232,7 @@ pub(crate) fn admit(
 mod tests {
     use serde_json::json;
 
-    use super::{Admission, AtAccept, admit, at_accept};
+    use super::{Admission, AtAccept, admit, at_accept, at_head};
     use crate::auth;
     use crate::chat::Refusal;
     use crate::config::Config;
@@ -306,18 +328,18 @@ mod tests {
             max_connections_per_ip: 3,
             ..Config::default()
         };
-        assert_eq!(at_accept(0, 0, &cfg), AtAccept::Serve);
-        assert_eq!(at_accept(5, 2, &cfg), AtAccept::Serve);
-        assert_eq!(at_accept(5, 3, &cfg), AtAccept::Refuse);
-        assert_eq!(at_accept(5, 5, &cfg), AtAccept::Refuse);
+        assert_eq!(at_accept(0, Some(0), &cfg), AtAccept::Serve);
+        assert_eq!(at_accept(5, Some(2), &cfg), AtAccept::Serve);
+        assert_eq!(at_accept(5, Some(3), &cfg), AtAccept::Refuse);
+        assert_eq!(at_accept(5, Some(5), &cfg), AtAccept::Refuse);
         assert_eq!(
-            at_accept(5, 6, &cfg),
+            at_accept(5, Some(6), &cfg),
             AtAccept::Drop("per-address cap reached")
         );
         // The table holds the member cap plus room for refusals, whatever the address.
-        assert_eq!(at_accept(10 + 255, 0, &cfg), AtAccept::Serve);
+        assert_eq!(at_accept(10 + 255, Some(0), &cfg), AtAccept::Serve);
         assert_eq!(
-            at_accept(10 + 256, 0, &cfg),
+            at_accept(10 + 256, Some(0), &cfg),
             AtAccept::Drop("socket cap reached")
         );
     }
@@ -325,32 +347,46 @@ mod tests {
     #[test]
     fn a_plain_upgrade_passes_with_its_key_and_name() {
         let cfg = Config::default();
-        let a = admitted(admit(&head("/ws?name=alice", &[]), 0, &cfg, NOW, free));
+        let a = admitted(admit(
+            &head("/ws?name=alice", &[]),
+            None,
+            0,
+            &cfg,
+            NOW,
+            free,
+        ));
         assert_eq!(a.key, KEY);
         assert_eq!(a.name.as_deref(), Some("alice"));
         assert!(a.identity.is_none());
         // No name, or an empty one: the core picks.
-        let a = admitted(admit(&head("/ws?name=", &[]), 0, &cfg, NOW, free));
+        let a = admitted(admit(&head("/ws?name=", &[]), None, 0, &cfg, NOW, free));
         assert_eq!(a.name, None);
-        let a = admitted(admit(&head("/ws", &[]), 0, &cfg, NOW, free));
+        let a = admitted(admit(&head("/ws", &[]), None, 0, &cfg, NOW, free));
         assert_eq!(a.name, None);
     }
 
     #[test]
     fn handshake_headers_are_checked_in_order() {
         let cfg = Config::default();
-        let (status, body) = refused(admit(&head_without("/ws", "upgrade"), 0, &cfg, NOW, free));
+        let (status, body) = refused(admit(
+            &head_without("/ws", "upgrade"),
+            None,
+            0,
+            &cfg,
+            NOW,
+            free,
+        ));
         assert_eq!(
             (status, body.as_str()),
             (400, "expected a WebSocket upgrade (Upgrade: websocket)\n")
         );
         let h = head_without("/ws", "connection");
         assert_eq!(
-            refused(admit(&h, 0, &cfg, NOW, free)).1,
+            refused(admit(&h, None, 0, &cfg, NOW, free)).1,
             "expected Connection: Upgrade\n"
         );
         let h = head_without("/ws", "sec-websocket-version");
-        match admit(&h, 0, &cfg, NOW, free) {
+        match admit(&h, None, 0, &cfg, NOW, free) {
             Err(r) => {
                 assert_eq!(r.status, 400);
                 assert!(
@@ -363,12 +399,12 @@ mod tests {
         for key in ["short==", "dGhlIHNhbXBsZSBub25jZQxx"] {
             let h = head("/ws", &[("Sec-WebSocket-Key", key)]);
             assert_eq!(
-                refused(admit(&h, 0, &cfg, NOW, free)),
+                refused(admit(&h, None, 0, &cfg, NOW, free)),
                 (400, "missing or malformed Sec-WebSocket-Key\n".to_string())
             );
         }
         let h = head_without("/ws", "sec-websocket-key");
-        assert_eq!(refused(admit(&h, 0, &cfg, NOW, free)).0, 400);
+        assert_eq!(refused(admit(&h, None, 0, &cfg, NOW, free)).0, 400);
     }
 
     #[test]
@@ -376,35 +412,38 @@ mod tests {
         let cfg = Config::default();
         let h = head("/ws", &[("Origin", "https://evil.example")]);
         assert_eq!(
-            refused(admit(&h, 0, &cfg, NOW, free)),
+            refused(admit(&h, None, 0, &cfg, NOW, free)),
             (403, "origin not allowed\n".into())
         );
         let h = head("/ws", &[("Origin", "https://chat.example")]);
-        admitted(admit(&h, 0, &cfg, NOW, free));
+        admitted(admit(&h, None, 0, &cfg, NOW, free));
     }
 
     #[test]
     fn with_auth_a_token_is_required_and_names_the_member() {
         let cfg = with_auth();
-        assert_eq!(refused(admit(&head("/ws", &[]), 0, &cfg, NOW, free)).0, 401);
+        assert_eq!(
+            refused(admit(&head("/ws", &[]), None, 0, &cfg, NOW, free)).0,
+            401
+        );
         let bad = token(json!({"sub": "u1", "exp": NOW - 1}));
         let h = head(&format!("/ws?token={bad}"), &[]);
-        assert_eq!(refused(admit(&h, 0, &cfg, NOW, free)).0, 401);
+        assert_eq!(refused(admit(&h, None, 0, &cfg, NOW, free)).0, 401);
         assert_eq!(
-            refused(admit(&head("/ws?token=%zz", &[]), 0, &cfg, NOW, free)).0,
+            refused(admit(&head("/ws?token=%zz", &[]), None, 0, &cfg, NOW, free)).0,
             400
         );
         let good = token(json!({"sub": "u1", "name": "Alice", "exp": NOW + 60}));
         // The token's name wins over `?name=`.
         let h = head(&format!("/ws?name=bob&token={good}"), &[]);
-        let a = admitted(admit(&h, 0, &cfg, NOW, free));
+        let a = admitted(admit(&h, None, 0, &cfg, NOW, free));
         assert_eq!(a.name.as_deref(), Some("Alice"));
         let id = a.identity.expect("an identity");
         assert_eq!((id.sub.as_str(), id.exp), ("u1", Some(NOW + 60)));
         // Through the header as well.
         let bearer = format!("Bearer {good}");
         let h = head("/ws", &[("Authorization", bearer.as_str())]);
-        admitted(admit(&h, 0, &cfg, NOW, free));
+        admitted(admit(&h, None, 0, &cfg, NOW, free));
     }
 
     #[test]
@@ -413,9 +452,9 @@ mod tests {
             max_connections: 2,
             ..Config::default()
         };
-        admitted(admit(&head("/ws", &[]), 1, &cfg, NOW, free));
+        admitted(admit(&head("/ws", &[]), None, 1, &cfg, NOW, free));
         assert_eq!(
-            refused(admit(&head("/ws", &[]), 2, &cfg, NOW, free)),
+            refused(admit(&head("/ws", &[]), None, 2, &cfg, NOW, free)),
             (503, "server is full\n".into())
         );
     }
@@ -424,7 +463,7 @@ mod tests {
     fn the_name_is_escaped_then_checked_by_the_core() {
         let cfg = Config::default();
         assert_eq!(
-            refused(admit(&head("/ws?name=%ff", &[]), 0, &cfg, NOW, free)),
+            refused(admit(&head("/ws?name=%ff", &[]), None, 0, &cfg, NOW, free)),
             (400, "the name is badly escaped\n".into())
         );
         let taken = |n: &str| {
@@ -434,11 +473,64 @@ mod tests {
             })
         };
         assert_eq!(
-            refused(admit(&head("/ws?name=alice", &[]), 0, &cfg, NOW, taken)),
+            refused(admit(
+                &head("/ws?name=alice", &[]),
+                None,
+                0,
+                &cfg,
+                NOW,
+                taken
+            )),
             (409, "the name 'alice' is taken\n".into())
         );
         // Without a name nothing is asked of the core.
         let never = |_: &str| -> Result<(), Refusal> { panic!("no name to check") };
-        admitted(admit(&head("/ws", &[]), 0, &cfg, NOW, never));
+        admitted(admit(&head("/ws", &[]), None, 0, &cfg, NOW, never));
+    }
+    #[test]
+    fn a_trusted_proxy_is_exempt_at_accept_and_counted_at_the_head() {
+        let cfg = Config {
+            max_connections: 10,
+            max_connections_per_ip: 2,
+            ..Config::default()
+        };
+        // The proxy's own address holds no share: hundreds of its sockets are served...
+        assert_eq!(at_accept(5, None, &cfg), AtAccept::Serve);
+        // ...within the socket cap, which holds for everyone.
+        assert_eq!(
+            at_accept(10 + 256, None, &cfg),
+            AtAccept::Drop("socket cap reached")
+        );
+        // Once its head names the client, the client's own cap applies.
+        assert!(at_head(0, &cfg).is_ok());
+        assert!(at_head(1, &cfg).is_ok());
+        let r = at_head(2, &cfg).unwrap_err();
+        assert_eq!(
+            (r.status, String::from_utf8_lossy(&r.body).as_ref()),
+            (429, "too many connections from your address\n")
+        );
+        assert_eq!(at_head(500, &cfg).unwrap_err().status, 429);
+    }
+
+    #[test]
+    fn behind_a_proxy_the_origin_is_checked_against_the_forwarded_host() {
+        let cfg = Config::default();
+        // nginx's default proxy_pass rewrites Host to the upstream's address.
+        let mut h = head_without("/ws", "host");
+        h.headers.push(("host".into(), "127.0.0.1:8080".into()));
+        h.headers
+            .push(("origin".into(), "https://chat.example".into()));
+        assert_eq!(refused(admit(&h, None, 0, &cfg, NOW, free)).0, 403);
+        admitted(admit(&h, Some("chat.example"), 0, &cfg, NOW, free));
+        assert_eq!(
+            refused(admit(&h, Some("evil.example"), 0, &cfg, NOW, free)).0,
+            403
+        );
+        // An allow-list is the allow-list, whatever the host.
+        let cfg = Config {
+            allowed_origins: "https://chat.example".into(),
+            ..Config::default()
+        };
+        admitted(admit(&h, Some("other.example"), 0, &cfg, NOW, free));
     }
 }

@@ -92,8 +92,8 @@ pub fn route(
     if !known {
         return None;
     }
-    if head.method != "GET" {
-        return Some(Answer::Now(Response::method_not_allowed("GET")));
+    if head.method != "GET" && head.method != "HEAD" {
+        return Some(Answer::Now(Response::method_not_allowed("GET, HEAD")));
     }
     if let Some(rest) = path.strip_prefix("/api/rooms/") {
         return Some(room_route(chat, head, rest, out));
@@ -309,5 +309,90 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
         );
     }
     t.report.prometheus(&mut out);
+    process_metrics(&mut out);
     out
+}
+
+/// The process gauges (from `/proc/self`, left out where it is missing) and the build info.
+fn process_metrics(out: &mut String) {
+    if !cfg!(feature = "deploy") {
+        return;
+    }
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        );
+    };
+    if let Some(rss) = resident_pages().map(|p| p * page_size()) {
+        gauge(
+            out,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            rss,
+        );
+    }
+    if let Some(fds) = open_fds() {
+        gauge(out, "process_open_fds", "Open file descriptors.", fds);
+    }
+    let _ = write!(
+        out,
+        "# HELP chatterbox_build_info The version and cargo features of this binary.\n\
+         # TYPE chatterbox_build_info gauge\n\
+         chatterbox_build_info{{version=\"{}\",features=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        super::startup::features()
+    );
+}
+
+// `/proc` is read with libc directly: `std::fs` would add kilobytes to the smallest build.
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// Resident set size in pages: the second field of `/proc/self/statm`.
+fn resident_pages() -> Option<u64> {
+    let mut buf = [0u8; 128];
+    // SAFETY: a NUL-terminated path; `read` writes at most `buf.len()` bytes into `buf`; the
+    // descriptor is closed on every path.
+    let n = unsafe {
+        let fd = libc::open(
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        usize::try_from(n).ok()?
+    };
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// Open descriptors: the entries of `/proc/self/fd`, less the one listing it.
+fn open_fds() -> Option<u64> {
+    let mut n = 0u64;
+    // SAFETY: a NUL-terminated path; entries are only counted (and their names read while the
+    // directory is open); the directory is closed before returning.
+    unsafe {
+        let dir = libc::opendir(c"/proc/self/fd".as_ptr());
+        if dir.is_null() {
+            return None;
+        }
+        loop {
+            let entry = libc::readdir(dir);
+            if entry.is_null() {
+                break;
+            }
+            if (*entry).d_name[0] != b'.' as libc::c_char {
+                n += 1;
+            }
+        }
+        libc::closedir(dir);
+    }
+    Some(n.saturating_sub(1))
 }

@@ -47,7 +47,16 @@ pub(crate) enum Life {
 /// One connection in the slab.
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
+    /// The client's address: the peer's, or, from a trusted proxy, the one its head names
+    /// (set once the head is read). Per-address caps and logs use it.
     pub(crate) ip: IpAddr,
+    /// The socket's own peer address (a trusted proxy's, when the client came through one).
+    pub(crate) peer: IpAddr,
+    /// Whether `ip` counts in the per-address table: from accept on, except for a trusted
+    /// proxy's sockets, which count against the forwarded address once the head is read.
+    pub(crate) ip_counted: bool,
+    /// Whether the request is a `HEAD`: its response goes without a body.
+    pub(crate) head_only: bool,
     pub(crate) phase: Phase,
     /// Bytes queued for the socket; `out[sent..]` is what remains to write.
     pub(crate) out: Vec<u8>,
@@ -108,6 +117,9 @@ impl Conn {
         Conn {
             stream,
             ip,
+            peer: ip,
+            ip_counted: true,
+            head_only: false,
             phase: Phase::Http { head: Vec::new() },
             out: Vec::new(),
             sent: 0,

@@ -298,6 +298,34 @@ fn split_host(s: &str) -> Option<(&str, Option<&str>)> {
     (!name.is_empty() && port_ok).then_some((name, port))
 }
 
+/// Whether the request's `Accept` lists `application/json` (any case, parameters allowed)
+/// with a quality above zero.
+pub fn accepts_json(head: &Head) -> bool {
+    head.headers
+        .iter()
+        .filter(|(n, _)| n == "accept")
+        .flat_map(|(_, v)| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let json = parts
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/json"));
+            let refused = parts.any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    // `q=0`, `q=0.0`, …: at most three decimals (RFC 9110).
+                    let zero = v.trim().strip_prefix('0').is_some_and(|rest| {
+                        rest.is_empty()
+                            || rest
+                                .strip_prefix('.')
+                                .is_some_and(|d| d.bytes().all(|b| b == b'0'))
+                    });
+                    k.trim().eq_ignore_ascii_case("q") && zero
+                })
+            });
+            json && !refused
+        })
+}
+
 /// The `101` answer to a valid upgrade request with key `key`.
 pub fn switching_protocols(key: &str) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -445,6 +473,35 @@ mod tests {
         assert_eq!(h.token(), Ok(None));
         let h = head("GET /a?token=%zz HTTP/1.1\r\n\r\n");
         assert!(h.token().is_err());
+    }
+
+    #[test]
+    fn json_is_chosen_only_when_asked_for() {
+        let head = |accept: Option<&str>| {
+            let line = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+            match parse(format!("GET /health HTTP/1.1\r\n{line}\r\n").as_bytes()) {
+                Parsed::Complete(h) => h,
+                other => panic!("{other:?}"),
+            }
+        };
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "text/html, application/json;q=0.9",
+            "application/json; charset=utf-8",
+        ] {
+            assert!(accepts_json(&head(Some(yes))), "{yes}");
+        }
+        for no in [
+            "*/*",
+            "text/plain",
+            "application/json;q=0",
+            "application/jsonx",
+            "",
+        ] {
+            assert!(!accepts_json(&head(Some(no))), "{no}");
+        }
+        assert!(!accepts_json(&head(None)));
     }
 
     #[test]

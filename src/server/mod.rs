@@ -31,6 +31,8 @@
 //! - `timers.rs` — `TimerTable` (one deadline per `Timer`: head, close grace, token expiry,
 //!   pong, idle, ping) and `timer_due`, the one place each timer is acted on.
 //! - `output.rs` — the `Sink` (the output bound and reply credit) and which buffers are kept.
+//! - [`startup`] — the info lines logged at start (version, address, store, auth, origin
+//!   rule, trusted proxies).
 //! - [`wire`] — the WebSocket read path without a socket; [`http`] — heads and responses;
 //!   [`api`] — the REST endpoints.
 
@@ -60,6 +62,7 @@ mod conn;
 pub mod http;
 mod output;
 pub mod report;
+pub mod startup;
 mod timers;
 pub mod wire;
 
@@ -315,7 +318,7 @@ impl Server {
     /// Runs the loop until a shutdown completes: every client got close `1001` (or the grace
     /// ran out) and the history store is flushed.
     pub fn run(mut self) -> io::Result<()> {
-        info!("chatterbox listening on {}", self.local);
+        startup::log(self.cfg(), self.local);
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.backlog.is_empty() {
@@ -599,7 +602,7 @@ impl Server {
         if c.counted {
             self.ws_count -= 1;
         }
-        if let Some(n) = self.per_ip.get_mut(&c.ip) {
+        if let Some(n) = self.per_ip.get_mut(&c.ip).filter(|_| c.ip_counted) {
             *n -= 1;
             if *n == 0 {
                 self.per_ip.remove(&c.ip);

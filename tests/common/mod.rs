@@ -181,7 +181,8 @@ pub fn spawn_binary(
     let addr = loop {
         let line = lines.next().expect("a log line").unwrap();
         if let Some(a) = line.split("listening on ").nth(1) {
-            break a.trim().parse().unwrap();
+            // `ADDR (plain)`: the address is the first word.
+            break a.split_whitespace().next().unwrap().parse().unwrap();
         }
     };
     thread::spawn(move || lines.for_each(drop));
