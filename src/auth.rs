@@ -409,11 +409,18 @@ mod tests {
             ("x", false),
         ] {
             assert_eq!(p.rooms.allows(room), ok, "{room}");
-            assert_eq!(p.publish.allows(room), ok, "publish defaults to rooms: {room}");
+            assert_eq!(
+                p.publish.allows(room),
+                ok,
+                "publish defaults to rooms: {room}"
+            );
         }
         let t = sign(&json!({"sub":"u","publish":["news"]}), KEY);
         let p = verify(&t, &LAX, 0).unwrap().permissions;
-        assert!(p.rooms.allows("anything") && !p.admin, "rooms defaults to *");
+        assert!(
+            p.rooms.allows("anything") && !p.admin,
+            "rooms defaults to *"
+        );
         assert!(p.publish.allows("news") && !p.publish.allows("general"));
         let t = sign(&json!({"sub":"u","rooms":[]}), KEY);
         let p = verify(&t, &LAX, 0).unwrap().permissions;

@@ -103,7 +103,10 @@ fn server_call<'a>(method: &str, path: &'a str) -> Option<ServerCall<'a>> {
 /// Whether `given` is the API key, in constant time: both are hashed first, so neither
 /// their contents nor their lengths change how long the comparison takes.
 fn same_key(given: &str, key: &str) -> bool {
-    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(key.as_bytes()),
+    );
     a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
@@ -457,7 +460,10 @@ fn server_answer(
             let b: RoomBody = body_of(call.body)?;
             let new = chat.create_room(&b.name).map_err(ce)?;
             let status = if new { 201 } else { 200 };
-            Ok(Answer::Now(Response::json(status, &json!({"name": b.name}))))
+            Ok(Answer::Now(Response::json(
+                status,
+                &json!({"name": b.name}),
+            )))
         }
         ServerCall::DeleteRoom(r) => {
             let room = room_of(r)?;
@@ -484,9 +490,10 @@ fn server_answer(
 /// The answer to a server API call that waited for the engine.
 pub fn api_response(answer: ApiAnswer) -> Response {
     match answer {
-        ApiAnswer::Published { room, id, repeat } => {
-            Response::json(if repeat { 200 } else { 201 }, &json!({"room": room, "id": id}))
-        }
+        ApiAnswer::Published { room, id, repeat } => Response::json(
+            if repeat { 200 } else { 201 },
+            &json!({"room": room, "id": id}),
+        ),
         ApiAnswer::Done => Response::empty(204),
         ApiAnswer::NotFound(m) => error(404, "not_found", m),
         ApiAnswer::Unavailable(m) => error(503, "unavailable", m),
