@@ -1390,7 +1390,11 @@ mod tests {
         assert_eq!(ids(s.page("r", newest)), vec![1, 3, 4]);
         assert_eq!(s.last_id("r"), Ok(5), "the removed last id stays taken");
         assert!(ids(s.page("q", newest)).is_empty());
-        assert_eq!(s.last_id("q"), Ok(2), "a deleted room continues above its ids");
+        assert_eq!(
+            s.last_id("q"),
+            Ok(2),
+            "a deleted room continues above its ids"
+        );
         s.append("q", super::super::test_message(3));
         s.flush();
         assert_eq!(ids(s.page("q", oldest)), vec![3]);
