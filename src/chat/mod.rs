@@ -44,9 +44,8 @@ use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
 
-pub use api::{ApiAnswer, ApiCalls, SERVER, ServerPost};
+pub use api::{ApiAnswer, ApiCalls, KICK_REASON, SERVER, ServerPost};
 pub use close::{Close, Reason};
-pub use commands::kick::DEFAULT_REASON as KICK_REASON;
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -298,8 +297,11 @@ impl Chat {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, 0);
         // Checked by `Config::validate`; a config built in code with bad patterns gets none.
+        #[cfg(feature = "server-api")]
         let read_only =
             Patterns::parse_list(&cfg.read_only_rooms).unwrap_or_else(|_| Patterns::none());
+        #[cfg(not(feature = "server-api"))]
+        let read_only = Patterns::none();
         let mut chat = Chat {
             cfg,
             members: HashMap::new(),
@@ -800,6 +802,7 @@ impl Chat {
     }
 
     /// `forbidden` unless the member on `conn` is an admin.
+    #[cfg(feature = "server-api")]
     pub(crate) fn require_admin(&self, conn: ConnId) -> Result<(), CommandError> {
         if self.perms_of(conn).is_some_and(|p| p.admin) {
             return Ok(());
@@ -958,7 +961,7 @@ fn json_len(value: &impl serde::Serialize) -> usize {
     count.0
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server-api"))]
 mod api_tests;
 #[cfg(test)]
 mod bounds_tests;

@@ -87,6 +87,10 @@ enum ServerCall<'a> {
 }
 
 fn server_call<'a>(method: &str, path: &'a str) -> Option<ServerCall<'a>> {
+    if cfg!(not(feature = "server-api")) {
+        // A build without the server API: these are unknown paths or other methods.
+        return None;
+    }
     let parts: Vec<&str> = path.strip_prefix("/api/")?.split('/').collect();
     let call = match (method, parts.as_slice()) {
         ("POST", ["rooms"]) => ServerCall::CreateRoom,
