@@ -318,9 +318,15 @@ pub fn identity_from_claims(
     policy: &Policy<'_>,
     now: u64,
 ) -> Result<Identity, AuthError> {
-    // Read as text, through the same parser instantiations as commands (smaller binary).
-    let payload = std::str::from_utf8(payload).map_err(|_| AuthError::Claims)?;
-    let claims: Claims = serde_json::from_str(payload).map_err(|_| AuthError::Claims)?;
+    // With permissions (`Value` claims): read as text, through the parser instantiations the
+    // commands have; without, as bytes, as before (each is the smaller in its build).
+    #[cfg(feature = "server-api")]
+    let claims: Claims = {
+        let payload = std::str::from_utf8(payload).map_err(|_| AuthError::Claims)?;
+        serde_json::from_str(payload).map_err(|_| AuthError::Claims)?
+    };
+    #[cfg(not(feature = "server-api"))]
+    let claims: Claims = serde_json::from_slice(payload).map_err(|_| AuthError::Claims)?;
     match claims.exp {
         Some(exp) if now >= exp => return Err(AuthError::Expired),
         None if policy.require_exp => return Err(AuthError::NoExpiry),

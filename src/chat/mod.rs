@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::store::engine::{Engine, Request, RequestToken};
 use crate::store::{Page, Query};
 
+#[cfg(feature = "server-api")]
 mod api;
 mod close;
 mod commands;
@@ -44,6 +45,7 @@ use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
 
+#[cfg(feature = "server-api")]
 pub use api::{ApiAnswer, ApiCalls, KICK_REASON, SERVER, ServerPost};
 pub use close::{Close, Reason};
 
@@ -201,6 +203,7 @@ pub struct Stats {
     /// Members that have connected since start.
     pub members_connected_total: u64,
     /// Server API calls carried out, by endpoint.
+    #[cfg(feature = "server-api")]
     pub api_calls: ApiCalls,
 }
 
@@ -229,6 +232,7 @@ enum AckTo {
         json: String,
     },
     /// A server API publish: `201` (or `200` for a repeat) with the id.
+    #[cfg(feature = "server-api")]
     Rest {
         token: RequestToken,
         room: String,
@@ -272,6 +276,7 @@ pub struct Chat {
     /// REST pages answered, for the transport to take.
     rest_pages: Vec<(RequestToken, RestPage)>,
     /// Server API calls answered later (publish, delete), for the transport to take.
+    #[cfg(feature = "server-api")]
     api_answers: Vec<(RequestToken, ApiAnswer)>,
     /// `--read-only-rooms`.
     read_only: Patterns,
@@ -320,6 +325,7 @@ impl Chat {
             held_count: 0,
             asking: HashSet::new(),
             rest_pages: Vec::new(),
+            #[cfg(feature = "server-api")]
             api_answers: Vec::new(),
             read_only,
             next_serial: 0,
@@ -538,6 +544,7 @@ impl Chat {
                         out.send(conn, &Payload::new(&json));
                     }
                 }
+                #[cfg(feature = "server-api")]
                 AckTo::Rest {
                     token,
                     room,
@@ -581,9 +588,9 @@ impl Chat {
     pub fn waiting_conns(&self) -> impl Iterator<Item = ConnId> + '_ {
         use pending::Read;
         let reads = self.reads.values().filter_map(|r| match r {
-            Read::Join { conn, .. }
-            | Read::History { conn, .. }
-            | Read::Delete {
+            Read::Join { conn, .. } | Read::History { conn, .. } => Some(*conn),
+            #[cfg(feature = "server-api")]
+            Read::Delete {
                 origin: api::Origin::Member { conn, .. },
                 ..
             } => Some(*conn),
