@@ -32,7 +32,7 @@
 //! | [`Request::Page`] | [`Reply::PageReady`] or [`Reply::Unavailable`] | a page of a room's history ([`Query`]), ascending by id |
 //! | [`Request::LastId`] | [`Reply::LastId`] or [`Reply::Unavailable`] | the highest id that may already have been handed out in the room (stored, queued or reserved by an earlier run); the room's next message gets one more. Asked when a room comes into memory |
 //! | [`Request::Reserve`] | [`Reply::IdsReserved`] or [`Reply::Unavailable`] | may id `id` be handed out in the room? |
-//! | `Request::Remove` (feature `server-api`) | none | take messages out of the room's history ([`Removal`](super::Removal)), in order with the appends: every `Page` asked after it leaves them out, and a restart does not bring them back once the next commit landed. Their ids stay taken (a tombstone keeps the highest): `LastId` never goes down. It gets no ticket |
+//! | `Request::Remove` (feature `server-api`) | none | take messages out of the room's history (`Removal`), in order with the appends: every `Page` asked after it leaves them out, and a restart does not bring them back once the next commit landed. Their ids stay taken (a tombstone keeps the highest): `LastId` never goes down. It gets no ticket |
 //!
 //! # Replies
 //!
