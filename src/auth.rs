@@ -49,18 +49,20 @@ impl Identity {
 }
 
 /// Room patterns: `general` (that room), `team-*` (rooms starting with `team-`), `*` (all).
+/// Every room is `None`: the common case (every member without a `rooms` claim) allocates
+/// nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Patterns(Vec<String>);
+pub struct Patterns(Option<Vec<String>>);
 
 impl Patterns {
     /// Every room (`*`).
     pub fn all() -> Self {
-        Patterns(vec!["*".into()])
+        Patterns(None)
     }
 
     /// No room at all.
     pub fn none() -> Self {
-        Patterns(Vec::new())
+        Patterns(Some(Vec::new()))
     }
 
     /// Checks each pattern: a room name (`[A-Za-z0-9_.-]`, at most 64) with an optional
@@ -81,7 +83,10 @@ impl Patterns {
                 ));
             }
         }
-        Ok(Patterns(list))
+        if list.iter().any(|p| p == "*") {
+            return Ok(Patterns::all());
+        }
+        Ok(Patterns(Some(list)))
     }
 
     /// Comma-separated patterns (a setting); empty text is no pattern.
@@ -98,7 +103,10 @@ impl Patterns {
 
     /// Whether `room` matches one of the patterns.
     pub fn allows(&self, room: &str) -> bool {
-        self.0.iter().any(|p| match p.strip_suffix('*') {
+        let Some(list) = &self.0 else {
+            return true;
+        };
+        list.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => room.starts_with(prefix),
             None => p == room,
         })
@@ -106,7 +114,7 @@ impl Patterns {
 
     /// Whether there is no pattern.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.as_ref().is_some_and(Vec::is_empty)
     }
 }
 
