@@ -428,9 +428,11 @@ impl Config {
                 ));
             }
         }
+        #[cfg(feature = "server-api")]
         if !(256..=1 << 20).contains(&self.max_api_body) {
             return Err("--max-api-body (MAX_API_BODY) must be between 256 and 1048576".into());
         }
+        #[cfg(feature = "server-api")]
         if !self.api_key.is_empty()
             && (self.api_key.chars().count() < 16
                 || self
