@@ -206,6 +206,7 @@ impl Server {
                         Some(api::Answer::Later { token, room }) => {
                             return self.await_page(id, token, room, now);
                         }
+                        #[cfg(feature = "server-api")]
                         Some(api::Answer::LaterApi { token }) => {
                             return self.await_page(id, token, String::new(), now);
                         }

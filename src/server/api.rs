@@ -33,6 +33,7 @@ pub enum Answer {
         /// The room asked for, decoded.
         room: String,
     },
+    #[cfg(feature = "server-api")]
     /// The response waits for a server API call's answer with this token (see
     /// `Chat::take_api_answers`); `server_api::api_response` renders it.
     LaterApi {
