@@ -111,6 +111,7 @@ async def test_delete_removes_from_history_and_tells_the_room(server_factory, tm
     ev = await a.recv_event("deleted")
     assert ev == {"event": "deleted", "room": "general", "id": 2}
     assert ids(srv, "general") == [1, 3]
+    await srv.wait_log("the API deletes message 2 of room general")
     for bad in ("2", "4", "0", "99999999999999999999", "x", "-1"):
         assert api(srv, "DELETE", f"/api/rooms/general/messages/{bad}").status == 404, bad
     await a.close()
@@ -129,6 +130,7 @@ async def test_disconnect_closes_with_4000_and_the_reason(server_factory):
     assert await b.expect_closed() == (4000, "flooding the room")
     ev = await a.recv_until(lambda e: e.get("left") == "bob")
     assert ev["message"] == "bob has left!"
+    await srv.wait_log("the API disconnects bob: flooding the room")
     assert api(srv, "POST", "/api/members/bob/disconnect").status == 404
     assert api(srv, "POST", "/api/members/alice/disconnect",
                {"reason": "a\nb"}).status == 400

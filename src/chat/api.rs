@@ -360,7 +360,17 @@ impl Chat {
     ) {
         let answer = match found {
             Ok(true) => {
-                info!("message {id} of room {} deleted", crate::log_safe(room));
+                let by = match &origin {
+                    Origin::Rest(_) => "the API".to_string(),
+                    Origin::Member { conn, .. } => self.members.get(conn).map_or_else(
+                        || "an admin".to_string(),
+                        |m| format!("admin {}", crate::log_safe(&m.name)),
+                    ),
+                };
+                info!(
+                    "{by} deletes message {id} of room {}",
+                    crate::log_safe(room)
+                );
                 self.stats.api_calls.delete += 1;
                 self.engine.request(Request::Remove {
                     room: room.to_string(),
