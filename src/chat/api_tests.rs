@@ -438,6 +438,21 @@ fn rooms_and_publish_claims_allow_and_refuse() {
             .iter()
             .any(|e| e["event"] == "history")
     );
+    let rooms_of = |t: &mut T, conn| -> Vec<String> {
+        let listed = t.send(conn, json!({"command":"rooms"}));
+        listed[0]["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        rooms_of(&mut t, 1),
+        vec!["general", "team-red"],
+        "lobby is hidden from a"
+    );
+    assert_eq!(rooms_of(&mut t, 2), vec!["lobby"]);
 }
 
 #[test]

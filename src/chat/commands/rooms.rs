@@ -16,9 +16,15 @@ impl ListRooms {
         chat: &mut Chat,
         cx: &mut Cx<'_, O>,
     ) -> Result<(), CommandError> {
+        // A token's `rooms` hide the others, as on `GET /api/rooms`.
+        let may = |room: &str| {
+            cfg!(not(feature = "server-api"))
+                || chat.perms_of(cx.conn).is_none_or(|p| p.rooms.allows(room))
+        };
         let rooms = chat
             .room_list()
             .into_iter()
+            .filter(|(name, _, _)| may(name))
             .map(|(name, members, _)| RoomSummary {
                 name: name.to_string(),
                 members,
