@@ -123,31 +123,34 @@ impl Server {
             Parsed::Complete(h) if h.len <= max => {
                 // A body (the server API's) follows the head: wait until it is all here.
                 #[cfg(feature = "server-api")]
-                let len = match http::body_length(&h, max_body) {
-                    Ok(len) => len,
-                    Err(refusal) => return self.respond(id, refusal, now),
+                let body = {
+                    let len = match http::body_length(&h, max_body) {
+                        Ok(len) => len,
+                        Err(refusal) => return self.respond(id, refusal, now),
+                    };
+                    // Only as many bytes as the body still lacks: a request reads no more
+                    // than its head and its declared body (what follows an upgrade head
+                    // stays unread).
+                    while !eof && head.len() < h.len + len {
+                        let want = (h.len + len - head.len()).min(buf.len());
+                        match c.stream.read(&mut buf[..want]) {
+                            Ok(0) => eof = true,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                            Err(e) if would_block(&e) => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => eof = true,
+                        }
+                    }
+                    if head.len() < h.len + len {
+                        if eof {
+                            self.drop_conn(id);
+                        }
+                        return;
+                    }
+                    head[h.len..h.len + len].to_vec()
                 };
                 #[cfg(not(feature = "server-api"))]
-                let len = 0;
-                // Only as many bytes as the body still lacks: a request reads no more than
-                // its head and its declared body (what follows an upgrade head stays unread).
-                while !eof && head.len() < h.len + len {
-                    let want = (h.len + len - head.len()).min(buf.len());
-                    match c.stream.read(&mut buf[..want]) {
-                        Ok(0) => eof = true,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                        Err(e) if would_block(&e) => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => eof = true,
-                    }
-                }
-                if head.len() < h.len + len {
-                    if eof {
-                        self.drop_conn(id);
-                    }
-                    return;
-                }
-                let body = head[h.len..h.len + len].to_vec();
+                let body = Vec::new();
                 self.route(id, h, &body, now)
             }
             Parsed::Complete(_) | Parsed::TooLarge => {
