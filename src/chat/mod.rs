@@ -214,6 +214,7 @@ struct Member {
     bucket: TokenBucket,
     strikes: u32,
     /// What its token allows (everything without auth).
+    #[cfg(feature = "server-api")]
     perms: Permissions,
 }
 
@@ -385,7 +386,8 @@ impl Chat {
         perms: Permissions,
         out: &mut impl Outbox,
     ) {
-        let in_general = perms.rooms.allows(DEFAULT_ROOM);
+        // Without the server API tokens carry no permissions: everyone is in general.
+        let in_general = cfg!(not(feature = "server-api")) || perms.rooms.allows(DEFAULT_ROOM);
         let name = match name {
             Some(n) => n.to_string(),
             None => self.auto_name(),
@@ -398,6 +400,7 @@ impl Chat {
             name: name.clone(),
             bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
             strikes: 0,
+            #[cfg(feature = "server-api")]
             perms,
         };
         let me = Event::Me {
@@ -773,7 +776,13 @@ impl Chat {
 
     /// What the member on `conn` may do; `None` when no member is there.
     pub(crate) fn perms_of(&self, conn: ConnId) -> Option<&Permissions> {
-        self.members.get(&conn).map(|m| &m.perms)
+        #[cfg(feature = "server-api")]
+        return self.members.get(&conn).map(|m| &m.perms);
+        #[cfg(not(feature = "server-api"))]
+        {
+            let _ = conn;
+            None
+        }
     }
 
     /// `forbidden` unless the member on `conn` may read and be in `room`.
