@@ -555,6 +555,7 @@ fn token_claims_allow_and_refuse_and_filter_the_rest_reads() {
     s.stop();
 }
 
+#[cfg(feature = "sqlite")]
 #[test]
 fn deleted_messages_and_rooms_stay_deleted_and_ids_are_not_reused_after_a_restart() {
     let dir = std::env::temp_dir().join(format!("chatterbox-api-{}", std::process::id()));
