@@ -26,6 +26,48 @@ pub enum Close {
     InvalidUtf8,
     /// A frame that breaks RFC 6455.
     Protocol,
+    /// Disconnected by the server API or an admin's `kick` (4000), with their reason.
+    #[cfg(feature = "server-api")]
+    Kicked(Reason),
+}
+
+/// A close reason chosen at run time, kept inline (a close frame's reason is at most 123
+/// bytes) so that [`Close`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reason {
+    len: u8,
+    bytes: [u8; Reason::MAX],
+}
+
+impl Reason {
+    /// The most bytes a close frame's reason may take.
+    pub const MAX: usize = 123;
+
+    /// `text` as a reason; `None` when it is longer than [`Reason::MAX`] bytes or holds a
+    /// control character.
+    pub fn new(text: &str) -> Option<Reason> {
+        if text.len() > Reason::MAX || text.chars().any(char::is_control) {
+            return None;
+        }
+        let mut bytes = [0; Reason::MAX];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Some(Reason {
+            len: text.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Built from a `&str` cut at its end: always UTF-8.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
 }
 
 impl Close {
@@ -43,9 +85,24 @@ impl Close {
         Close::Protocol,
     ];
 
+    /// How many reasons `/metrics` counts: those of [`Close::ALL`], and `kicked` with the
+    /// server API.
+    pub const COUNTED: usize = Close::ALL.len() + cfg!(feature = "server-api") as usize;
+
+    /// This reason's place among the counted ones: its index in [`Close::ALL`], `kicked` last.
+    pub fn index(self) -> usize {
+        match self {
+            #[cfg(feature = "server-api")]
+            Close::Kicked(_) => Close::ALL.len(),
+            c => Close::ALL.iter().position(|a| *a == c).unwrap_or(0),
+        }
+    }
+
     /// The reason as a metric label and log field (`chatterbox_closed_total{reason=..}`).
     pub fn label(self) -> &'static str {
         match self {
+            #[cfg(feature = "server-api")]
+            Close::Kicked(_) => "kicked",
             Close::SlowConsumer => "slow_consumer",
             Close::Idle => "idle",
             Close::PongTimeout => "pong_timeout",
@@ -65,7 +122,17 @@ impl Close {
         !matches!(
             self,
             Close::Idle | Close::PongTimeout | Close::TokenExpired | Close::Shutdown
-        )
+        ) && !self.is_kick()
+    }
+
+    /// A disconnect by the server API or an admin: a decision, logged at `info` (the API call
+    /// that made it is logged too).
+    fn is_kick(self) -> bool {
+        #[cfg(feature = "server-api")]
+        if let Close::Kicked(_) = self {
+            return true;
+        }
+        false
     }
 
     /// The WebSocket close code.
@@ -78,12 +145,16 @@ impl Close {
             Close::SlowConsumer | Close::RateLimited | Close::TokenExpired => 1008,
             Close::TooManyFragments => 1008,
             Close::MessageTooBig => 1009,
+            #[cfg(feature = "server-api")]
+            Close::Kicked(_) => 4000,
         }
     }
 
     /// The reason text sent with the code.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
+            #[cfg(feature = "server-api")]
+            Close::Kicked(r) => r.as_str(),
             Close::SlowConsumer => "slow consumer",
             Close::Idle => "idle",
             Close::PongTimeout => "timeout",
@@ -119,7 +190,8 @@ mod tests {
         assert_eq!(Close::ALL.map(|c| c.code()), all.map(|(c, _, _)| c.code()));
         let labels: std::collections::HashSet<_> = Close::ALL.iter().map(|c| c.label()).collect();
         assert_eq!(labels.len(), Close::ALL.len(), "labels are distinct");
-        for (close, code, reason) in all {
+        for (i, (close, code, reason)) in all.into_iter().enumerate() {
+            assert_eq!(close.index(), i, "{close:?}");
             assert!(Close::ALL.contains(&close));
             let label_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
             assert!(close.label().bytes().all(label_ok), "{close:?}");
@@ -127,5 +199,19 @@ mod tests {
             // A close frame's reason must fit its 123 bytes.
             assert!(close.reason().len() <= 123);
         }
+        #[cfg(feature = "server-api")]
+        {
+            let kicked = Close::Kicked(super::Reason::new("spam ✋").unwrap());
+            assert_eq!((kicked.code(), kicked.reason()), (4000, "spam ✋"));
+            assert_eq!(
+                (kicked.label(), kicked.index()),
+                ("kicked", Close::ALL.len())
+            );
+            assert!(!kicked.is_misbehaviour());
+        }
+        assert!(super::Reason::new(&"x".repeat(123)).is_some());
+        assert!(super::Reason::new(&"x".repeat(124)).is_none());
+        assert!(super::Reason::new("a\nb").is_none());
+        assert!(super::Reason::new("\u{7f}").is_none());
     }
 }

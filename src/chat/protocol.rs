@@ -18,6 +18,8 @@ pub const MAX_ID_CHARS: usize = 64;
 pub use super::commands::{
     Broadcast, Command, Direct, History, Join, Leave, List, ListRooms, Me, Ping,
 };
+#[cfg(feature = "server-api")]
+pub use super::commands::{Delete, Kick};
 
 /// Every command name, for telling `unknown_command` from `invalid`: [`Command::NAMES`].
 pub const COMMAND_NAMES: &[&str] = Command::NAMES;
@@ -43,6 +45,9 @@ pub enum ErrorCode {
     /// The history store cannot take the message now (its backlog is full, or it cannot make
     /// the message's id durable); nothing changed, retry later.
     Unavailable,
+    /// The member's token does not allow it (its `rooms`, `publish`, `admin`; a read-only
+    /// room); nothing changed.
+    Forbidden,
 }
 
 /// A command that could not be carried out: its code and a sentence for people.
@@ -126,20 +131,26 @@ pub fn decode(text: &str) -> Request {
     }
 }
 
-/// Reads `data` again from the frame's text, as the client wrote it. The parsed map above has
-/// already turned `-0` into `-0.0`, `1e-400` into `0.0` and long integers into floats, and an
-/// internally tagged enum cannot hold raw JSON, so the one field is read on its own.
-fn with_raw_data(mut command: Command, text: &str) -> Result<Command, CommandError> {
+/// The `data` field of a JSON object's text, as the sender wrote it (`None` when absent or
+/// `null`); `invalid` for a repeated key. The server API reads its bodies' `data` with it.
+pub fn raw_data(text: &str) -> Result<Option<RawJson>, CommandError> {
     #[derive(Deserialize)]
     struct DataOnly {
         data: Option<RawJson>,
     }
+    serde_json::from_str::<DataOnly>(text)
+        .map(|d| d.data)
+        .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))
+}
+
+/// Reads `data` again from the frame's text, as the client wrote it. The parsed map above has
+/// already turned `-0` into `-0.0`, `1e-400` into `0.0` and long integers into floats, and an
+/// internally tagged enum cannot hold raw JSON, so the one field is read on its own.
+fn with_raw_data(mut command: Command, text: &str) -> Result<Command, CommandError> {
     if let Command::Broadcast(Broadcast { data, .. }) | Command::Direct(Direct { data, .. }) =
         &mut command
     {
-        *data = serde_json::from_str::<DataOnly>(text)
-            .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))?
-            .data;
+        *data = raw_data(text)?;
     }
     Ok(command)
 }
@@ -314,6 +325,20 @@ pub enum Event<'a> {
         /// The message id, for broadcasts.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+    },
+    /// Message `id` of `room` was removed by a moderator; its id stays taken.
+    #[cfg(feature = "server-api")]
+    Deleted {
+        /// The room.
+        room: &'a str,
+        /// The message removed.
+        id: u64,
+    },
+    /// The room was deleted: the member is no longer in it.
+    #[cfg(feature = "server-api")]
+    RoomClosed {
+        /// The room.
+        room: &'a str,
     },
     /// A notice from the server to one member.
     System {

@@ -108,6 +108,8 @@ impl Server {
 
     pub(super) fn read_head(&mut self, id: usize, now: Instant) {
         let max = self.cfg().max_head_bytes;
+        #[cfg(feature = "server-api")]
+        let max_body = self.cfg().max_api_body;
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -139,7 +141,39 @@ impl Server {
         let parsed = http::parse(head);
         let too_big = head.len() > max;
         match parsed {
-            Parsed::Complete(h) if h.len <= max => self.route(id, h, now),
+            Parsed::Complete(h) if h.len <= max => {
+                // A body (the server API's) follows the head: wait until it is all here.
+                #[cfg(feature = "server-api")]
+                let body = {
+                    let len = match http::body_length(&h, max_body) {
+                        Ok(len) => len,
+                        Err(refusal) => return self.respond(id, refusal, now),
+                    };
+                    // Only as many bytes as the body still lacks: a request reads no more
+                    // than its head and its declared body (what follows an upgrade head
+                    // stays unread).
+                    while !eof && head.len() < h.len + len {
+                        let want = (h.len + len - head.len()).min(buf.len());
+                        match c.stream.read(&mut buf[..want]) {
+                            Ok(0) => eof = true,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                            Err(e) if would_block(&e) => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => eof = true,
+                        }
+                    }
+                    if head.len() < h.len + len {
+                        if eof {
+                            self.drop_conn(id);
+                        }
+                        return;
+                    }
+                    head[h.len..h.len + len].to_vec()
+                };
+                #[cfg(not(feature = "server-api"))]
+                let body = Vec::new();
+                self.route(id, h, &body, now)
+            }
             Parsed::Complete(_) | Parsed::TooLarge => {
                 self.respond(id, Response::text(431, "request head too large\n"), now)
             }
@@ -184,7 +218,7 @@ impl Server {
         self.mark_dirty(id);
     }
 
-    pub(super) fn route(&mut self, id: usize, head: Head, now: Instant) {
+    pub(super) fn route(&mut self, id: usize, head: Head, body: &[u8], now: Instant) {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -232,17 +266,27 @@ impl Server {
             "/health" | "/" => Response::method_not_allowed("GET, HEAD"),
             _ => match api::authorize(self.cfg(), &head, unix_secs()) {
                 Err(refused) => refused,
-                Ok(()) => {
+                Ok(access) => {
                     let t = api::TransportStats {
                         connections: self.conns.len(),
                         uptime_secs: self.started.elapsed().as_secs(),
                         close_frames_lost: self.close_frames_lost,
                         report: self.report.counts(),
                     };
-                    match self.core(|chat, sink| api::route(chat, &head, t, sink)) {
+                    let call = api::Call {
+                        head: &head,
+                        body,
+                        access: &access,
+                        now: now_of(now),
+                    };
+                    match self.core(|chat, sink| api::route(chat, &call, t, sink)) {
                         Some(api::Answer::Now(r)) => r,
                         Some(api::Answer::Later { token, room }) => {
                             return self.await_page(id, token, room, now);
+                        }
+                        #[cfg(feature = "server-api")]
+                        Some(api::Answer::LaterApi { token }) => {
+                            return self.await_page(id, token, String::new(), now);
                         }
                         None => Response::text(404, "not found\n"),
                     }
@@ -343,8 +387,13 @@ impl Server {
         c.timer_at = None;
         self.ws_count += 1;
         self.mark_dirty(id);
-        let member_id = identity.map(|i| i.sub);
-        self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
+        let (member_id, perms) = match identity {
+            Some(i) => (Some(i.sub), i.permissions),
+            None => (None, crate::auth::Permissions::default()),
+        };
+        self.core(|chat, sink| {
+            chat.connect_with(now_of(now), id, name.as_deref(), member_id, perms, sink)
+        });
         self.schedule(id);
         // Frames the client sent right behind its head are already buffered: read them now,
         // since no new readiness event will come for them.

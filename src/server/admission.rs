@@ -208,11 +208,24 @@ pub(crate) fn admit(
             }
         }
     };
-    let name = match identity.as_ref().and_then(|i| i.name.clone()) {
-        Some(n) => Some(n),
-        None => head
-            .query_param("name")
-            .map_err(|_| bad("the name is badly escaped"))?,
+    let asked = head
+        .query_param("name")
+        .map_err(|_| bad("the name is badly escaped"))?;
+    // With a token, its name (`name`, else `sub`) is the member's: `?name=` may only repeat it.
+    let name = match &identity {
+        Some(i) => {
+            let theirs = i.member_name();
+            if let Some(a) = asked.as_deref().filter(|a| !a.is_empty()) {
+                if !a.eq_ignore_ascii_case(theirs) {
+                    return Err(Response::text(
+                        403,
+                        "the token names another member: leave out ?name= or use the token's name\n",
+                    ));
+                }
+            }
+            Some(theirs.to_string())
+        }
+        None => asked,
     };
     let name = name.filter(|n| !n.is_empty());
     if members >= cfg.max_connections {
@@ -434,10 +447,31 @@ mod tests {
             400
         );
         let good = token(json!({"sub": "u1", "name": "Alice", "exp": NOW + 60}));
-        // The token's name wins over `?name=`.
+        // The token's name is the member's: another `?name=` is refused, the same one (in
+        // any case) or none passes.
         let h = head(&format!("/ws?name=bob&token={good}"), &[]);
+        assert_eq!(refused(admit(&h, None, 0, &cfg, NOW, free)).0, 403);
+        let h = head(&format!("/ws?name=alice&token={good}"), &[]);
+        assert_eq!(
+            admitted(admit(&h, None, 0, &cfg, NOW, free))
+                .name
+                .as_deref(),
+            Some("Alice")
+        );
+        let h = head(&format!("/ws?token={good}"), &[]);
         let a = admitted(admit(&h, None, 0, &cfg, NOW, free));
         assert_eq!(a.name.as_deref(), Some("Alice"));
+        // Without a `name` claim, `sub` is the name.
+        let sub_only = token(json!({"sub": "u2", "exp": NOW + 60}));
+        let h = head(&format!("/ws?token={sub_only}"), &[]);
+        assert_eq!(
+            admitted(admit(&h, None, 0, &cfg, NOW, free))
+                .name
+                .as_deref(),
+            Some("u2")
+        );
+        let h = head(&format!("/ws?name=carol&token={sub_only}"), &[]);
+        assert_eq!(refused(admit(&h, None, 0, &cfg, NOW, free)).0, 403);
         let id = a.identity.expect("an identity");
         assert_eq!((id.sub.as_str(), id.exp), ("u1", Some(NOW + 60)));
         // Through the header as well.

@@ -1,17 +1,21 @@
-//! The REST API and `/metrics`: read-only views of the chat core, rendered as JSON or text.
+//! The REST API and `/metrics`: read-only views of the chat core, rendered as JSON or text,
+//! and the server API (writes, with `X-API-Key`), whose calls are inputs to the core.
 //!
-//! Everything is answered from the core's memory at once, except a room's messages: that page
+//! Reads are answered from the core's memory at once, except a room's messages: that page
 //! is asked of the history engine, and the HTTP answer ([`page_response`]) is written when the
-//! engine replies ([`Answer::Later`]); the loop does not wait.
+//! engine replies ([`Answer::Later`]); the loop does not wait. A server publish is answered
+//! once the message is durable and a delete once the message was found
+//! ([`Answer::LaterApi`], rendered in `server/server_api.rs`).
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::http::{Head, Response};
-use crate::auth::{self, AuthError, Policy};
-use crate::chat::{Chat, Outbox, RestPage};
+use crate::auth::{self, AuthError, Permissions, Policy};
+use crate::chat::{Chat, Now, Outbox, RestPage};
 use crate::config::Config;
 use crate::store::StoredMessage;
 use crate::store::engine::RequestToken;
@@ -29,6 +33,60 @@ pub enum Answer {
         /// The room asked for, decoded.
         room: String,
     },
+    #[cfg(feature = "server-api")]
+    /// The response waits for a server API call's answer with this token (see
+    /// `Chat::take_api_answers`); `server_api::api_response` renders it.
+    LaterApi {
+        /// The token the call returned.
+        token: RequestToken,
+    },
+}
+
+/// Who a request to `/api` or `/metrics` is, as [`authorize`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Auth is off (or the path is open): everything readable.
+    Open,
+    /// The API key: the server API and every read.
+    Key,
+    /// A token: reads, filtered by its `rooms`.
+    Token(Permissions),
+}
+
+impl Access {
+    fn may_read(&self, room: &str) -> bool {
+        if cfg!(not(feature = "server-api")) {
+            // Tokens carry no permissions in such a build (they are refused).
+            return true;
+        }
+        match self {
+            Access::Token(p) => p.rooms.allows(room),
+            Access::Open | Access::Key => true,
+        }
+    }
+}
+
+/// One request to the API: its head, its body, who sent it, and when.
+#[derive(Debug)]
+pub struct Call<'a> {
+    /// The request head.
+    pub head: &'a Head,
+    /// The body (empty without one), at most `--max-api-body` bytes.
+    pub body: &'a [u8],
+    /// What [`authorize`] found.
+    pub access: &'a Access,
+    /// The time, for the core.
+    pub now: Now,
+}
+
+/// Whether `given` is the API key, in constant time: both are hashed first, so neither
+/// their contents nor their lengths change how long the comparison takes.
+fn same_key(given: &str, key: &str) -> bool {
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(key.as_bytes()),
+    );
+    a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Gauges the transport knows and the core does not.
@@ -44,24 +102,53 @@ pub struct TransportStats {
     pub report: super::report::Counts,
 }
 
-fn error(status: u16, code: &str, message: String) -> Response {
+pub(super) fn error(status: u16, code: &str, message: String) -> Response {
     Response::json(status, &json!({"error": code, "message": message}))
 }
 
-/// Whether the request may read the REST API (`/api`, `/api/...`) and `/metrics`: the one
-/// place that decides it. With auth off, anyone may; with `--jwt-secret`, a token valid under
-/// the same rules as for `/ws` (`Authorization: Bearer` or `?token=`) is needed, except for
-/// `/metrics` with `--metrics-public`. Other paths are not its business and pass. A refusal
-/// is the `401` to send. (A server API key, when one comes, is to be accepted here too.)
-pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Response> {
+/// Whether the request may use the REST API (`/api`, `/api/...`) and `/metrics`: the one
+/// place that decides it. The server API (the writes) needs `X-API-Key` equal to
+/// `--api-key` (compared in constant time; `404` while no key is set, `401` for a missing or
+/// wrong one). Reads: with auth off, anyone may; with `--jwt-secret`, the API key or a token
+/// valid under the same rules as for `/ws` (`Authorization: Bearer` or `?token=`) is needed,
+/// except for `/metrics` with `--metrics-public`. Other paths are not its business and pass.
+/// A refusal is the response to send.
+pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<Access, Response> {
     let path = head.path.as_str();
     let api = path == "/api" || path.starts_with("/api/");
     let metrics = path == "/metrics";
+    // Without the server API no key can be set (`Config::validate`).
+    let key_ok = cfg!(feature = "server-api")
+        && !cfg.api_key.is_empty()
+        && head
+            .header("x-api-key")
+            .is_some_and(|k| same_key(k, &cfg.api_key));
+    #[cfg(feature = "server-api")]
+    if super::server_api::server_call(&head.method, path).is_some() {
+        if cfg.api_key.is_empty() {
+            return Err(error(
+                404,
+                "not_found",
+                "the server API is off (no --api-key)".into(),
+            ));
+        }
+        if !key_ok {
+            return Err(error(
+                401,
+                "unauthorized",
+                "the server API needs the header X-API-Key with the API key".into(),
+            ));
+        }
+        return Ok(Access::Key);
+    }
     if !(api || (metrics && !cfg.metrics_public)) {
-        return Ok(());
+        return Ok(Access::Open);
+    }
+    if key_ok {
+        return Ok(Access::Key);
     }
     let Some(policy) = Policy::of(cfg) else {
-        return Ok(());
+        return Ok(Access::Open);
     };
     let refused = |e: AuthError| {
         error(401, "unauthorized", e.text().to_string()).with_header("WWW-Authenticate", "Bearer")
@@ -71,7 +158,7 @@ pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Respons
         .map_err(|_| refused(AuthError::Malformed))?
         .ok_or_else(|| refused(AuthError::Missing))?;
     auth::verify(&token, &policy, unix_now)
-        .map(|_| ())
+        .map(|identity| Access::Token(identity.permissions))
         .map_err(refused)
 }
 
@@ -79,11 +166,16 @@ pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Respons
 /// what the core sends while a page is asked for (the memory engine answers at once).
 pub fn route(
     chat: &mut Chat,
-    head: &Head,
+    call: &Call<'_>,
     t: TransportStats,
     out: &mut impl Outbox,
 ) -> Option<Answer> {
+    let head = call.head;
     let path = head.path.as_str();
+    #[cfg(feature = "server-api")]
+    if let Some(server) = super::server_api::server_call(&head.method, path) {
+        return Some(super::server_api::server_route(chat, call, server, out));
+    }
     let known = path == "/metrics"
         || path == "/api/stats"
         || path == "/api/rooms"
@@ -96,7 +188,7 @@ pub fn route(
         return Some(Answer::Now(Response::method_not_allowed("GET, HEAD")));
     }
     if let Some(rest) = path.strip_prefix("/api/rooms/") {
-        return Some(room_route(chat, head, rest, out));
+        return Some(room_route(chat, head, call.access, rest, out));
     }
     Some(Answer::Now(match path {
         "/api/stats" => Response::json(200, &stats_json(chat, t)),
@@ -105,6 +197,7 @@ pub fn route(
             let rooms: Vec<_> = chat
                 .room_list()
                 .into_iter()
+                .filter(|(name, _, _)| call.access.may_read(name))
                 .map(|(name, members, messages)| json!({"name": name, "members": members, "messages": messages}))
                 .collect();
             Response::json(200, &rooms)
@@ -119,7 +212,13 @@ pub fn route(
     }))
 }
 
-fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -> Answer {
+fn room_route(
+    chat: &mut Chat,
+    head: &Head,
+    access: &Access,
+    rest: &str,
+    out: &mut impl Outbox,
+) -> Answer {
     let now = |r: Response| Answer::Now(r);
     let (name, tail) = match rest.split_once('/') {
         Some((n, t)) => (n, Some(t)),
@@ -139,6 +238,13 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -
             404,
             "not_found",
             format!("room '{name}' does not exist"),
+        ));
+    }
+    if !access.may_read(&name) {
+        return now(error(
+            403,
+            "forbidden",
+            format!("your token does not allow room '{name}'"),
         ));
     }
     match tail {
@@ -209,7 +315,8 @@ pub fn page_response(room: &str, page: RestPage) -> Response {
 
 fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
     let s = chat.stats();
-    json!({
+    #[cfg_attr(not(feature = "server-api"), allow(unused_mut))]
+    let mut v = json!({
         "members": chat.member_count(),
         "rooms": chat.room_count(),
         "connections": t.connections,
@@ -222,7 +329,19 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
         "close_frames_lost": t.close_frames_lost,
-    })
+    });
+    #[cfg(feature = "server-api")]
+    {
+        v["api_calls"] = json!({
+            "publish": s.api_calls.publish,
+            "delete": s.api_calls.delete,
+            "disconnect": s.api_calls.disconnect,
+            "room_create": s.api_calls.room_create,
+            "room_delete": s.api_calls.room_delete,
+            "direct": s.api_calls.direct,
+        });
+    }
+    v
 }
 
 fn metrics(chat: &Chat, t: TransportStats) -> String {
@@ -310,6 +429,24 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
     }
     t.report.prometheus(&mut out);
     process_metrics(&mut out);
+    #[cfg(feature = "server-api")]
+    {
+        let a = s.api_calls;
+        out.push_str(
+            "# HELP chatterbox_api_calls_total Server API calls carried out (admin commands included).\n\
+             # TYPE chatterbox_api_calls_total counter\n",
+        );
+        for (call, n) in [
+            ("publish", a.publish),
+            ("delete", a.delete),
+            ("disconnect", a.disconnect),
+            ("room_create", a.room_create),
+            ("room_delete", a.room_delete),
+            ("direct", a.direct),
+        ] {
+            let _ = writeln!(out, "chatterbox_api_calls_total{{call=\"{call}\"}} {n}");
+        }
+    }
     out
 }
 

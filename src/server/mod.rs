@@ -62,6 +62,8 @@ mod conn;
 pub mod http;
 mod output;
 pub mod report;
+#[cfg(feature = "server-api")]
+mod server_api;
 pub mod startup;
 mod timers;
 pub mod wire;
@@ -486,6 +488,21 @@ impl Server {
             }
             c.page_pending = None;
             self.respond(id, api::page_response(&room, page), now);
+        }
+        // Server API calls that waited for the engine (a publish until durable, a delete).
+        #[cfg(feature = "server-api")]
+        for (token, answer) in self.chat.take_api_answers() {
+            let Some((id, _)) = self.rest_pages.remove(&token) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.page_pending != Some(token) || c.life != Life::Open {
+                continue;
+            }
+            c.page_pending = None;
+            self.respond(id, server_api::api_response(answer), now);
         }
     }
 

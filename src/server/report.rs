@@ -68,14 +68,14 @@ impl Event {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counts {
     refused: [u64; Refusal::ALL.len()],
-    closed: [u64; Close::ALL.len()],
+    closed: [u64; Close::COUNTED],
 }
 
 impl Counts {
     fn add(&mut self, event: Event) {
         match event {
             Event::Refused(r, _) => self.refused[r as usize] += 1,
-            Event::Closed(c) => self.closed[c as usize] += 1,
+            Event::Closed(c) => self.closed[c.index()] += 1,
         }
     }
 
@@ -97,13 +97,11 @@ impl Counts {
             "# HELP chatterbox_closed_total Connections the server closed, by reason.\n\
              # TYPE chatterbox_closed_total counter\n",
         );
-        for c in Close::ALL {
-            let n = self.closed[c as usize];
-            let _ = writeln!(
-                out,
-                "chatterbox_closed_total{{reason=\"{}\"}} {n}",
-                c.label()
-            );
+        let kicked = cfg!(feature = "server-api").then_some(("kicked", Close::ALL.len()));
+        let labels = Close::ALL.iter().map(|c| (c.label(), c.index()));
+        for (label, i) in labels.chain(kicked) {
+            let n = self.closed[i];
+            let _ = writeln!(out, "chatterbox_closed_total{{reason=\"{label}\"}} {n}");
         }
     }
 }
@@ -506,7 +504,7 @@ mod tests {
         assert!(out.contains("chatterbox_closed_total{reason=\"slow_consumer\"} 1\n"));
         assert!(out.contains("chatterbox_closed_total{reason=\"shutdown\"} 1\n"));
         let lines = out.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(lines, Refusal::ALL.len() + Close::ALL.len());
+        assert_eq!(lines, Refusal::ALL.len() + Close::COUNTED);
     }
 
     #[test]

@@ -16,9 +16,12 @@ impl ListRooms {
         chat: &mut Chat,
         cx: &mut Cx<'_, O>,
     ) -> Result<(), CommandError> {
-        let rooms = chat
-            .room_list()
-            .into_iter()
+        let rooms = chat.room_list().into_iter();
+        // A token's `rooms` hide the others, as on `GET /api/rooms`.
+        #[cfg(feature = "server-api")]
+        let rooms = rooms
+            .filter(|(name, _, _)| chat.perms_of(cx.conn).is_none_or(|p| p.rooms.allows(name)));
+        let rooms = rooms
             .map(|(name, members, _)| RoomSummary {
                 name: name.to_string(),
                 members,
