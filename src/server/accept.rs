@@ -24,6 +24,11 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The browser client, compiled in.
 const INDEX_HTML: &str = include_str!("../client/index.html");
 
+/// The admin page (cargo feature `admin-page`), compiled in. It answers only to the server API
+/// key, and may not be framed (a page elsewhere could trick a click on its buttons).
+#[cfg(feature = "admin-page")]
+const ADMIN_HTML: &str = include_str!("../client/admin.html");
+
 impl Server {
     pub(super) fn accept(&mut self, now: Instant) {
         loop {
@@ -164,6 +169,17 @@ impl Server {
                 Ok(()) => return,
                 Err(r) => r,
             },
+            #[cfg(feature = "admin-page")]
+            "/admin" if get => {
+                let mut r = Response::text(200, ADMIN_HTML)
+                    .with_header("Content-Security-Policy", "frame-ancestors 'none'")
+                    .with_header("X-Frame-Options", "DENY")
+                    .with_header("Cache-Control", "no-store");
+                r.content_type = "text/html; charset=utf-8";
+                r
+            }
+            #[cfg(feature = "admin-page")]
+            "/admin" => Response::method_not_allowed("GET"),
             "/health" | "/" | "/ws" => Response::method_not_allowed("GET"),
             _ => match api::authorize(self.cfg(), &head, unix_secs()) {
                 Err(refused) => refused,
