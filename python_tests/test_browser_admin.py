@@ -21,7 +21,7 @@ import time
 
 from conftest import REPO_ROOT, Client, http_request
 from test_auth import SECRET, token
-from test_browser import DESKTOP, OUTPUT, PHONE, Member, browser, expect  # noqa: F401 (fixture)
+from test_browser import DESKTOP, OUTPUT, PHONE, XSS, Member, browser, expect  # noqa: F401 (fixture)
 
 API_KEY = "admin-key-for-the-browser-test"
 
@@ -54,7 +54,7 @@ async def test_admin_signs_in_deletes_disconnects_closes_and_posts(server_factor
     srv = server_factory(api_key=API_KEY)
     errors: list[str] = []
     alice = await Member.open(browser, srv, "alice", errors, **DESKTOP)
-    await alice.say("hello everyone")
+    await alice.say(XSS)
     await alice.say("delete me")
     await expect(alice.message("#general", "delete me")).to_have_count(1)
     bob = await Client.joined(srv, name="bob")   # a member outside any browser sees the events too
@@ -86,11 +86,14 @@ async def test_admin_signs_in_deletes_disconnects_closes_and_posts(server_factor
     await expect(members).to_contain_text("alice")
     await expect(msgs.locator("li")).to_have_count(2)
     await expect(msgs.locator("li").first).to_contain_text("delete me")   # newest first
+    await expect(msgs.locator("li").nth(1)).to_contain_text(XSS)          # markup is text
+    assert await admin.evaluate("window.__xss") is None
+    assert await admin.locator("#msgs img, #msgs script").count() == 0
 
     # --- delete: gone from the member's page and from history, the id stays taken
     await admin.get_by_role("button", name="Delete message 2 from alice").click()
     await expect(alice.message("#general", "delete me")).to_have_count(0)
-    await expect(alice.message("#general", "hello everyone")).to_have_count(1)
+    await expect(alice.message("#general", "window.__xss=2")).to_have_count(1)
     await expect(msgs.locator("li")).to_have_count(1)
     assert (await bob.recv_event("deleted", room="general"))["id"] == 2
     page = srv.get_json("/api/rooms/general/messages")
@@ -102,7 +105,7 @@ async def test_admin_signs_in_deletes_disconnects_closes_and_posts(server_factor
     await admin.get_by_role("button", name="Post", exact=True).click()
     await expect(admin.locator("#post-result")).to_have_text("Posted to general as message #3.")
     await expect(alice.message("#general", "maintenance at noon")).to_have_count(1)
-    assert await alice.messages("general") == [(1, "alice", "hello everyone"),
+    assert await alice.messages("general") == [(1, "alice", XSS),
                                                (3, "ops", "maintenance at noon")]
     ev = await bob.recv_event("broadcast", message="maintenance at noon")
     assert (ev["member"], ev["id"]) == ("ops", 3)
