@@ -6,8 +6,14 @@
 //! `verify_slice`). Claims used: `sub` (required, the member id), `name` (optional, the member
 //! name), `exp` (Unix seconds; required unless `--jwt-require-exp false`; enforced at connect
 //! and during the session), `nbf` (optional, not before), `aud` and `iss` (checked when the
-//! settings name them). Times are compared as integers, never added to, so no value of a
-//! claim can overflow anything. Tokens are never logged.
+//! settings name them), and the permissions `rooms`, `publish` (lists of [`Patterns`]) and
+//! `admin` (a boolean), parsed into [`Permissions`] the chat core checks. Times are compared
+//! as integers, never added to, so no value of a claim can overflow anything. Tokens are never
+//! logged.
+//!
+//! Checking a signature and reading the claims are separate steps: [`verify`] checks an HS256
+//! signature, then hands the signed payload to [`identity_from_claims`], which any other
+//! signature scheme can call the same way.
 
 use std::time::{Duration, Instant};
 
@@ -27,10 +33,101 @@ pub const MAX_TOKEN_BYTES: usize = 4096;
 pub struct Identity {
     /// `sub`: becomes the member id.
     pub sub: String,
-    /// `name`: becomes the member name, when present.
+    /// `name`: becomes the member name, when present (else `sub` is the name).
     pub name: Option<String>,
     /// `exp`: Unix seconds after which the session ends.
     pub exp: Option<u64>,
+    /// `rooms`, `publish`, `admin`.
+    pub permissions: Permissions,
+}
+
+impl Identity {
+    /// The member name the token gives: `name`, else `sub`.
+    pub fn member_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.sub)
+    }
+}
+
+/// Room patterns: `general` (that room), `team-*` (rooms starting with `team-`), `*` (all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patterns(Vec<String>);
+
+impl Patterns {
+    /// Every room (`*`).
+    pub fn all() -> Self {
+        Patterns(vec!["*".into()])
+    }
+
+    /// No room at all.
+    pub fn none() -> Self {
+        Patterns(Vec::new())
+    }
+
+    /// Checks each pattern: a room name (`[A-Za-z0-9_.-]`, at most 64) with an optional
+    /// trailing `*`, or `*` alone. `Err` names the first bad one.
+    pub fn new(list: Vec<String>) -> Result<Self, String> {
+        for p in &list {
+            let stem = p.strip_suffix('*').unwrap_or(p);
+            let ok = (p == "*" || !stem.is_empty())
+                && stem.len() <= 64
+                && stem
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !ok {
+                return Err(format!(
+                    "'{}' is not a room pattern (a room name, a name ending in *, or *)",
+                    crate::log_safe(p)
+                ));
+            }
+        }
+        Ok(Patterns(list))
+    }
+
+    /// Comma-separated patterns (a setting); empty text is no pattern.
+    pub fn parse_list(text: &str) -> Result<Self, String> {
+        let list = text
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        Patterns::new(list)
+    }
+
+    /// Whether `room` matches one of the patterns.
+    pub fn allows(&self, room: &str) -> bool {
+        self.0.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => p == room,
+        })
+    }
+
+    /// Whether there is no pattern.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What a member may do (from its token; everything without auth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Rooms it may join and read.
+    pub rooms: Patterns,
+    /// Rooms it may broadcast to.
+    pub publish: Patterns,
+    /// May use `delete` and `kick`, and post to read-only rooms.
+    pub admin: bool,
+}
+
+impl Default for Permissions {
+    /// Every room, no admin: a member without a token, or a token without these claims.
+    fn default() -> Self {
+        Permissions {
+            rooms: Patterns::all(),
+            publish: Patterns::all(),
+            admin: false,
+        }
+    }
 }
 
 /// Why a token was refused (answered with `401`; the text never repeats the token).
@@ -50,6 +147,8 @@ pub enum AuthError {
     NotYetValid,
     /// `sub` missing or not a non-empty string, or `name`/`exp`/`aud`/`iss` of the wrong type.
     Claims,
+    /// `rooms` or `publish` not a list of room patterns, or `admin` not a boolean.
+    Permissions,
     /// No `exp`, and the settings require one.
     NoExpiry,
     /// `aud` does not name the configured audience.
@@ -69,6 +168,10 @@ impl AuthError {
             AuthError::Expired => "the token has expired",
             AuthError::NotYetValid => "the token is not valid yet",
             AuthError::Claims => "the token's claims are invalid",
+            AuthError::Permissions => {
+                "the token's claims are invalid (rooms and publish must be lists of room \
+                 patterns, admin a boolean)"
+            }
             AuthError::NoExpiry => "the token has no expiry (exp)",
             AuthError::Audience => "the token is not meant for this server (aud)",
             AuthError::Issuer => "the token's issuer (iss) is not accepted",
@@ -141,6 +244,21 @@ struct Claims {
     nbf: Option<u64>,
     aud: Option<Audience>,
     iss: Option<String>,
+    /// Checked after the other claims (a wrong type here has its own message).
+    rooms: Option<serde_json::Value>,
+    publish: Option<serde_json::Value>,
+    admin: Option<serde_json::Value>,
+}
+
+/// A claim that must be a list of room patterns, when present.
+fn patterns_claim(v: Option<serde_json::Value>) -> Result<Option<Patterns>, AuthError> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    let list: Vec<String> = serde_json::from_value(v).map_err(|_| AuthError::Permissions)?;
+    Patterns::new(list)
+        .map(Some)
+        .map_err(|_| AuthError::Permissions)
 }
 
 /// Checks `token` against `policy` at `now` (Unix seconds).
@@ -168,7 +286,17 @@ pub fn verify(token: &str, policy: &Policy<'_>, now: u64) -> Result<Identity, Au
     mac.verify_slice(&signature)
         .map_err(|_| AuthError::Signature)?;
     // Only a signed payload is parsed further.
-    let claims: Claims = serde_json::from_slice(&decode(c64)?).map_err(|_| AuthError::Claims)?;
+    identity_from_claims(&decode(c64)?, policy, now)
+}
+
+/// Reads the claims of a payload whose signature has been checked (by [`verify`], or by any
+/// other scheme): the times, `aud`/`iss` under `policy`, `sub`/`name`, and the permissions.
+pub fn identity_from_claims(
+    payload: &[u8],
+    policy: &Policy<'_>,
+    now: u64,
+) -> Result<Identity, AuthError> {
+    let claims: Claims = serde_json::from_slice(payload).map_err(|_| AuthError::Claims)?;
     match claims.exp {
         Some(exp) if now >= exp => return Err(AuthError::Expired),
         None if policy.require_exp => return Err(AuthError::NoExpiry),
@@ -183,14 +311,27 @@ pub fn verify(token: &str, policy: &Policy<'_>, now: u64) -> Result<Identity, Au
     if !policy.issuer.is_empty() && claims.iss.as_deref() != Some(policy.issuer) {
         return Err(AuthError::Issuer);
     }
-    match claims.sub {
-        Some(sub) if !sub.is_empty() && sub.len() <= 128 => Ok(Identity {
-            sub,
-            name: claims.name,
-            exp: claims.exp,
-        }),
-        _ => Err(AuthError::Claims),
-    }
+    let sub = match claims.sub {
+        Some(sub) if !sub.is_empty() && sub.len() <= 128 => sub,
+        _ => return Err(AuthError::Claims),
+    };
+    let rooms = patterns_claim(claims.rooms)?.unwrap_or_else(Patterns::all);
+    let publish = patterns_claim(claims.publish)?.unwrap_or_else(|| rooms.clone());
+    let admin = match claims.admin {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => return Err(AuthError::Permissions),
+    };
+    Ok(Identity {
+        sub,
+        name: claims.name,
+        exp: claims.exp,
+        permissions: Permissions {
+            rooms,
+            publish,
+            admin,
+        },
+    })
 }
 
 /// When a session whose token expires at `exp` (Unix seconds) must end, on the monotonic
@@ -243,11 +384,72 @@ mod tests {
             Identity {
                 sub: "u-1".into(),
                 name: Some("alice".into()),
-                exp: Some(2000)
+                exp: Some(2000),
+                permissions: Permissions::default(),
             }
         );
         let t = sign(&json!({"sub":"u-2"}), KEY);
         assert_eq!(verify(&t, &LAX, 1000).unwrap().name, None);
+    }
+
+    #[test]
+    fn permissions_come_from_rooms_publish_and_admin() {
+        let t = sign(
+            &json!({"sub":"u","rooms":["general","team-*"],"admin":true}),
+            KEY,
+        );
+        let p = verify(&t, &LAX, 0).unwrap().permissions;
+        assert!(p.admin);
+        for (room, ok) in [
+            ("general", true),
+            ("team-a", true),
+            ("team-", true),
+            ("team", false),
+            ("generalx", false),
+            ("x", false),
+        ] {
+            assert_eq!(p.rooms.allows(room), ok, "{room}");
+            assert_eq!(p.publish.allows(room), ok, "publish defaults to rooms: {room}");
+        }
+        let t = sign(&json!({"sub":"u","publish":["news"]}), KEY);
+        let p = verify(&t, &LAX, 0).unwrap().permissions;
+        assert!(p.rooms.allows("anything") && !p.admin, "rooms defaults to *");
+        assert!(p.publish.allows("news") && !p.publish.allows("general"));
+        let t = sign(&json!({"sub":"u","rooms":[]}), KEY);
+        let p = verify(&t, &LAX, 0).unwrap().permissions;
+        assert!(!p.rooms.allows("general") && !p.publish.allows("general"));
+    }
+
+    #[test]
+    fn permission_claims_of_the_wrong_shape_refuse_the_token() {
+        for bad in [
+            json!({"sub":"u","rooms":"general"}),
+            json!({"sub":"u","rooms":[1]}),
+            json!({"sub":"u","rooms":["a b"]}),
+            json!({"sub":"u","rooms":["*x"]}),
+            json!({"sub":"u","rooms":[""]}),
+            json!({"sub":"u","rooms":["a\u{1}"]}),
+            json!({"sub":"u","rooms":[{"a":1}]}),
+            json!({"sub":"u","publish":[null]}),
+            json!({"sub":"u","admin":"true"}),
+            json!({"sub":"u","admin":1}),
+            json!({"sub":"u","rooms":["x".repeat(65)]}),
+        ] {
+            assert_eq!(
+                verify(&sign(&bad, KEY), &LAX, 0),
+                Err(AuthError::Permissions),
+                "{bad}"
+            );
+        }
+        assert!(AuthError::Permissions.text().contains("rooms"));
+    }
+
+    #[test]
+    fn the_member_name_is_name_else_sub() {
+        let t = sign(&json!({"sub":"u-1","name":"alice"}), KEY);
+        assert_eq!(verify(&t, &LAX, 0).unwrap().member_name(), "alice");
+        let t = sign(&json!({"sub":"u-1"}), KEY);
+        assert_eq!(verify(&t, &LAX, 0).unwrap().member_name(), "u-1");
     }
 
     #[test]

@@ -235,6 +235,16 @@ settings! {
     /// Frames one WebSocket message may have (its first frame and continuations); more closes
     /// with 1008 "too many fragments". At least 1.
     max_fragments: usize = 256, "max-fragments", "MAX_FRAGMENTS";
+    // --- server API and permissions (issue 11) ---
+    /// Key of the server API (`X-API-Key`): posting, deleting, disconnecting, rooms. Empty:
+    /// the server API is off (404). At least 16 characters, no spaces. Also opens the REST
+    /// reads and `/metrics` when JWT is on. Prefer the environment variable.
+    api_key: String = String::new(), "api-key", "API_KEY";
+    /// Largest body of a server API request in bytes; larger gets 413. 256 to 1048576.
+    max_api_body: usize = 8192, "max-api-body", "MAX_API_BODY";
+    /// Rooms where only the server API and admins post, comma-separated patterns (`news`,
+    /// `announce-*`, `*`); other broadcasts get `forbidden`. Empty: none.
+    read_only_rooms: String = String::new(), "read-only-rooms", "READ_ONLY_ROOMS";
 }
 
 /// What the command line asked for.
@@ -405,6 +415,25 @@ impl Config {
                      optional :port (no scheme, no path)"
                 ));
             }
+        }
+        if !(256..=1 << 20).contains(&self.max_api_body) {
+            return Err("--max-api-body (MAX_API_BODY) must be between 256 and 1048576".into());
+        }
+        if !self.api_key.is_empty()
+            && (self.api_key.chars().count() < 16
+                || self
+                    .api_key
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii()))
+        {
+            return Err(
+                "--api-key (API_KEY) must be at least 16 printable ASCII characters without \
+                 spaces (or empty: the server API is off)"
+                    .into(),
+            );
+        }
+        if let Err(e) = crate::auth::Patterns::parse_list(&self.read_only_rooms) {
+            return Err(format!("--read-only-rooms (READ_ONLY_ROOMS): {e}"));
         }
         if self.jwt_secret.is_empty() {
             for (flag, v) in [
@@ -596,6 +625,25 @@ mod tests {
             assert!(run(&[&format!("--{flag}"), "0.01"], &[]).is_ok(), "{flag}");
         }
         assert!(run(&["--shutdown-grace", "0", "--dedup-window", "0"], &[]).is_ok());
+    }
+
+    #[test]
+    fn server_api_settings_are_checked() {
+        assert!(run(&[], &[]).unwrap().api_key.is_empty(), "off by default");
+        for bad in ["short", "sixteen chars ok", "0123456789abcdef\u{7f}", "0123456789abcdéf"] {
+            let e = run(&["--api-key", bad], &[]).unwrap_err();
+            assert!(e.contains("--api-key (API_KEY)"), "{bad}: {e}");
+        }
+        assert!(run(&[], &[("API_KEY", "0123456789abcdef")]).is_ok());
+        assert_eq!(run(&[], &[]).unwrap().max_api_body, 8192);
+        for bad in ["0", "255", "1048577"] {
+            assert!(run(&["--max-api-body", bad], &[]).is_err(), "{bad}");
+        }
+        assert!(run(&["--read-only-rooms", "news, announce-*"], &[]).is_ok());
+        for bad in ["a b", "*x", "ok,bad room", "x\u{1}"] {
+            let e = run(&["--read-only-rooms", bad], &[]).unwrap_err();
+            assert!(e.contains("--read-only-rooms (READ_ONLY_ROOMS)"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,47 @@ pub enum Close {
     InvalidUtf8,
     /// A frame that breaks RFC 6455.
     Protocol,
+    /// Disconnected by the server API or an admin's `kick` (4000), with their reason.
+    Kicked(Reason),
+}
+
+/// A close reason chosen at run time, kept inline (a close frame's reason is at most 123
+/// bytes) so that [`Close`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Reason {
+    len: u8,
+    bytes: [u8; Reason::MAX],
+}
+
+impl Reason {
+    /// The most bytes a close frame's reason may take.
+    pub const MAX: usize = 123;
+
+    /// `text` as a reason; `None` when it is longer than [`Reason::MAX`] bytes or holds a
+    /// control character.
+    pub fn new(text: &str) -> Option<Reason> {
+        if text.len() > Reason::MAX || text.chars().any(char::is_control) {
+            return None;
+        }
+        let mut bytes = [0; Reason::MAX];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Some(Reason {
+            len: text.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Built from a `&str` cut at its end: always UTF-8.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
 }
 
 impl Close {
@@ -39,12 +80,14 @@ impl Close {
             Close::SlowConsumer | Close::RateLimited | Close::TokenExpired => 1008,
             Close::TooManyFragments => 1008,
             Close::MessageTooBig => 1009,
+            Close::Kicked(_) => 4000,
         }
     }
 
     /// The reason text sent with the code.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
+            Close::Kicked(r) => r.as_str(),
             Close::SlowConsumer => "slow consumer",
             Close::Idle => "idle",
             Close::PongTimeout => "timeout",
@@ -82,5 +125,11 @@ mod tests {
             // A close frame's reason must fit its 123 bytes.
             assert!(close.reason().len() <= 123);
         }
+        let kicked = Close::Kicked(super::Reason::new("spam ✋").unwrap());
+        assert_eq!((kicked.code(), kicked.reason()), (4000, "spam ✋"));
+        assert!(super::Reason::new(&"x".repeat(123)).is_some());
+        assert!(super::Reason::new(&"x".repeat(124)).is_none());
+        assert!(super::Reason::new("a\nb").is_none());
+        assert!(super::Reason::new("\u{7f}").is_none());
     }
 }

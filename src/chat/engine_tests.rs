@@ -335,7 +335,7 @@ fn held_events_are_bounded_by_the_output_bound() {
     for _ in 0..5 {
         t.say(1, "general", &text);
     }
-    assert_eq!(t.out.closed, vec![(2, 1008, "slow consumer")]);
+    assert_eq!(t.out.closed, vec![(2, 1008, "slow consumer".to_string())]);
     assert!(t.chat.waits.is_empty());
     assert_eq!(t.chat.member_count(), 1);
     t.release(&h);

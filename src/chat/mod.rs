@@ -22,10 +22,12 @@ use log::info;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
+use crate::auth::{Patterns, Permissions};
 use crate::config::Config;
 use crate::store::engine::{Engine, Request, RequestToken};
 use crate::store::{Page, Query};
 
+mod api;
 mod close;
 mod commands;
 mod dedup;
@@ -42,7 +44,9 @@ use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
 
-pub use close::Close;
+pub use api::{ApiAnswer, ApiCalls, SERVER, ServerPost};
+pub use commands::kick::DEFAULT_REASON as KICK_REASON;
+pub use close::{Close, Reason};
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -138,7 +142,7 @@ pub struct Recorder {
     /// Events in the order they were sent, with their connection.
     pub sent: Vec<(ConnId, serde_json::Value)>,
     /// Closes asked for: connection, close code, reason.
-    pub closed: Vec<(ConnId, u16, &'static str)>,
+    pub closed: Vec<(ConnId, u16, String)>,
 }
 
 impl Outbox for Recorder {
@@ -148,7 +152,7 @@ impl Outbox for Recorder {
         self.sent.push((to, event));
     }
     fn close(&mut self, to: ConnId, why: Close) {
-        self.closed.push((to, why.code(), why.reason()));
+        self.closed.push((to, why.code(), why.reason().to_string()));
     }
 }
 
@@ -197,6 +201,8 @@ pub struct Stats {
     pub flood_closed: u64,
     /// Members that have connected since start.
     pub members_connected_total: u64,
+    /// Server API calls carried out, by endpoint.
+    pub api_calls: ApiCalls,
 }
 
 struct Member {
@@ -205,13 +211,31 @@ struct Member {
     name: String,
     bucket: TokenBucket,
     strikes: u32,
+    /// What its token allows (everything without auth).
+    perms: Permissions,
 }
 
+/// An answer waiting for the store to hold a message durably.
 struct PendingAck {
     ticket: u64,
-    conn: ConnId,
-    serial: u64,
-    json: String,
+    to: AckTo,
+}
+
+/// Who a durable message's answer goes to.
+enum AckTo {
+    /// A member's `ack`, when it is still the member that sent it.
+    Member {
+        conn: ConnId,
+        serial: u64,
+        json: String,
+    },
+    /// A server API publish: `201` (or `200` for a repeat) with the id.
+    Rest {
+        token: RequestToken,
+        room: String,
+        id: u64,
+        repeat: bool,
+    },
 }
 
 /// The chat: every member, room and rule. See the module docs.
@@ -248,6 +272,10 @@ pub struct Chat {
     asking: HashSet<String>,
     /// REST pages answered, for the transport to take.
     rest_pages: Vec<(RequestToken, RestPage)>,
+    /// Server API calls answered later (publish, delete), for the transport to take.
+    api_answers: Vec<(RequestToken, ApiAnswer)>,
+    /// `--read-only-rooms`.
+    read_only: Patterns,
     next_serial: u64,
     next_auto_name: u64,
     member_ids: MemberIds,
@@ -269,6 +297,8 @@ impl Chat {
     pub fn new(cfg: Config, engine: Box<dyn Engine>, member_ids: MemberIds) -> Self {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, 0);
+        // Checked by `Config::validate`; a config built in code with bad patterns gets none.
+        let read_only = Patterns::parse_list(&cfg.read_only_rooms).unwrap_or_else(|_| Patterns::none());
         let mut chat = Chat {
             cfg,
             members: HashMap::new(),
@@ -287,6 +317,8 @@ impl Chat {
             held_count: 0,
             asking: HashSet::new(),
             rest_pages: Vec::new(),
+            api_answers: Vec::new(),
+            read_only,
             next_serial: 0,
             next_auto_name: 0,
             member_ids,
@@ -330,6 +362,21 @@ impl Chat {
         id: Option<String>,
         out: &mut impl Outbox,
     ) {
+        self.connect_with(now, conn, name, id, Permissions::default(), out);
+    }
+
+    /// [`Chat::connect`] for a member whose token grants `perms`. One whose `rooms` do not
+    /// allow `general` is not joined to it (it gets `me` only).
+    pub fn connect_with(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        name: Option<&str>,
+        id: Option<String>,
+        perms: Permissions,
+        out: &mut impl Outbox,
+    ) {
+        let in_general = perms.rooms.allows(DEFAULT_ROOM);
         let name = match name {
             Some(n) => n.to_string(),
             None => self.auto_name(),
@@ -342,6 +389,7 @@ impl Chat {
             name: name.clone(),
             bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
             strikes: 0,
+            perms,
         };
         let me = Event::Me {
             member: &member.name,
@@ -355,6 +403,9 @@ impl Chat {
         self.members.insert(conn, member);
         self.stats.members_connected_total += 1;
         info!("🔌 Member {} connected", crate::log_safe(&name));
+        if !in_general {
+            return;
+        }
         let mut cx = Cx {
             conn,
             now,
@@ -476,14 +527,22 @@ impl Chat {
                 break;
             }
             let ack = self.pending_acks.pop_front().expect("front exists");
-            // The connection id may have been reused by a later member: the serial tells.
-            if self
-                .members
-                .get(&ack.conn)
-                .is_some_and(|m| m.serial == ack.serial)
-            {
-                self.stats.messages_out += 1;
-                out.send(ack.conn, &Payload::new(&ack.json));
+            match ack.to {
+                // The connection id may have been reused by a later member: the serial tells.
+                AckTo::Member { conn, serial, json } => {
+                    if self.is_same_member(conn, serial) {
+                        self.stats.messages_out += 1;
+                        out.send(conn, &Payload::new(&json));
+                    }
+                }
+                AckTo::Rest {
+                    token,
+                    room,
+                    id,
+                    repeat,
+                } => self
+                    .api_answers
+                    .push((token, ApiAnswer::Published { room, id, repeat })),
             }
         }
     }
@@ -519,7 +578,12 @@ impl Chat {
     pub fn waiting_conns(&self) -> impl Iterator<Item = ConnId> + '_ {
         use pending::Read;
         let reads = self.reads.values().filter_map(|r| match r {
-            Read::Join { conn, .. } | Read::History { conn, .. } => Some(*conn),
+            Read::Join { conn, .. }
+            | Read::History { conn, .. }
+            | Read::Delete {
+                origin: api::Origin::Member { conn, .. },
+                ..
+            } => Some(*conn),
             _ => None,
         });
         reads.chain(self.held.values().flat_map(|q| q.iter().map(|h| h.conn)))
@@ -594,9 +658,7 @@ impl Chat {
         };
         self.pending_acks.push_back(PendingAck {
             ticket,
-            conn,
-            serial,
-            json,
+            to: AckTo::Member { conn, serial, json },
         });
     }
 
@@ -697,6 +759,54 @@ impl Chat {
             .filter_map(|c| self.members.get(c))
             .map(|m| m.name.as_str())
             .collect()
+    }
+
+    /// What the member on `conn` may do; `None` when no member is there.
+    pub(crate) fn perms_of(&self, conn: ConnId) -> Option<&Permissions> {
+        self.members.get(&conn).map(|m| &m.perms)
+    }
+
+    /// `forbidden` unless the member on `conn` may read and be in `room`.
+    pub(crate) fn require_room(&self, conn: ConnId, room: &str) -> Result<(), CommandError> {
+        match self.perms_of(conn) {
+            Some(p) if !p.rooms.allows(room) => Err(CommandError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow room '{room}'"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `forbidden` unless the member on `conn` may broadcast to `room`: its `publish`, and
+    /// read-only rooms (admins only).
+    pub(crate) fn require_publish(&self, conn: ConnId, room: &str) -> Result<(), CommandError> {
+        let Some(p) = self.perms_of(conn) else {
+            return Ok(());
+        };
+        if !p.publish.allows(room) {
+            return Err(CommandError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow posting to room '{room}'"),
+            ));
+        }
+        if !p.admin && self.read_only.allows(room) {
+            return Err(CommandError::new(
+                ErrorCode::Forbidden,
+                format!("room '{room}' is read-only: only the server and admins post there"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `forbidden` unless the member on `conn` is an admin.
+    pub(crate) fn require_admin(&self, conn: ConnId) -> Result<(), CommandError> {
+        if self.perms_of(conn).is_some_and(|p| p.admin) {
+            return Ok(());
+        }
+        Err(CommandError::new(
+            ErrorCode::Forbidden,
+            "only admins may do that (the token's admin claim)",
+        ))
     }
 
     /// Rooms in memory, by name: `(name, member count, messages stored)`.

@@ -48,6 +48,14 @@ pub(super) enum Read {
     },
     /// A room's last id, asked when it came into memory or before its first broadcast.
     LastId { room: String },
+    /// The read that tells whether message `id` exists before it is removed.
+    Delete {
+        room: String,
+        id: u64,
+        origin: super::api::Origin,
+    },
+    /// The last id of a room deleted while not in memory (0: it never was).
+    DeleteRoom { room: String, rest: RequestToken },
     /// A reservation of the room's next id.
     Reserve { room: String },
     /// A reservation of an id already covered, sent so that the engine may renew ahead; no
@@ -75,6 +83,8 @@ pub(super) struct Held {
     pub(super) echo: Option<bool>,
     pub(super) msg_id: Option<String>,
     pub(super) request_id: Option<String>,
+    /// A server API publish: its answer goes to this REST token, not to a member.
+    pub(super) rest: Option<RequestToken>,
     pub(super) mono: Instant,
     pub(super) ts: u64,
 }
@@ -187,6 +197,36 @@ impl Chat {
                 Ok(Answer::Reserved(_)) => {}
                 Err(e) => self.rest_pages.push((rest, Err(e))),
             },
+            (Read::Delete { room, id, origin }, result) => {
+                let found = match result {
+                    Ok(Answer::Page(p)) => Ok(p.messages.first().is_some_and(|m| m.id == id)),
+                    Ok(_) => Ok(false),
+                    Err(e) => Err(e),
+                };
+                self.finish_delete(&room, id, origin, found, out);
+            }
+            (Read::DeleteRoom { room, rest }, result) => {
+                let answer = match result {
+                    Ok(Answer::LastId(last)) => {
+                        let in_memory = self.rooms.get(&room).map(|r| r.next_id());
+                        match in_memory {
+                            None if last == 0 => super::ApiAnswer::NotFound(format!(
+                                "room '{room}' does not exist"
+                            )),
+                            _ => {
+                                let last = last.max(in_memory.unwrap_or(0).saturating_sub(1));
+                                self.close_room(&room, last, out);
+                                super::ApiAnswer::Done
+                            }
+                        }
+                    }
+                    Ok(_) => super::ApiAnswer::Done,
+                    Err(e) => super::ApiAnswer::Unavailable(format!(
+                        "the history store cannot be read now ({e}); retry later"
+                    )),
+                };
+                self.api_answers.push((rest, answer));
+            }
             (Read::LastId { room }, result) => {
                 self.asking.remove(&room);
                 match result {
@@ -382,7 +422,7 @@ impl Chat {
             match repeat {
                 Some(first) => {
                     let ticket = self.last_ticket;
-                    self.queue_ack(held.conn, held.serial, room, first, ticket, &held);
+                    self.queue_ack(held.conn, held.serial, room, first, ticket, &held, true);
                 }
                 None => self.deliver(room, next, held, out),
             }
@@ -409,12 +449,17 @@ impl Chat {
     }
 
     /// Refuses every broadcast held for `room`: its id could not be read or reserved.
-    fn refuse_held(&mut self, room: &str, e: &StoreError, out: &mut impl Outbox) {
+    pub(super) fn refuse_held(&mut self, room: &str, e: &StoreError, out: &mut impl Outbox) {
         let queue: VecDeque<Held> = self.held.remove(room).unwrap_or_default();
         self.held_count -= queue.len();
         self.rooms.unpin(room);
         let message = format!("the history store cannot take messages now ({e}); retry later");
         for held in queue {
+            if let Some(token) = held.rest {
+                self.api_answers
+                    .push((token, super::ApiAnswer::Unavailable(message.clone())));
+                continue;
+            }
             if !self.is_same_member(held.conn, held.serial) {
                 continue;
             }
@@ -470,7 +515,7 @@ impl Chat {
         self.last_ticket += 1;
         let ticket = self.last_ticket;
         self.stats.broadcasts += 1;
-        self.queue_ack(held.conn, held.serial, room, id, ticket, &held);
+        self.queue_ack(held.conn, held.serial, room, id, ticket, &held, false);
         // The message itself, after delivery, moved out of what was held.
         let stored = StoredMessage {
             id,
@@ -485,8 +530,10 @@ impl Chat {
         });
     }
 
-    /// With a `request_id`, queues the `ack` naming `id`, sent once `ticket` is durable.
-    fn queue_ack(
+    /// With a `request_id`, queues the `ack` naming `id`, sent once `ticket` is durable; for a
+    /// server API publish, its answer (`repeat`: the `msg_id` was seen, `id` is the first's).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn queue_ack(
         &mut self,
         conn: ConnId,
         serial: u64,
@@ -494,7 +541,20 @@ impl Chat {
         id: u64,
         ticket: u64,
         held: &Held,
+        repeat: bool,
     ) {
+        if let Some(token) = held.rest {
+            self.pending_acks.push_back(super::PendingAck {
+                ticket,
+                to: super::AckTo::Rest {
+                    token,
+                    room: room.to_string(),
+                    id,
+                    repeat,
+                },
+            });
+            return;
+        }
         if !self.is_same_member(conn, serial) {
             return;
         }

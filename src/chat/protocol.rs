@@ -16,7 +16,7 @@ use crate::store::StoredMessage;
 pub const MAX_ID_CHARS: usize = 64;
 
 pub use super::commands::{
-    Broadcast, Command, Direct, History, Join, Leave, List, ListRooms, Me, Ping,
+    Broadcast, Command, Delete, Direct, History, Join, Kick, Leave, List, ListRooms, Me, Ping,
 };
 
 /// Every command name, for telling `unknown_command` from `invalid`: [`Command::NAMES`].
@@ -43,6 +43,9 @@ pub enum ErrorCode {
     /// The history store cannot take the message now (its backlog is full, or it cannot make
     /// the message's id durable); nothing changed, retry later.
     Unavailable,
+    /// The member's token does not allow it (its `rooms`, `publish`, `admin`; a read-only
+    /// room); nothing changed.
+    Forbidden,
 }
 
 /// A command that could not be carried out: its code and a sentence for people.
@@ -314,6 +317,18 @@ pub enum Event<'a> {
         /// The message id, for broadcasts.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+    },
+    /// Message `id` of `room` was removed by a moderator; its id stays taken.
+    Deleted {
+        /// The room.
+        room: &'a str,
+        /// The message removed.
+        id: u64,
+    },
+    /// The room was deleted: the member is no longer in it.
+    RoomClosed {
+        /// The room.
+        room: &'a str,
     },
     /// A notice from the server to one member.
     System {

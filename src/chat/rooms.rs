@@ -28,6 +28,8 @@ pub(crate) struct Room {
     asked: u64,
     /// Kept in memory while empty: broadcasts to it wait for their ids (see [`Rooms::pin`]).
     pinned: bool,
+    /// Created by the server API: kept while empty until it is deleted.
+    kept: bool,
 }
 
 impl Room {
@@ -126,6 +128,47 @@ impl Rooms {
         Ok(true)
     }
 
+    /// Makes sure `room` is in memory (its next id from `first_id` when it is new); with
+    /// `keep`, it stays while empty until [`Rooms::remove_room`]. `Ok(true)` when it is new.
+    pub(crate) fn create(
+        &mut self,
+        room: &str,
+        keep: bool,
+        first_id: impl FnOnce() -> u64,
+    ) -> Result<bool, Refused> {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.kept |= keep;
+            return Ok(false);
+        }
+        if self.rooms.len() >= self.max_rooms {
+            return Err(Refused::ServerLimit(self.max_rooms));
+        }
+        let mut r = Room::new(first_id());
+        r.kept = keep;
+        self.rooms.insert(room.to_string(), r);
+        Ok(true)
+    }
+
+    /// Drops `room` from memory with every member's side of it; returns its members (join
+    /// order). The default room cannot be removed (nothing happens).
+    pub(crate) fn remove_room(&mut self, room: &str) -> Vec<ConnId> {
+        if room == DEFAULT_ROOM {
+            return Vec::new();
+        }
+        let Some(r) = self.rooms.remove(room) else {
+            return Vec::new();
+        };
+        for conn in &r.members {
+            if let Some(mine) = self.of.get_mut(conn) {
+                mine.retain(|n| n != room);
+                if mine.is_empty() {
+                    self.of.remove(conn);
+                }
+            }
+        }
+        r.members
+    }
+
     /// Takes `conn` out of `room`; `false` when it was not in it.
     pub(crate) fn leave(&mut self, conn: ConnId, room: &str) -> bool {
         let Some(mine) = self.of.get_mut(&conn) else {
@@ -201,7 +244,7 @@ impl Rooms {
     pub(crate) fn unpin(&mut self, room: &str) {
         if let Some(r) = self.rooms.get_mut(room) {
             r.pinned = false;
-            if r.members.is_empty() && room != DEFAULT_ROOM {
+            if r.members.is_empty() && room != DEFAULT_ROOM && !r.kept {
                 self.rooms.remove(room);
             }
         }
@@ -216,7 +259,7 @@ impl Rooms {
         if let Some(i) = r.members.iter().position(|&m| m == conn) {
             r.members.remove(i);
         }
-        if r.members.is_empty() && room != DEFAULT_ROOM && !r.pinned {
+        if r.members.is_empty() && room != DEFAULT_ROOM && !r.pinned && !r.kept {
             self.rooms.remove(room);
         }
     }
@@ -231,7 +274,7 @@ impl Rooms {
         assert!(self.rooms.len() <= self.max_rooms.max(1), "too many rooms");
         for (name, room) in &self.rooms {
             assert!(
-                !room.members.is_empty() || name == DEFAULT_ROOM || room.pinned,
+                !room.members.is_empty() || name == DEFAULT_ROOM || room.pinned || room.kept,
                 "empty room {name} kept"
             );
             for (i, conn) in room.members.iter().enumerate() {
@@ -267,6 +310,7 @@ impl Room {
             reserved: 0,
             asked: 0,
             pinned: false,
+            kept: false,
         }
     }
 }

@@ -92,6 +92,7 @@ impl Server {
 
     pub(super) fn read_head(&mut self, id: usize, now: Instant) {
         let max = self.cfg().max_head_bytes;
+        let max_body = self.cfg().max_api_body;
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -102,7 +103,7 @@ impl Server {
         let mut eof = false;
         // Never past the bound: a connection whose answer is pending (a REST page being read)
         // or already queued is not parsed again, and must not keep buffering what it sends.
-        while head.len() <= max {
+        while head.len() <= max + max_body {
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     eof = true;
@@ -123,7 +124,21 @@ impl Server {
         let parsed = http::parse(head);
         let too_big = head.len() > max;
         match parsed {
-            Parsed::Complete(h) if h.len <= max => self.route(id, h, now),
+            Parsed::Complete(h) if h.len <= max => {
+                // A body (the server API's) follows the head: wait until it is all here.
+                let len = match http::body_length(&h, max_body) {
+                    Ok(len) => len,
+                    Err(refusal) => return self.respond(id, refusal, now),
+                };
+                if head.len() < h.len + len {
+                    if eof {
+                        self.drop_conn(id);
+                    }
+                    return;
+                }
+                let body = head[h.len..h.len + len].to_vec();
+                self.route(id, h, &body, now)
+            }
             Parsed::Complete(_) | Parsed::TooLarge => {
                 self.respond(id, Response::text(431, "request head too large\n"), now)
             }
@@ -148,7 +163,7 @@ impl Server {
         self.mark_dirty(id);
     }
 
-    pub(super) fn route(&mut self, id: usize, head: Head, now: Instant) {
+    pub(super) fn route(&mut self, id: usize, head: Head, body: &[u8], now: Instant) {
         let get = head.method == "GET";
         // DNS rebinding: a page on evil.example whose name now resolves here sends
         // `Host: evil.example`. Health checks often come by address, and tell nothing.
@@ -183,16 +198,25 @@ impl Server {
             "/health" | "/" | "/ws" => Response::method_not_allowed("GET"),
             _ => match api::authorize(self.cfg(), &head, unix_secs()) {
                 Err(refused) => refused,
-                Ok(()) => {
+                Ok(access) => {
                     let t = api::TransportStats {
                         connections: self.conns.len(),
                         uptime_secs: self.started.elapsed().as_secs(),
                         close_frames_lost: self.close_frames_lost,
                     };
-                    match self.core(|chat, sink| api::route(chat, &head, t, sink)) {
+                    let call = api::Call {
+                        head: &head,
+                        body,
+                        access: &access,
+                        now: now_of(now),
+                    };
+                    match self.core(|chat, sink| api::route(chat, &call, t, sink)) {
                         Some(api::Answer::Now(r)) => r,
                         Some(api::Answer::Later { token, room }) => {
                             return self.await_page(id, token, room, now);
+                        }
+                        Some(api::Answer::LaterApi { token }) => {
+                            return self.await_page(id, token, String::new(), now);
                         }
                         None => Response::text(404, "not found\n"),
                     }
@@ -254,8 +278,13 @@ impl Server {
         c.timer_at = None;
         self.ws_count += 1;
         self.mark_dirty(id);
-        let member_id = identity.map(|i| i.sub);
-        self.core(|chat, sink| chat.connect(now_of(now), id, name.as_deref(), member_id, sink));
+        let (member_id, perms) = match identity {
+            Some(i) => (Some(i.sub), i.permissions),
+            None => (None, crate::auth::Permissions::default()),
+        };
+        self.core(|chat, sink| {
+            chat.connect_with(now_of(now), id, name.as_deref(), member_id, perms, sink)
+        });
         self.schedule(id);
         // Frames the client sent right behind its head are already buffered: read them now,
         // since no new readiness event will come for them.

@@ -101,11 +101,24 @@ pub(crate) fn admit(
             }
         }
     };
-    let name = match identity.as_ref().and_then(|i| i.name.clone()) {
-        Some(n) => Some(n),
-        None => head
-            .query_param("name")
-            .map_err(|_| bad("the name is badly escaped"))?,
+    let asked = head
+        .query_param("name")
+        .map_err(|_| bad("the name is badly escaped"))?;
+    // With a token, its name (`name`, else `sub`) is the member's: `?name=` may only repeat it.
+    let name = match &identity {
+        Some(i) => {
+            let theirs = i.member_name();
+            if let Some(a) = asked.as_deref().filter(|a| !a.is_empty()) {
+                if !a.eq_ignore_ascii_case(theirs) {
+                    return Err(Response::text(
+                        403,
+                        "the token names another member: leave out ?name= or use the token's name\n",
+                    ));
+                }
+            }
+            Some(theirs.to_string())
+        }
+        None => asked,
     };
     let name = name.filter(|n| !n.is_empty());
     if members >= cfg.max_connections {

@@ -1,17 +1,22 @@
-//! The REST API and `/metrics`: read-only views of the chat core, rendered as JSON or text.
+//! The REST API and `/metrics`: read-only views of the chat core, rendered as JSON or text,
+//! and the server API (writes, with `X-API-Key`), whose calls are inputs to the core.
 //!
-//! Everything is answered from the core's memory at once, except a room's messages: that page
+//! Reads are answered from the core's memory at once, except a room's messages: that page
 //! is asked of the history engine, and the HTTP answer ([`page_response`]) is written when the
-//! engine replies ([`Answer::Later`]); the loop does not wait.
+//! engine replies ([`Answer::Later`]); the loop does not wait. A server publish is answered
+//! once the message is durable and a delete once the message was found
+//! ([`Answer::LaterApi`], [`api_response`]).
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::http::{Head, Response};
-use crate::auth::{self, AuthError, Policy};
-use crate::chat::{Chat, Outbox, RestPage};
+use crate::auth::{self, AuthError, Permissions, Policy};
+use crate::chat::protocol::{CommandError, ErrorCode, RawJson};
+use crate::chat::{ApiAnswer, Chat, Now, Outbox, Reason, RestPage, ServerPost};
 use crate::config::Config;
 use crate::store::StoredMessage;
 use crate::store::engine::RequestToken;
@@ -29,6 +34,77 @@ pub enum Answer {
         /// The room asked for, decoded.
         room: String,
     },
+    /// The response waits for a server API call's answer with this token (see
+    /// [`Chat::take_api_answers`]); [`api_response`] renders it.
+    LaterApi {
+        /// The token the call returned.
+        token: RequestToken,
+    },
+}
+
+/// Who a request to `/api` or `/metrics` is, as [`authorize`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Auth is off (or the path is open): everything readable.
+    Open,
+    /// The API key: the server API and every read.
+    Key,
+    /// A token: reads, filtered by its `rooms`.
+    Token(Permissions),
+}
+
+impl Access {
+    fn may_read(&self, room: &str) -> bool {
+        match self {
+            Access::Token(p) => p.rooms.allows(room),
+            Access::Open | Access::Key => true,
+        }
+    }
+}
+
+/// One request to the API: its head, its body, who sent it, and when.
+#[derive(Debug)]
+pub struct Call<'a> {
+    /// The request head.
+    pub head: &'a Head,
+    /// The body (empty without one), at most `--max-api-body` bytes.
+    pub body: &'a [u8],
+    /// What [`authorize`] found.
+    pub access: &'a Access,
+    /// The time, for the core.
+    pub now: Now,
+}
+
+/// A call of the server API, from its method and path (names still percent-encoded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerCall<'a> {
+    Publish(&'a str),
+    DeleteMessage(&'a str, &'a str),
+    Disconnect(&'a str),
+    CreateRoom,
+    DeleteRoom(&'a str),
+    Direct(&'a str),
+}
+
+fn server_call<'a>(method: &str, path: &'a str) -> Option<ServerCall<'a>> {
+    let parts: Vec<&str> = path.strip_prefix("/api/")?.split('/').collect();
+    let call = match (method, parts.as_slice()) {
+        ("POST", ["rooms"]) => ServerCall::CreateRoom,
+        ("DELETE", ["rooms", r]) => ServerCall::DeleteRoom(r),
+        ("POST", ["rooms", r, "messages"]) => ServerCall::Publish(r),
+        ("DELETE", ["rooms", r, "messages", id]) => ServerCall::DeleteMessage(r, id),
+        ("POST", ["members", m, "disconnect"]) => ServerCall::Disconnect(m),
+        ("POST", ["direct", m]) => ServerCall::Direct(m),
+        _ => return None,
+    };
+    Some(call)
+}
+
+/// Whether `given` is the API key, in constant time: both are hashed first, so neither
+/// their contents nor their lengths change how long the comparison takes.
+fn same_key(given: &str, key: &str) -> bool {
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Gauges the transport knows and the core does not.
@@ -46,20 +122,46 @@ fn error(status: u16, code: &str, message: String) -> Response {
     Response::json(status, &json!({"error": code, "message": message}))
 }
 
-/// Whether the request may read the REST API (`/api`, `/api/...`) and `/metrics`: the one
-/// place that decides it. With auth off, anyone may; with `--jwt-secret`, a token valid under
-/// the same rules as for `/ws` (`Authorization: Bearer` or `?token=`) is needed, except for
-/// `/metrics` with `--metrics-public`. Other paths are not its business and pass. A refusal
-/// is the `401` to send. (A server API key, when one comes, is to be accepted here too.)
-pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Response> {
+/// Whether the request may use the REST API (`/api`, `/api/...`) and `/metrics`: the one
+/// place that decides it. The server API (the writes) needs `X-API-Key` equal to
+/// `--api-key` (compared in constant time; `404` while no key is set, `401` for a missing or
+/// wrong one). Reads: with auth off, anyone may; with `--jwt-secret`, the API key or a token
+/// valid under the same rules as for `/ws` (`Authorization: Bearer` or `?token=`) is needed,
+/// except for `/metrics` with `--metrics-public`. Other paths are not its business and pass.
+/// A refusal is the response to send.
+pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<Access, Response> {
     let path = head.path.as_str();
     let api = path == "/api" || path.starts_with("/api/");
     let metrics = path == "/metrics";
+    let key_ok = !cfg.api_key.is_empty()
+        && head
+            .header("x-api-key")
+            .is_some_and(|k| same_key(k, &cfg.api_key));
+    if server_call(&head.method, path).is_some() {
+        if cfg.api_key.is_empty() {
+            return Err(error(
+                404,
+                "not_found",
+                "the server API is off (no --api-key)".into(),
+            ));
+        }
+        if !key_ok {
+            return Err(error(
+                401,
+                "unauthorized",
+                "the server API needs the header X-API-Key with the API key".into(),
+            ));
+        }
+        return Ok(Access::Key);
+    }
     if !(api || (metrics && !cfg.metrics_public)) {
-        return Ok(());
+        return Ok(Access::Open);
+    }
+    if key_ok {
+        return Ok(Access::Key);
     }
     let Some(policy) = Policy::of(cfg) else {
-        return Ok(());
+        return Ok(Access::Open);
     };
     let refused = |e: AuthError| {
         error(401, "unauthorized", e.text().to_string()).with_header("WWW-Authenticate", "Bearer")
@@ -69,7 +171,7 @@ pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Respons
         .map_err(|_| refused(AuthError::Malformed))?
         .ok_or_else(|| refused(AuthError::Missing))?;
     auth::verify(&token, &policy, unix_now)
-        .map(|_| ())
+        .map(|identity| Access::Token(identity.permissions))
         .map_err(refused)
 }
 
@@ -77,11 +179,15 @@ pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<(), Respons
 /// what the core sends while a page is asked for (the memory engine answers at once).
 pub fn route(
     chat: &mut Chat,
-    head: &Head,
+    call: &Call<'_>,
     t: TransportStats,
     out: &mut impl Outbox,
 ) -> Option<Answer> {
+    let head = call.head;
     let path = head.path.as_str();
+    if let Some(server) = server_call(&head.method, path) {
+        return Some(server_route(chat, call, server, out));
+    }
     let known = path == "/metrics"
         || path == "/api/stats"
         || path == "/api/rooms"
@@ -94,7 +200,7 @@ pub fn route(
         return Some(Answer::Now(Response::method_not_allowed("GET")));
     }
     if let Some(rest) = path.strip_prefix("/api/rooms/") {
-        return Some(room_route(chat, head, rest, out));
+        return Some(room_route(chat, head, call.access, rest, out));
     }
     Some(Answer::Now(match path {
         "/api/stats" => Response::json(200, &stats_json(chat, t)),
@@ -103,6 +209,7 @@ pub fn route(
             let rooms: Vec<_> = chat
                 .room_list()
                 .into_iter()
+                .filter(|(name, _, _)| call.access.may_read(name))
                 .map(|(name, members, messages)| json!({"name": name, "members": members, "messages": messages}))
                 .collect();
             Response::json(200, &rooms)
@@ -117,7 +224,13 @@ pub fn route(
     }))
 }
 
-fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -> Answer {
+fn room_route(
+    chat: &mut Chat,
+    head: &Head,
+    access: &Access,
+    rest: &str,
+    out: &mut impl Outbox,
+) -> Answer {
     let now = |r: Response| Answer::Now(r);
     let (name, tail) = match rest.split_once('/') {
         Some((n, t)) => (n, Some(t)),
@@ -137,6 +250,13 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -
             404,
             "not_found",
             format!("room '{name}' does not exist"),
+        ));
+    }
+    if !access.may_read(&name) {
+        return now(error(
+            403,
+            "forbidden",
+            format!("your token does not allow room '{name}'"),
         ));
     }
     match tail {
@@ -173,6 +293,203 @@ fn room_route(chat: &mut Chat, head: &Head, rest: &str, out: &mut impl Outbox) -
             "not_found",
             format!("no such resource under room '{name}'"),
         )),
+    }
+}
+
+/// The status a command error of the server API is answered with.
+fn status_of(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::NotFound => 404,
+        ErrorCode::LimitReached => 409,
+        ErrorCode::Forbidden => 403,
+        ErrorCode::RateLimited => 429,
+        ErrorCode::Unavailable => 503,
+        _ => 400,
+    }
+}
+
+fn command_error(e: &CommandError) -> Response {
+    let code = serde_json::to_value(e.code).unwrap_or_default();
+    Response::json(
+        status_of(e.code),
+        &json!({"error": code, "message": e.message}),
+    )
+}
+
+/// The body as a JSON object of shape `T`: `bad_json` when it is not a JSON object,
+/// `invalid` when a field is missing or of the wrong type.
+fn body_of<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    let bad = || error(400, "bad_json", "the body must be a JSON object".into());
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(bad());
+    };
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return Err(bad()),
+    }
+    serde_json::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.find(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+        let msg: String = msg.chars().take(160).collect();
+        error(400, "invalid", msg)
+    })
+}
+
+/// A path segment that names a room or member: decoded; `None` when badly escaped.
+fn segment(s: &str) -> Option<String> {
+    super::http::percent_decode(s).ok()
+}
+
+#[derive(Deserialize)]
+struct PostBody {
+    message: String,
+    member: Option<String>,
+    data: Option<RawJson>,
+    msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DirectBody {
+    message: String,
+    data: Option<RawJson>,
+}
+
+#[derive(Deserialize)]
+struct RoomBody {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    reason: Option<String>,
+}
+
+/// Carries out one server API call (the key was checked by [`authorize`]).
+fn server_route(
+    chat: &mut Chat,
+    call: &Call<'_>,
+    server: ServerCall<'_>,
+    out: &mut impl Outbox,
+) -> Answer {
+    match server_answer(chat, call, server, out) {
+        Ok(answer) => answer,
+        Err(response) => Answer::Now(response),
+    }
+}
+
+fn server_answer(
+    chat: &mut Chat,
+    call: &Call<'_>,
+    server: ServerCall<'_>,
+    out: &mut impl Outbox,
+) -> Result<Answer, Response> {
+    let unknown_room = |r: &str| {
+        error(
+            404,
+            "not_found",
+            format!("room '{}' does not exist", crate::log_safe(r)),
+        )
+    };
+    let unknown_member = |m: &str| {
+        error(
+            404,
+            "not_found",
+            format!("no member named '{}'", crate::log_safe(m)),
+        )
+    };
+    // A room named in the path must be a valid room name; no such room can exist otherwise.
+    let room_of = |r: &str| -> Result<String, Response> {
+        segment(r)
+            .filter(|r| crate::chat::validate::room_name(r).is_ok())
+            .ok_or_else(|| unknown_room(r))
+    };
+    let ce = |e: CommandError| command_error(&e);
+    match server {
+        ServerCall::Publish(r) => {
+            let room = room_of(r)?;
+            let b: PostBody = body_of(call.body)?;
+            let post = ServerPost {
+                room,
+                member: b.member,
+                message: b.message,
+                data: b.data,
+                msg_id: b.msg_id,
+            };
+            let token = chat.server_publish(call.now, post, out).map_err(ce)?;
+            Ok(Answer::LaterApi { token })
+        }
+        ServerCall::DeleteMessage(r, id) => {
+            let room = room_of(r)?;
+            let no_id = || {
+                error(
+                    404,
+                    "not_found",
+                    format!("room '{room}' has no message {}", crate::log_safe(id)),
+                )
+            };
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(no_id());
+            }
+            let id: u64 = id.parse().map_err(|_| no_id())?;
+            let token = chat.delete_message(&room, id, out).map_err(ce)?;
+            Ok(Answer::LaterApi { token })
+        }
+        ServerCall::Disconnect(m) => {
+            let name = segment(m).ok_or_else(|| unknown_member(m))?;
+            let reason = if call.body.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                body_of::<DisconnectBody>(call.body)?.reason
+            };
+            let reason = reason.as_deref().unwrap_or(crate::chat::KICK_REASON);
+            let reason = Reason::new(reason).ok_or_else(|| {
+                error(
+                    400,
+                    "invalid",
+                    "reason must be at most 123 bytes without control characters".into(),
+                )
+            })?;
+            chat.disconnect_member(&name, reason, "the API", out)
+                .map_err(ce)?;
+            Ok(Answer::Now(Response::empty(204)))
+        }
+        ServerCall::CreateRoom => {
+            let b: RoomBody = body_of(call.body)?;
+            let new = chat.create_room(&b.name).map_err(ce)?;
+            let status = if new { 201 } else { 200 };
+            Ok(Answer::Now(Response::json(status, &json!({"name": b.name}))))
+        }
+        ServerCall::DeleteRoom(r) => {
+            let room = room_of(r)?;
+            if room == crate::chat::DEFAULT_ROOM {
+                return Err(error(
+                    409,
+                    "conflict",
+                    "the room 'general' cannot be deleted".into(),
+                ));
+            }
+            let token = chat.delete_room(&room, out).map_err(ce)?;
+            Ok(Answer::LaterApi { token })
+        }
+        ServerCall::Direct(m) => {
+            let name = segment(m).ok_or_else(|| unknown_member(m))?;
+            let b: DirectBody = body_of(call.body)?;
+            chat.server_direct(call.now, &name, &b.message, b.data.as_ref(), out)
+                .map_err(ce)?;
+            Ok(Answer::Now(Response::empty(204)))
+        }
+    }
+}
+
+/// The answer to a server API call that waited for the engine.
+pub fn api_response(answer: ApiAnswer) -> Response {
+    match answer {
+        ApiAnswer::Published { room, id, repeat } => {
+            Response::json(if repeat { 200 } else { 201 }, &json!({"room": room, "id": id}))
+        }
+        ApiAnswer::Done => Response::empty(204),
+        ApiAnswer::NotFound(m) => error(404, "not_found", m),
+        ApiAnswer::Unavailable(m) => error(503, "unavailable", m),
     }
 }
 
@@ -220,6 +537,14 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
         "close_frames_lost": t.close_frames_lost,
+        "api_calls": {
+            "publish": s.api_calls.publish,
+            "delete": s.api_calls.delete,
+            "disconnect": s.api_calls.disconnect,
+            "room_create": s.api_calls.room_create,
+            "room_delete": s.api_calls.room_delete,
+            "direct": s.api_calls.direct,
+        },
     })
 }
 
@@ -305,6 +630,21 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
+    }
+    let a = s.api_calls;
+    out.push_str(
+        "# HELP chatterbox_api_calls_total Server API calls carried out (admin commands included).\n\
+         # TYPE chatterbox_api_calls_total counter\n",
+    );
+    for (call, n) in [
+        ("publish", a.publish),
+        ("delete", a.delete),
+        ("disconnect", a.disconnect),
+        ("room_create", a.room_create),
+        ("room_delete", a.room_delete),
+        ("direct", a.direct),
+    ] {
+        let _ = writeln!(out, "chatterbox_api_calls_total{{call=\"{call}\"}} {n}");
     }
     out
 }

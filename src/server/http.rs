@@ -122,6 +122,43 @@ pub fn parse(buf: &[u8]) -> Parsed {
     }
 }
 
+/// The length of the body that follows `head`: its `Content-Length` (0 without one). A
+/// refusal to send at once: `411` for a chunked body, `400` for a length that is not a
+/// number, `413` past `max` (before the body is read).
+pub fn body_length(head: &Head, max: usize) -> Result<usize, Response> {
+    if head.header("transfer-encoding").is_some() {
+        return Err(Response::text(
+            411,
+            "send the body with a Content-Length, not chunked\n",
+        ));
+    }
+    let Some(v) = head.header("content-length") else {
+        return Ok(0);
+    };
+    let lengths: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if lengths.iter().any(|l| *l != v) {
+        return Err(Response::text(400, "conflicting Content-Length headers\n"));
+    }
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Response::text(400, "malformed Content-Length\n"));
+    }
+    match v.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(Response::json(
+            413,
+            &serde_json::json!({
+                "error": "too_large",
+                "message": format!("the body is larger than {max} bytes (--max-api-body)"),
+            }),
+        )),
+    }
+}
+
 /// Decodes `%XX` escapes and `+` (a space in query strings).
 pub fn percent_decode(s: &str) -> Result<String, BadEscape> {
     let bytes = s.as_bytes();
@@ -185,7 +222,17 @@ impl Response {
         }
     }
 
-    /// `405` naming the methods the path allows.
+    /// A response without a body (`204`).
+    pub fn empty(status: u16) -> Self {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+        /// `405` naming the methods the path allows.
     pub fn method_not_allowed(allow: &str) -> Self {
         let mut r = Response::text(405, "method not allowed\n");
         r.headers.push(("Allow", allow.to_string()));
@@ -224,12 +271,16 @@ pub fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        201 => "Created",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
         421 => "Misdirected Request",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",

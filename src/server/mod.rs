@@ -439,6 +439,20 @@ impl Server {
             c.page_pending = None;
             self.respond(id, api::page_response(&room, page), now);
         }
+        // Server API calls that waited for the engine (a publish until durable, a delete).
+        for (token, answer) in self.chat.take_api_answers() {
+            let Some((id, _)) = self.rest_pages.remove(&token) else {
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.page_pending != Some(token) || c.life != Life::Open {
+                continue;
+            }
+            c.page_pending = None;
+            self.respond(id, api::api_response(answer), now);
+        }
     }
 
     fn read_frames(&mut self, id: usize, now: Instant) {

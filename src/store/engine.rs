@@ -32,6 +32,7 @@
 //! | [`Request::Page`] | [`Reply::PageReady`] or [`Reply::Unavailable`] | a page of a room's history ([`Query`]), ascending by id |
 //! | [`Request::LastId`] | [`Reply::LastId`] or [`Reply::Unavailable`] | the highest id that may already have been handed out in the room (stored, queued or reserved by an earlier run); the room's next message gets one more. Asked when a room comes into memory |
 //! | [`Request::Reserve`] | [`Reply::IdsReserved`] or [`Reply::Unavailable`] | may id `id` be handed out in the room? |
+//! | [`Request::Remove`] | none | take messages out of the room's history ([`Removal`]), in order with the appends: every `Page` asked after it leaves them out, and a restart does not bring them back once the next commit landed. Their ids stay taken (a tombstone keeps the highest): `LastId` never goes down. It gets no ticket |
 //!
 //! # Replies
 //!
@@ -145,7 +146,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::{HistoryStore, Page, Query, StoreError, StoredMessage};
+use super::{HistoryStore, Page, Query, Removal, StoreError, StoredMessage};
 
 /// A number the core picks for a request; its reply carries it back.
 pub type RequestToken = u64;
@@ -175,6 +176,13 @@ pub enum Request {
         token: RequestToken,
         /// The room.
         room: String,
+    },
+    /// Take messages out of `room`'s history (a moderator's delete); no reply.
+    Remove {
+        /// The room.
+        room: String,
+        /// Which messages.
+        what: Removal,
     },
     /// May `id` be handed out in `room`?
     Reserve {
@@ -310,6 +318,10 @@ impl<S: HistoryStore> Engine for Immediate<S> {
                 self.store.append(&room, msg);
                 return;
             }
+            Request::Remove { room, what } => {
+                self.store.remove(&room, what);
+                return;
+            }
             Request::Page { token, room, query } => {
                 let page = self.store.page(&room, query);
                 Reply::PageReady { token, room, page }
@@ -361,7 +373,7 @@ impl<S: HistoryStore> Engine for Immediate<S> {
 /// The token and room of a request that gets a reply of its own.
 pub(crate) fn token_of(req: Request) -> Option<(RequestToken, String)> {
     match req {
-        Request::Append { .. } => None,
+        Request::Append { .. } | Request::Remove { .. } => None,
         Request::Page { token, room, .. }
         | Request::LastId { token, room }
         | Request::Reserve { token, room, .. } => Some((token, room)),

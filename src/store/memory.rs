@@ -2,7 +2,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{HistoryStore, Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
+use super::{
+    HistoryStore, Page, Query, Removal, StoreError, StoredMessage, page_from_asc, page_from_desc,
+};
 
 /// How many room logs are kept at most: a fixed cap so that a client creating and leaving rooms
 /// forever cannot grow memory. The least recently written log goes.
@@ -147,6 +149,19 @@ impl HistoryStore for MemoryStore {
     }
 
     fn flush(&mut self) {}
+
+    fn remove(&mut self, room: &str, what: Removal) {
+        // The log's `last_id` stays: that is the tombstone.
+        let floor = self.forgotten_last_id(room);
+        let log = self.rooms.entry(room.to_string()).or_insert_with(|| RoomLog {
+            last_id: floor,
+            ..RoomLog::default()
+        });
+        if let Removal::UpTo(n) = what {
+            log.last_id = log.last_id.max(n);
+        }
+        log.messages.retain(|m| !what.covers(m.id));
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +187,32 @@ mod tests {
         );
         assert!(!p.more, "nothing older is held, so more is false");
         assert_eq!(s.last_id("r").unwrap(), 5);
+    }
+
+    #[test]
+    fn removed_messages_leave_the_pages_and_their_ids_stay_taken() {
+        let mut s = MemoryStore::new(10);
+        for id in 1..=4 {
+            s.append("r", super::super::test_message(id));
+        }
+        s.remove("r", Removal::One(4));
+        s.remove("r", Removal::One(2));
+        let all = Query::Before {
+            before: None,
+            limit: 10,
+        };
+        let ids = |s: &mut MemoryStore| -> Vec<u64> {
+            s.page("r", all).messages.iter().map(|m| m.id).collect()
+        };
+        assert_eq!(ids(&mut s), vec![1, 3]);
+        assert_eq!(s.last_id("r").unwrap(), 4, "the deleted last id stays taken");
+        s.remove("r", Removal::UpTo(4));
+        assert!(ids(&mut s).is_empty());
+        assert_eq!(s.last_id("r").unwrap(), 4);
+        s.append("r", super::super::test_message(5));
+        assert_eq!(ids(&mut s), vec![5], "a message after the removal stays");
+        s.remove("never", Removal::UpTo(7));
+        assert_eq!(s.last_id("never").unwrap(), 7);
     }
 
     #[test]

@@ -61,6 +61,26 @@ pub enum Query {
     },
 }
 
+/// What a moderator takes out of a room's history. The ids stay taken either way: a
+/// tombstone keeps the highest one, so a restart (or the room created again) continues above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The message with this id (`DELETE /api/rooms/{room}/messages/{id}`, `delete`).
+    One(u64),
+    /// Every message with an id up to this one: the room was deleted.
+    UpTo(u64),
+}
+
+impl Removal {
+    /// Whether a message with `id` is taken out.
+    pub fn covers(self, id: u64) -> bool {
+        match self {
+            Removal::One(n) => id == n,
+            Removal::UpTo(n) => id <= n,
+        }
+    }
+}
+
 /// A page of history, ascending by id.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Page {
@@ -95,6 +115,9 @@ pub trait HistoryStore {
     fn page(&mut self, room: &str, query: Query) -> Page;
     /// Blocks until every appended message is durable.
     fn flush(&mut self);
+    /// Takes messages out of `room`'s history, in order with the appends (a message appended
+    /// before is removed). Ids stay taken. Stores that keep nothing may ignore it.
+    fn remove(&mut self, _room: &str, _what: Removal) {}
     /// Makes sure `id` may be handed out in `room`: it must be above every id a restart could
     /// start from. `Err` when that cannot be made durable now (the store cannot write); then
     /// the id must not be used. Stores whose ids cannot outlive the process accept every id.
@@ -131,6 +154,9 @@ impl<S: HistoryStore + ?Sized> HistoryStore for Box<S> {
     }
     fn flush(&mut self) {
         (**self).flush();
+    }
+    fn remove(&mut self, room: &str, what: Removal) {
+        (**self).remove(room, what);
     }
     fn reserve(&mut self, room: &str, id: u64) -> Result<(), StoreError> {
         (**self).reserve(room, id)

@@ -35,7 +35,7 @@ use log::{debug, error, info, warn};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::engine::{Reply, Request, RequestToken};
-use super::{Page, Query, StoreError, StoredMessage, page_from_asc, page_from_desc};
+use super::{Page, Query, Removal, StoreError, StoredMessage, page_from_asc, page_from_desc};
 use crate::chat::protocol::RawJson;
 
 /// Most messages written in one transaction.
@@ -60,6 +60,14 @@ enum Job {
         room: String,
         msg: StoredMessage,
     },
+    /// Take messages out, in order with the appends; `seq` numbers removals (1, 2, 3, …) and
+    /// `ticket` is the last append's, so the batch's tickets still only grow.
+    Remove {
+        ticket: u64,
+        room: String,
+        what: Removal,
+        seq: u64,
+    },
     /// Make ids up to `upto` of `room` durable before they are handed out.
     Reserve {
         room: String,
@@ -76,6 +84,8 @@ enum Read {
         /// The room's appended messages not yet known to be committed, as candidates of the
         /// page: the read sees every append asked before it.
         pending: Vec<StoredMessage>,
+        /// The room's removals not yet known to be committed: the read leaves them out.
+        removed: Vec<Removal>,
     },
     LastId {
         room: String,
@@ -115,6 +125,8 @@ struct Reservation {
 /// What the loop thread and the writer share.
 struct Shared {
     durable: AtomicU64,
+    /// The highest removal `seq` committed.
+    removed: AtomicU64,
     writable: AtomicBool,
     /// Set at shutdown: a failing writer stops retrying.
     stop: AtomicBool,
@@ -152,6 +164,10 @@ pub struct SqliteStore {
     tickets: u64,
     /// Appended, not yet known to be committed: `(ticket, room, message)` in append order.
     pending: VecDeque<(u64, String, StoredMessage)>,
+    /// Removals sent, not yet known to be committed: `(seq, room, what)`; pages leave them out.
+    removals: VecDeque<(u64, String, Removal)>,
+    /// The last removal's `seq`.
+    removal_seq: u64,
     /// The last read of a room's last id failed (a corrupt page): broadcasts cannot be
     /// numbered, so the store does not count as available until a read works again.
     read_failed: bool,
@@ -176,6 +192,8 @@ pub struct SqliteStore {
     engine_closed: bool,
 }
 
+/// Tombstones: a removed message's row stays with an empty `member` (no member has an empty
+/// name) and no text, so that `MAX(id)`, and with it every id, stays taken; pages skip them.
 const SCHEMA: &str = "
     PRAGMA journal_mode = WAL;
     PRAGMA synchronous = FULL;
@@ -235,6 +253,7 @@ impl SqliteStore {
         thread_reader.execute_batch("PRAGMA cache_size = -256;")?;
         let shared = Arc::new(Shared {
             durable: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
             writable: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             reserved: Mutex::new(HashMap::new()),
@@ -277,6 +296,8 @@ impl SqliteStore {
             shared,
             tickets: 0,
             pending: VecDeque::new(),
+            removals: VecDeque::new(),
+            removal_seq: 0,
             read_failed: false,
             reads: Some(reads),
             read_thread: Some(read_thread),
@@ -297,6 +318,28 @@ impl SqliteStore {
         while self.pending.front().is_some_and(|(t, _, _)| *t <= done) {
             self.pending.pop_front();
         }
+        let removed = self.shared.removed.load(Ordering::Acquire);
+        while self.removals.front().is_some_and(|(s, _, _)| *s <= removed) {
+            self.removals.pop_front();
+        }
+    }
+
+    /// Queues a removal for the writer, behind every append so far.
+    fn remove(&mut self, room: String, what: Removal) {
+        self.prune_pending();
+        self.removal_seq += 1;
+        let seq = self.removal_seq;
+        self.removals.push_back((seq, room.clone(), what));
+        let job = Job::Remove {
+            ticket: self.tickets,
+            room,
+            what,
+            seq,
+        };
+        if !self.send(job) {
+            self.writer_gone = true;
+            warn!("history writer has stopped; a removal stays in memory only");
+        }
     }
 
     fn send(&self, job: Job) -> bool {
@@ -306,23 +349,30 @@ impl SqliteStore {
 
 /// The committed rows a page of `room` is cut from: one more than the page holds, in the
 /// query's direction.
-fn fetch_rows(conn: &Connection, room: &str, query: Query) -> rusqlite::Result<Vec<StoredMessage>> {
+/// `extra` more are fetched for messages the caller will leave out (removals not committed).
+/// Tombstones (`member = ''`) are never rows of a page.
+fn fetch_rows(
+    conn: &Connection,
+    room: &str,
+    query: Query,
+    extra: usize,
+) -> rusqlite::Result<Vec<StoredMessage>> {
     let (sql, bound, limit) = match query {
         Query::Before { before, limit } => (
             "SELECT id, member, message, ts, data FROM messages
-             WHERE room = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+             WHERE room = ?1 AND id < ?2 AND member <> '' ORDER BY id DESC LIMIT ?3",
             before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64),
             limit,
         ),
         Query::After { after, limit } => (
             "SELECT id, member, message, ts, data FROM messages
-             WHERE room = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3",
+             WHERE room = ?1 AND id > ?2 AND member <> '' ORDER BY id ASC LIMIT ?3",
             after.min(i64::MAX as u64),
             limit,
         ),
     };
     let mut stmt = conn.prepare_cached(sql)?;
-    let limit = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let limit = i64::try_from(limit.saturating_add(1).saturating_add(extra)).unwrap_or(i64::MAX);
     let rows = stmt.query_map(params![room, bound as i64, limit], |row| {
         let data: Option<String> = row.get(4)?;
         Ok(StoredMessage {
@@ -418,9 +468,31 @@ fn read_loop(
                 room,
                 query,
                 pending,
-            } => fetch_rows(&conn, &room, query)
-                .map(|rows| Answer::Page(page_of(rows, pending.into_iter(), query)))
-                .map_err(|e| read_error(&room, e)),
+                removed,
+            } => {
+                // A room deleted up to N continues after N; each single removal may take one
+                // row out of the page, so one more is fetched for each.
+                let query = match query {
+                    Query::After { after, limit } => Query::After {
+                        after: removed
+                            .iter()
+                            .filter_map(|r| match r {
+                                Removal::UpTo(n) => Some(*n),
+                                Removal::One(_) => None,
+                            })
+                            .fold(after, u64::max),
+                        limit,
+                    },
+                    q => q,
+                };
+                let kept = |m: &StoredMessage| !removed.iter().any(|r| r.covers(m.id));
+                fetch_rows(&conn, &room, query, removed.len())
+                    .map(|rows| {
+                        let rows = rows.into_iter().filter(kept).collect();
+                        Answer::Page(page_of(rows, pending.into_iter(), query))
+                    })
+                    .map_err(|e| read_error(&room, e))
+            }
             Read::LastId { room, queued } => {
                 last_id_from(&conn, &shared, &room, queued).map(Answer::LastId)
             }
@@ -467,14 +539,22 @@ impl Writer {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut batch = Vec::new();
+        let mut batch: Vec<(u64, String, Write)> = Vec::new();
         let mut reserve: HashMap<String, u64> = HashMap::new();
         let mut flushes = Vec::new();
         while let Ok(first) = rx.recv() {
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 match job {
-                    Job::Append { ticket, room, msg } => batch.push((ticket, room, msg)),
+                    Job::Append { ticket, room, msg } => {
+                        batch.push((ticket, room, Write::Insert(msg)))
+                    }
+                    Job::Remove {
+                        ticket,
+                        room,
+                        what,
+                        seq,
+                    } => batch.push((ticket, room, Write::Remove(what, seq))),
                     Job::Reserve { room, upto } => {
                         let r = reserve.entry(room).or_insert(0);
                         *r = (*r).max(upto);
@@ -506,7 +586,7 @@ impl Writer {
     /// bounded backoff. Returns `false` when a stop was asked for before it got through.
     fn write(
         &mut self,
-        batch: &mut Vec<(u64, String, StoredMessage)>,
+        batch: &mut Vec<(u64, String, Write)>,
         reserve: &mut HashMap<String, u64>,
     ) -> bool {
         let mut start = 0;
@@ -523,6 +603,13 @@ impl Writer {
                         self.shared
                             .durable
                             .store(batch[end - 1].0, Ordering::Release);
+                        let removed = batch[start..end].iter().filter_map(|(_, _, w)| match w {
+                            Write::Remove(_, seq) => Some(*seq),
+                            Write::Insert(_) => None,
+                        });
+                        if let Some(seq) = removed.max() {
+                            self.shared.removed.store(seq, Ordering::Release);
+                        }
                     }
                     if !self.shared.writable.swap(true, Ordering::AcqRel) {
                         info!("history store writes again");
@@ -578,7 +665,7 @@ impl Writer {
     /// reservation as it stands once this commits.
     fn commit(
         &mut self,
-        batch: &[(u64, String, StoredMessage)],
+        batch: &[(u64, String, Write)],
         reserve: &HashMap<String, u64>,
         landed: &mut Vec<(String, Reservation)>,
     ) -> rusqlite::Result<()> {
@@ -624,16 +711,21 @@ impl Writer {
                 "INSERT OR IGNORE INTO messages (room, id, member, message, ts, data)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            for (_, room, m) in batch {
-                let data = m.data.as_ref().map(RawJson::get);
-                stmt.execute(params![
-                    room,
-                    m.id as i64,
-                    m.member,
-                    m.message,
-                    m.ts as i64,
-                    data
-                ])?;
+            for (_, room, w) in batch {
+                match w {
+                    Write::Insert(m) => {
+                        let data = m.data.as_ref().map(RawJson::get);
+                        stmt.execute(params![
+                            room,
+                            m.id as i64,
+                            m.member,
+                            m.message,
+                            m.ts as i64,
+                            data
+                        ])?;
+                    }
+                    Write::Remove(what, _) => remove_rows(&tx, room, *what)?,
+                }
             }
         }
         tx.commit()
@@ -671,6 +763,38 @@ impl Writer {
         }
         tx.commit()
     }
+}
+
+/// One row of a batch: a message, or a removal with its `seq`.
+enum Write {
+    Insert(StoredMessage),
+    Remove(Removal, u64),
+}
+
+/// Takes messages out of `room`, leaving a tombstone (see [`SCHEMA`]) at the highest id
+/// removed so that it stays taken.
+fn remove_rows(tx: &rusqlite::Transaction<'_>, room: &str, what: Removal) -> rusqlite::Result<()> {
+    match what {
+        Removal::One(id) => {
+            tx.prepare_cached(
+                "UPDATE messages SET member = '', message = '', data = NULL
+                 WHERE room = ?1 AND id = ?2",
+            )?
+            .execute(params![room, id.min(i64::MAX as u64) as i64])?;
+        }
+        Removal::UpTo(0) => {}
+        Removal::UpTo(n) => {
+            let n = n.min(i64::MAX as u64) as i64;
+            tx.prepare_cached("DELETE FROM messages WHERE room = ?1 AND id <= ?2")?
+                .execute(params![room, n])?;
+            tx.prepare_cached(
+                "INSERT INTO messages (room, id, member, message, ts, data)
+                 VALUES (?1, ?2, '', '', 0, NULL)",
+            )?
+            .execute(params![room, n])?;
+        }
+    }
+    Ok(())
 }
 
 /// Merges committed rows and pending messages of one room into one map by id: a message both
@@ -979,10 +1103,20 @@ impl super::engine::Engine for SqliteStore {
             Request::Append { room, msg } => {
                 self.append(&room, msg);
             }
+            Request::Remove { room, what } => self.remove(room, what),
             Request::Page { token, room, query } => {
                 self.prune_pending();
+                let removed: Vec<Removal> = self
+                    .removals
+                    .iter()
+                    .filter(|(_, r, _)| *r == room)
+                    .map(|(_, _, w)| *w)
+                    .collect();
                 // Only the candidates the page can hold: the newest (or oldest) limit + 1.
-                let in_room = self.pending.iter().filter(|(_, r, _)| *r == room);
+                let in_room = self
+                    .pending
+                    .iter()
+                    .filter(|(_, r, m)| *r == room && !removed.iter().any(|w| w.covers(m.id)));
                 let pending: Vec<StoredMessage> = match query {
                     Query::Before { before, limit } => {
                         let bound = before.unwrap_or(u64::MAX);
@@ -1005,6 +1139,7 @@ impl super::engine::Engine for SqliteStore {
                     room: room.clone(),
                     query,
                     pending,
+                    removed,
                 };
                 self.send_read(token, room, false, read);
             }
@@ -1433,6 +1568,7 @@ mod tests {
         conn.busy_handler(Some(give_up)).unwrap();
         let shared = Arc::new(Shared {
             durable: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
             writable: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             reserved: Mutex::new(HashMap::new()),
@@ -1442,7 +1578,11 @@ mod tests {
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
         let reserve = HashMap::from([("r".to_string(), 999)]);
-        let batch = vec![(1, "r".to_string(), super::super::test_message(1))];
+        let batch = vec![(
+            1,
+            "r".to_string(),
+            Write::Insert(super::super::test_message(1)),
+        )];
         assert!(
             writer.commit(&batch, &reserve, &mut Vec::new()).is_err(),
             "the lock is held"

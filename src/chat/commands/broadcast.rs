@@ -47,6 +47,7 @@ impl Broadcast {
         let Some(member) = chat.members.get(&cx.conn) else {
             return Ok(());
         };
+        chat.require_publish(cx.conn, room)?;
         chat.require_member(cx.conn, room)?;
         let sender = member.name.clone();
         let serial = member.serial;
@@ -80,6 +81,7 @@ impl Broadcast {
             echo: self.echo,
             msg_id: self.msg_id,
             request_id: cx.request_id.map(str::to_string),
+            rest: None,
             mono: cx.now.mono,
             ts: cx.now.unix_ms,
         };

@@ -25,6 +25,7 @@ impl History {
         cx: &mut Cx<'_, O>,
     ) -> Result<(), CommandError> {
         validate::room_name(&self.room)?;
+        chat.require_room(cx.conn, &self.room)?;
         let Some(serial) = chat.members.get(&cx.conn).map(|m| m.serial) else {
             return Ok(());
         };

@@ -30,6 +30,7 @@ impl Join {
     ) -> Result<(), CommandError> {
         let room = self.room.as_str();
         validate::room_name(room)?;
+        chat.require_room(cx.conn, room)?;
         let Some(member) = chat.members.get(&cx.conn) else {
             return Ok(());
         };

@@ -23,6 +23,7 @@ impl List {
             None => chat.member_names(),
             Some(room) => {
                 validate::room_name(room)?;
+                chat.require_room(cx.conn, room)?;
                 match chat.room_detail(room) {
                     Some((names, _)) => names,
                     None => {

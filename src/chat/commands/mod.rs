@@ -17,9 +17,11 @@ use super::protocol::CommandError;
 use super::{Chat, Cx, Outbox};
 
 pub(crate) mod broadcast;
+pub(crate) mod delete;
 pub(crate) mod direct;
 pub(crate) mod history;
 pub(crate) mod join;
+pub(crate) mod kick;
 pub(crate) mod leave;
 pub(crate) mod list;
 pub(crate) mod me;
@@ -27,9 +29,11 @@ pub(crate) mod ping;
 pub(crate) mod rooms;
 
 pub use broadcast::Broadcast;
+pub use delete::Delete;
 pub use direct::Direct;
 pub use history::History;
 pub use join::Join;
+pub use kick::Kick;
 pub use leave::Leave;
 pub use list::List;
 pub use me::Me;
@@ -80,6 +84,10 @@ commands! {
     Direct(Direct) = "direct",
     /// Liveness check.
     Ping(Ping) = "ping",
+    /// Remove a message (admins).
+    Delete(Delete) = "delete",
+    /// Disconnect a member (admins).
+    Kick(Kick) = "kick",
 }
 
 /// Carries out one decoded command from `cx.conn`.
@@ -98,6 +106,8 @@ pub(in crate::chat) fn apply<O: Outbox>(
         Command::History(c) => c.apply(chat, cx),
         Command::Direct(c) => c.apply(chat, cx),
         Command::Ping(c) => c.apply(chat, cx),
+        Command::Delete(c) => c.apply(chat, cx),
+        Command::Kick(c) => c.apply(chat, cx),
     }
 }
 
@@ -119,6 +129,8 @@ mod tests {
             r#"{"command":"history","room":"r"}"#,
             r#"{"command":"direct","to":"b","message":"m"}"#,
             r#"{"command":"ping"}"#,
+            r#"{"command":"delete","room":"r","id":1}"#,
+            r#"{"command":"kick","member":"b"}"#,
         ];
         let names: Vec<&str> = frames
             .iter()
