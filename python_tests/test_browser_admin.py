@@ -278,7 +278,7 @@ async def test_chat_page_takes_its_token_from_the_fragment_or_the_sign_in_field(
     assert asked and all(r.headers.get("authorization") == "Bearer " + forged and forged not in r.url
                          for r in asked), [(r.url, r.headers) for r in asked]
     other = token({"sub": "u-9", "name": "uma", "exp": int(time.time()) + 600})
-    await page.get_by_label("Token").fill(other)
+    await page.get_by_label("Token").fill("Bearer " + other)   # as copied from a header
     await page.get_by_role("button", name="Connect").click()
     await expect(page.locator("#me")).to_have_text("You are uma")
     assert errors == []
