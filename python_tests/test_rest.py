@@ -192,8 +192,10 @@ def test_index_html(server):
 
 @pytest.mark.parametrize("method,path", [
     ("POST", "/api/stats"), ("DELETE", "/api/rooms"), ("PUT", "/api/members"),
-    ("POST", "/metrics"), ("POST", "/"), ("DELETE", "/api/rooms/general"),
-    ("POST", "/api/rooms/general/messages"), ("POST", "/ws"),
+    ("POST", "/metrics"), ("POST", "/"), ("PUT", "/api/rooms/general"),
+    # DELETE /api/rooms/{name} and POST .../messages are the server API (issue 11): 404 while
+    # it is off, see test_api_server.py
+    ("PATCH", "/api/rooms/general/messages"), ("POST", "/ws"),
 ])
 def test_wrong_method_405_with_allow(server, method, path):
     r = server.get(path, method=method, body=b"" if method != "DELETE" else None)

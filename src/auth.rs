@@ -255,7 +255,16 @@ fn patterns_claim(v: Option<serde_json::Value>) -> Result<Option<Patterns>, Auth
     let Some(v) = v else {
         return Ok(None);
     };
-    let list: Vec<String> = serde_json::from_value(v).map_err(|_| AuthError::Permissions)?;
+    let serde_json::Value::Array(items) = v else {
+        return Err(AuthError::Permissions);
+    };
+    let list = items
+        .into_iter()
+        .map(|i| match i {
+            serde_json::Value::String(s) => Ok(s),
+            _ => Err(AuthError::Permissions),
+        })
+        .collect::<Result<Vec<String>, _>>()?;
     Patterns::new(list)
         .map(Some)
         .map_err(|_| AuthError::Permissions)
@@ -296,7 +305,9 @@ pub fn identity_from_claims(
     policy: &Policy<'_>,
     now: u64,
 ) -> Result<Identity, AuthError> {
-    let claims: Claims = serde_json::from_slice(payload).map_err(|_| AuthError::Claims)?;
+    // Read as text, through the same parser instantiations as commands (smaller binary).
+    let payload = std::str::from_utf8(payload).map_err(|_| AuthError::Claims)?;
+    let claims: Claims = serde_json::from_str(payload).map_err(|_| AuthError::Claims)?;
     match claims.exp {
         Some(exp) if now >= exp => return Err(AuthError::Expired),
         None if policy.require_exp => return Err(AuthError::NoExpiry),
@@ -409,11 +420,18 @@ mod tests {
             ("x", false),
         ] {
             assert_eq!(p.rooms.allows(room), ok, "{room}");
-            assert_eq!(p.publish.allows(room), ok, "publish defaults to rooms: {room}");
+            assert_eq!(
+                p.publish.allows(room),
+                ok,
+                "publish defaults to rooms: {room}"
+            );
         }
         let t = sign(&json!({"sub":"u","publish":["news"]}), KEY);
         let p = verify(&t, &LAX, 0).unwrap().permissions;
-        assert!(p.rooms.allows("anything") && !p.admin, "rooms defaults to *");
+        assert!(
+            p.rooms.allows("anything") && !p.admin,
+            "rooms defaults to *"
+        );
         assert!(p.publish.allows("news") && !p.publish.allows("general"));
         let t = sign(&json!({"sub":"u","rooms":[]}), KEY);
         let p = verify(&t, &LAX, 0).unwrap().permissions;

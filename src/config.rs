@@ -630,7 +630,12 @@ mod tests {
     #[test]
     fn server_api_settings_are_checked() {
         assert!(run(&[], &[]).unwrap().api_key.is_empty(), "off by default");
-        for bad in ["short", "sixteen chars ok", "0123456789abcdef\u{7f}", "0123456789abcdéf"] {
+        for bad in [
+            "short",
+            "sixteen chars ok",
+            "0123456789abcdef\u{7f}",
+            "0123456789abcdéf",
+        ] {
             let e = run(&["--api-key", bad], &[]).unwrap_err();
             assert!(e.contains("--api-key (API_KEY)"), "{bad}: {e}");
         }
@@ -642,7 +647,10 @@ mod tests {
         assert!(run(&["--read-only-rooms", "news, announce-*"], &[]).is_ok());
         for bad in ["a b", "*x", "ok,bad room", "x\u{1}"] {
             let e = run(&["--read-only-rooms", bad], &[]).unwrap_err();
-            assert!(e.contains("--read-only-rooms (READ_ONLY_ROOMS)"), "{bad}: {e}");
+            assert!(
+                e.contains("--read-only-rooms (READ_ONLY_ROOMS)"),
+                "{bad}: {e}"
+            );
         }
     }
 

@@ -146,15 +146,14 @@ impl Chat {
                 "the history store is not keeping up; nothing was sent, retry later",
             ));
         }
-        let new_room = self
-            .rooms
-            .create(room, false, || 0)
-            .map_err(|(Refused::ServerLimit(max) | Refused::MemberLimit(max))| {
+        let new_room = self.rooms.create(room, false, || 0).map_err(
+            |(Refused::ServerLimit(max) | Refused::MemberLimit(max))| {
                 CommandError::new(
                     ErrorCode::LimitReached,
                     format!("the server holds at most {max} rooms"),
                 )
-            })?;
+            },
+        )?;
         if new_room {
             self.ask_ids(room);
         }
@@ -326,7 +325,6 @@ impl Chat {
         if id == 0 || never {
             return Err(CommandError::new(ErrorCode::NotFound, not_found(room, id)));
         }
-        self.stats.api_calls.delete += 1;
         let name = room.to_string();
         let query = Query::After {
             after: id - 1,
@@ -359,6 +357,7 @@ impl Chat {
         let answer = match found {
             Ok(true) => {
                 info!("message {id} of room {} deleted", crate::log_safe(room));
+                self.stats.api_calls.delete += 1;
                 self.engine.request(Request::Remove {
                     room: room.to_string(),
                     what: Removal::One(id),

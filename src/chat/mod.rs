@@ -45,8 +45,8 @@ use ratelimit::TokenBucket;
 use rooms::Rooms;
 
 pub use api::{ApiAnswer, ApiCalls, SERVER, ServerPost};
-pub use commands::kick::DEFAULT_REASON as KICK_REASON;
 pub use close::{Close, Reason};
+pub use commands::kick::DEFAULT_REASON as KICK_REASON;
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -298,7 +298,8 @@ impl Chat {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, 0);
         // Checked by `Config::validate`; a config built in code with bad patterns gets none.
-        let read_only = Patterns::parse_list(&cfg.read_only_rooms).unwrap_or_else(|_| Patterns::none());
+        let read_only =
+            Patterns::parse_list(&cfg.read_only_rooms).unwrap_or_else(|_| Patterns::none());
         let mut chat = Chat {
             cfg,
             members: HashMap::new(),
@@ -957,6 +958,8 @@ fn json_len(value: &impl serde::Serialize) -> usize {
     count.0
 }
 
+#[cfg(test)]
+mod api_tests;
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]

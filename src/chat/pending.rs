@@ -210,9 +210,9 @@ impl Chat {
                     Ok(Answer::LastId(last)) => {
                         let in_memory = self.rooms.get(&room).map(|r| r.next_id());
                         match in_memory {
-                            None if last == 0 => super::ApiAnswer::NotFound(format!(
-                                "room '{room}' does not exist"
-                            )),
+                            None if last == 0 => {
+                                super::ApiAnswer::NotFound(format!("room '{room}' does not exist"))
+                            }
                             _ => {
                                 let last = last.max(in_memory.unwrap_or(0).saturating_sub(1));
                                 self.close_room(&room, last, out);

@@ -129,20 +129,26 @@ pub fn decode(text: &str) -> Request {
     }
 }
 
-/// Reads `data` again from the frame's text, as the client wrote it. The parsed map above has
-/// already turned `-0` into `-0.0`, `1e-400` into `0.0` and long integers into floats, and an
-/// internally tagged enum cannot hold raw JSON, so the one field is read on its own.
-fn with_raw_data(mut command: Command, text: &str) -> Result<Command, CommandError> {
+/// The `data` field of a JSON object's text, as the sender wrote it (`None` when absent or
+/// `null`); `invalid` for a repeated key. The server API reads its bodies' `data` with it.
+pub fn raw_data(text: &str) -> Result<Option<RawJson>, CommandError> {
     #[derive(Deserialize)]
     struct DataOnly {
         data: Option<RawJson>,
     }
+    serde_json::from_str::<DataOnly>(text)
+        .map(|d| d.data)
+        .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))
+}
+
+/// Reads `data` again from the frame's text, as the client wrote it. The parsed map above has
+/// already turned `-0` into `-0.0`, `1e-400` into `0.0` and long integers into floats, and an
+/// internally tagged enum cannot hold raw JSON, so the one field is read on its own.
+fn with_raw_data(mut command: Command, text: &str) -> Result<Command, CommandError> {
     if let Command::Broadcast(Broadcast { data, .. }) | Command::Direct(Direct { data, .. }) =
         &mut command
     {
-        *data = serde_json::from_str::<DataOnly>(text)
-            .map_err(|e| CommandError::new(ErrorCode::Invalid, strip_position(e)))?
-            .data;
+        *data = raw_data(text)?;
     }
     Ok(command)
 }

@@ -642,7 +642,10 @@ fn rate_limit_drops_then_closes_a_flooder() {
     for _ in 0..4 {
         t.send(1, json!({"command":"ping"}));
     }
-    assert_eq!(t.out.closed, vec![(1, 1008, "rate limit exceeded".to_string())]);
+    assert_eq!(
+        t.out.closed,
+        vec![(1, 1008, "rate limit exceeded".to_string())]
+    );
     assert_eq!(t.chat.member_names(), vec!["b"], "the flooder is gone");
     assert_eq!(
         t.chat.stats().rate_limited,

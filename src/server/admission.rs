@@ -301,10 +301,27 @@ mod tests {
             400
         );
         let good = token(json!({"sub": "u1", "name": "Alice", "exp": NOW + 60}));
-        // The token's name wins over `?name=`.
+        // The token's name is the member's: another `?name=` is refused, the same one (in
+        // any case) or none passes.
         let h = head(&format!("/ws?name=bob&token={good}"), &[]);
+        assert_eq!(refused(admit(&h, 0, &cfg, NOW, free)).0, 403);
+        let h = head(&format!("/ws?name=alice&token={good}"), &[]);
+        assert_eq!(
+            admitted(admit(&h, 0, &cfg, NOW, free)).name.as_deref(),
+            Some("Alice")
+        );
+        let h = head(&format!("/ws?token={good}"), &[]);
         let a = admitted(admit(&h, 0, &cfg, NOW, free));
         assert_eq!(a.name.as_deref(), Some("Alice"));
+        // Without a `name` claim, `sub` is the name.
+        let sub_only = token(json!({"sub": "u2", "exp": NOW + 60}));
+        let h = head(&format!("/ws?token={sub_only}"), &[]);
+        assert_eq!(
+            admitted(admit(&h, 0, &cfg, NOW, free)).name.as_deref(),
+            Some("u2")
+        );
+        let h = head(&format!("/ws?name=carol&token={sub_only}"), &[]);
+        assert_eq!(refused(admit(&h, 0, &cfg, NOW, free)).0, 403);
         let id = a.identity.expect("an identity");
         assert_eq!((id.sub.as_str(), id.exp), ("u1", Some(NOW + 60)));
         // Through the header as well.

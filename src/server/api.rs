@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -103,7 +103,10 @@ fn server_call<'a>(method: &str, path: &'a str) -> Option<ServerCall<'a>> {
 /// Whether `given` is the API key, in constant time: both are hashed first, so neither
 /// their contents nor their lengths change how long the comparison takes.
 fn same_key(given: &str, key: &str) -> bool {
-    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(key.as_bytes()),
+    );
     a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
@@ -316,52 +319,50 @@ fn command_error(e: &CommandError) -> Response {
     )
 }
 
-/// The body as a JSON object of shape `T`: `bad_json` when it is not a JSON object,
-/// `invalid` when a field is missing or of the wrong type.
-fn body_of<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    let bad = || error(400, "bad_json", "the body must be a JSON object".into());
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Err(bad());
-    };
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(_)) => {}
-        _ => return Err(bad()),
+/// A request body: a JSON object (`bad_json` otherwise), read through the same parser as
+/// commands; its fields are taken with [`Body::text`] and [`Body::data`].
+struct Body<'a> {
+    text: &'a str,
+    map: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> Body<'a> {
+    fn parse(body: &'a [u8]) -> Result<Self, Response> {
+        let bad = || error(400, "bad_json", "the body must be a JSON object".into());
+        let text = std::str::from_utf8(body).map_err(|_| bad())?;
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(map)) => Ok(Body { text, map }),
+            _ => Err(bad()),
+        }
     }
-    serde_json::from_str(text).map_err(|e| {
-        let msg = e.to_string();
-        let msg = msg.find(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
-        let msg: String = msg.chars().take(160).collect();
-        error(400, "invalid", msg)
-    })
+
+    /// A string field; `None` when absent or `null`, `invalid` when of another type.
+    fn text(&mut self, key: &str) -> Result<Option<String>, Response> {
+        match self.map.remove(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(error(400, "invalid", format!("{key} must be a string"))),
+        }
+    }
+
+    /// A string field that must be there.
+    fn required(&mut self, key: &str) -> Result<String, Response> {
+        self.text(key)?
+            .ok_or_else(|| error(400, "invalid", format!("missing field `{key}`")))
+    }
+
+    /// `data`, as the bytes sent.
+    fn data(&self) -> Result<Option<RawJson>, Response> {
+        if !self.map.contains_key("data") {
+            return Ok(None);
+        }
+        crate::chat::protocol::raw_data(self.text).map_err(|e| command_error(&e))
+    }
 }
 
 /// A path segment that names a room or member: decoded; `None` when badly escaped.
 fn segment(s: &str) -> Option<String> {
     super::http::percent_decode(s).ok()
-}
-
-#[derive(Deserialize)]
-struct PostBody {
-    message: String,
-    member: Option<String>,
-    data: Option<RawJson>,
-    msg_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct DirectBody {
-    message: String,
-    data: Option<RawJson>,
-}
-
-#[derive(Deserialize)]
-struct RoomBody {
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct DisconnectBody {
-    reason: Option<String>,
 }
 
 /// Carries out one server API call (the key was checked by [`authorize`]).
@@ -407,13 +408,13 @@ fn server_answer(
     match server {
         ServerCall::Publish(r) => {
             let room = room_of(r)?;
-            let b: PostBody = body_of(call.body)?;
+            let mut b = Body::parse(call.body)?;
             let post = ServerPost {
                 room,
-                member: b.member,
-                message: b.message,
-                data: b.data,
-                msg_id: b.msg_id,
+                member: b.text("member")?,
+                message: b.required("message")?,
+                data: b.data()?,
+                msg_id: b.text("msg_id")?,
             };
             let token = chat.server_publish(call.now, post, out).map_err(ce)?;
             Ok(Answer::LaterApi { token })
@@ -439,7 +440,7 @@ fn server_answer(
             let reason = if call.body.iter().all(u8::is_ascii_whitespace) {
                 None
             } else {
-                body_of::<DisconnectBody>(call.body)?.reason
+                Body::parse(call.body)?.text("reason")?
             };
             let reason = reason.as_deref().unwrap_or(crate::chat::KICK_REASON);
             let reason = Reason::new(reason).ok_or_else(|| {
@@ -454,10 +455,10 @@ fn server_answer(
             Ok(Answer::Now(Response::empty(204)))
         }
         ServerCall::CreateRoom => {
-            let b: RoomBody = body_of(call.body)?;
-            let new = chat.create_room(&b.name).map_err(ce)?;
+            let name = Body::parse(call.body)?.required("name")?;
+            let new = chat.create_room(&name).map_err(ce)?;
             let status = if new { 201 } else { 200 };
-            Ok(Answer::Now(Response::json(status, &json!({"name": b.name}))))
+            Ok(Answer::Now(Response::json(status, &json!({"name": name}))))
         }
         ServerCall::DeleteRoom(r) => {
             let room = room_of(r)?;
@@ -473,8 +474,10 @@ fn server_answer(
         }
         ServerCall::Direct(m) => {
             let name = segment(m).ok_or_else(|| unknown_member(m))?;
-            let b: DirectBody = body_of(call.body)?;
-            chat.server_direct(call.now, &name, &b.message, b.data.as_ref(), out)
+            let mut b = Body::parse(call.body)?;
+            let message = b.required("message")?;
+            let data = b.data()?;
+            chat.server_direct(call.now, &name, &message, data.as_ref(), out)
                 .map_err(ce)?;
             Ok(Answer::Now(Response::empty(204)))
         }
@@ -484,9 +487,10 @@ fn server_answer(
 /// The answer to a server API call that waited for the engine.
 pub fn api_response(answer: ApiAnswer) -> Response {
     match answer {
-        ApiAnswer::Published { room, id, repeat } => {
-            Response::json(if repeat { 200 } else { 201 }, &json!({"room": room, "id": id}))
-        }
+        ApiAnswer::Published { room, id, repeat } => Response::json(
+            if repeat { 200 } else { 201 },
+            &json!({"room": room, "id": id}),
+        ),
         ApiAnswer::Done => Response::empty(204),
         ApiAnswer::NotFound(m) => error(404, "not_found", m),
         ApiAnswer::Unavailable(m) => error(503, "unavailable", m),

@@ -232,7 +232,7 @@ impl Response {
         }
     }
 
-        /// `405` naming the methods the path allows.
+    /// `405` naming the methods the path allows.
     pub fn method_not_allowed(allow: &str) -> Self {
         let mut r = Response::text(405, "method not allowed\n");
         r.headers.push(("Allow", allow.to_string()));

@@ -153,10 +153,13 @@ impl HistoryStore for MemoryStore {
     fn remove(&mut self, room: &str, what: Removal) {
         // The log's `last_id` stays: that is the tombstone.
         let floor = self.forgotten_last_id(room);
-        let log = self.rooms.entry(room.to_string()).or_insert_with(|| RoomLog {
-            last_id: floor,
-            ..RoomLog::default()
-        });
+        let log = self
+            .rooms
+            .entry(room.to_string())
+            .or_insert_with(|| RoomLog {
+                last_id: floor,
+                ..RoomLog::default()
+            });
         if let Removal::UpTo(n) = what {
             log.last_id = log.last_id.max(n);
         }
@@ -205,7 +208,11 @@ mod tests {
             s.page("r", all).messages.iter().map(|m| m.id).collect()
         };
         assert_eq!(ids(&mut s), vec![1, 3]);
-        assert_eq!(s.last_id("r").unwrap(), 4, "the deleted last id stays taken");
+        assert_eq!(
+            s.last_id("r").unwrap(),
+            4,
+            "the deleted last id stays taken"
+        );
         s.remove("r", Removal::UpTo(4));
         assert!(ids(&mut s).is_empty());
         assert_eq!(s.last_id("r").unwrap(), 4);

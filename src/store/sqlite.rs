@@ -1349,6 +1349,57 @@ mod tests {
         );
     }
 
+    #[test]
+    fn removed_messages_stay_out_across_a_restart_and_their_ids_stay_taken() {
+        let path = temp_db("remove");
+        let ids = |p: Page| p.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+        let newest = Query::Before {
+            before: None,
+            limit: 10,
+        };
+        let oldest = Query::After {
+            after: 0,
+            limit: 10,
+        };
+        {
+            let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+            for id in 1..=5 {
+                s.append("r", super::super::test_message(id));
+            }
+            s.append("q", super::super::test_message(1));
+            s.append("q", super::super::test_message(2));
+            // Before anything is committed, pages already leave them out.
+            s.remove("r".into(), Removal::One(5));
+            s.remove("r".into(), Removal::One(2));
+            s.remove("q".into(), Removal::UpTo(2));
+            assert_eq!(ids(s.page("r", newest)), vec![1, 3, 4]);
+            assert_eq!(ids(s.page("r", oldest)), vec![1, 3, 4]);
+            assert!(ids(s.page("q", newest)).is_empty());
+            s.flush();
+            assert_eq!(ids(s.page("r", newest)), vec![1, 3, 4]);
+            let one = Query::Before {
+                before: None,
+                limit: 1,
+            };
+            let p = s.page("r", one);
+            assert_eq!((ids(p.clone()), p.more), (vec![4], true));
+            assert!(ids(s.page("q", oldest)).is_empty());
+            // Dropped: a clean shutdown gives unused ids back, never the removed ones.
+        }
+        let mut s = SqliteStore::open(&path, Box::new(|| {})).unwrap();
+        assert_eq!(ids(s.page("r", newest)), vec![1, 3, 4]);
+        assert_eq!(s.last_id("r"), Ok(5), "the removed last id stays taken");
+        assert!(ids(s.page("q", newest)).is_empty());
+        assert_eq!(
+            s.last_id("q"),
+            Ok(2),
+            "a deleted room continues above its ids"
+        );
+        s.append("q", super::super::test_message(3));
+        s.flush();
+        assert_eq!(ids(s.page("q", oldest)), vec![3]);
+    }
+
     /// A writer that has gone (stopped, or died) makes the store unwritable at the next append,
     /// so the core refuses broadcasts with `unavailable` and `/health` says 503, instead of
     /// taking messages that would never be stored or acked.

@@ -25,14 +25,13 @@ impl Kick {
         cx: &mut Cx<'_, O>,
     ) -> Result<(), CommandError> {
         chat.require_admin(cx.conn)?;
-        let reason = Reason::new(self.reason.as_deref().unwrap_or(DEFAULT_REASON)).ok_or_else(
-            || {
+        let reason =
+            Reason::new(self.reason.as_deref().unwrap_or(DEFAULT_REASON)).ok_or_else(|| {
                 CommandError::new(
                     ErrorCode::Invalid,
                     "reason must be at most 123 bytes without control characters",
                 )
-            },
-        )?;
+            })?;
         let by = match chat.members.get(&cx.conn) {
             Some(m) => format!("admin {}", crate::log_safe(&m.name)),
             None => return Ok(()),
