@@ -313,3 +313,33 @@ async def test_chat_page_shows_an_expired_token_at_sign_in_and_when_the_session_
     await expect(page.locator("#state")).to_have_attribute("data-state", "online")
     await expect(page.locator("#app")).to_be_visible()
     assert errors == []
+
+
+async def test_chat_page_refuses_bad_and_huge_tokens_in_place(server_factory, browser):
+    srv = server_factory(jwt_secret=SECRET)
+    errors: list[str] = []
+    page = await (await browser.new_context(**DESKTOP)).new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    # control characters, a bad escape, a header injection: refused by the page, never sent
+    for fragment in ["abc%0D%0AX-Evil:%201", "%E0%A4%A", "a%20b", "<script>"]:
+        await page.goto(srv.http + "/#token=" + fragment)
+        await expect(page.locator("#login-error")).to_have_text(
+            "That is not a token: a token has only letters, digits and - _ .")
+        await expect(page.get_by_label("Token")).to_be_focused()
+        assert page.url == srv.http + "/"
+    assert sockets == []
+    # one too long for the server's request head (8 KiB): 431 for /ws and for the REST API
+    await page.get_by_label("Token").fill("x" * 9000)
+    await page.get_by_label("Token").press("Enter")
+    await expect(page.locator("#login-error")).to_have_text("The token is too long for this server.")
+    assert await page.evaluate("sessionStorage.getItem('chatterbox.token')") is None
+    assert len(sockets) == 1
+    assert srv.get("/health").status == 200
+    # a link with a good token, followed in the open page (no reload), signs in
+    good = token({"sub": "u-2", "name": "gus", "exp": int(time.time()) + 600})
+    await page.goto(srv.http + "/#token=" + good)
+    await expect(page.locator("#me")).to_have_text("You are gus")
+    assert page.url == srv.http + "/"
+    assert errors == []
