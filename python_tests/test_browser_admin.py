@@ -67,8 +67,10 @@ async def test_admin_signs_in_deletes_disconnects_closes_and_posts(server_factor
     admin = await open_admin(browser, srv, errors, **DESKTOP)
 
     # --- a wrong key is refused on the form, which keeps the focus for another try
-    await sign_in(admin, "not-the-key")
-    await expect(admin.locator("#login-error")).to_have_text("Wrong API key.")
+    for wrong in ["not-the-key", API_KEY + " ", "🔑" * 20, "k" * 9000]:   # 9000: over the head limit
+        await sign_in(admin, wrong)
+        await expect(admin.locator("#login-error")).to_have_text("Wrong API key.")
+        await admin.evaluate("document.getElementById('login-error').textContent = ''")
     await expect(admin.locator("#app")).to_be_hidden()
     await sign_in(admin, API_KEY)
     await expect(admin.locator("#app")).to_be_visible()
@@ -198,6 +200,10 @@ async def test_admin_page_without_a_server_api_or_behind_jwt(server_factory, bro
     await sign_in(admin, API_KEY)
     await expect(admin.get_by_role("button", name="Open room general")).to_be_visible()
     await expect(admin.locator("#f-connections")).to_have_text(re.compile(r"^\d+$"))
+    # the server goes away: the page says so and keeps the last figures
+    srv.stop()
+    await expect(admin.locator("#status")).to_have_text("cannot reach the server")
+    await expect(admin.locator("#app")).to_be_visible()
     assert errors == []
 
 
