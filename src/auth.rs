@@ -65,6 +65,7 @@ impl Patterns {
 
     /// Checks each pattern: a room name (`[A-Za-z0-9_.-]`, at most 64) with an optional
     /// trailing `*`, or `*` alone. `Err` names the first bad one.
+    #[cfg(feature = "server-api")]
     pub fn new(list: Vec<String>) -> Result<Self, String> {
         for p in &list {
             let stem = p.strip_suffix('*').unwrap_or(p);
@@ -84,6 +85,7 @@ impl Patterns {
     }
 
     /// Comma-separated patterns (a setting); empty text is no pattern.
+    #[cfg(feature = "server-api")]
     pub fn parse_list(text: &str) -> Result<Self, String> {
         let list = text
             .split(',')
@@ -245,12 +247,23 @@ struct Claims {
     aud: Option<Audience>,
     iss: Option<String>,
     /// Checked after the other claims (a wrong type here has its own message).
+    #[cfg(feature = "server-api")]
     rooms: Option<serde_json::Value>,
+    #[cfg(feature = "server-api")]
     publish: Option<serde_json::Value>,
+    #[cfg(feature = "server-api")]
     admin: Option<serde_json::Value>,
+    /// A build without permissions refuses tokens that carry them rather than grant more.
+    #[cfg(not(feature = "server-api"))]
+    rooms: Option<serde::de::IgnoredAny>,
+    #[cfg(not(feature = "server-api"))]
+    publish: Option<serde::de::IgnoredAny>,
+    #[cfg(not(feature = "server-api"))]
+    admin: Option<serde::de::IgnoredAny>,
 }
 
 /// A claim that must be a list of room patterns, when present.
+#[cfg(feature = "server-api")]
 fn patterns_claim(v: Option<serde_json::Value>) -> Result<Option<Patterns>, AuthError> {
     let Some(v) = v else {
         return Ok(None);
@@ -305,9 +318,15 @@ pub fn identity_from_claims(
     policy: &Policy<'_>,
     now: u64,
 ) -> Result<Identity, AuthError> {
-    // Read as text, through the same parser instantiations as commands (smaller binary).
-    let payload = std::str::from_utf8(payload).map_err(|_| AuthError::Claims)?;
-    let claims: Claims = serde_json::from_str(payload).map_err(|_| AuthError::Claims)?;
+    // With permissions (`Value` claims): read as text, through the parser instantiations the
+    // commands have; without, as bytes, as before (each is the smaller in its build).
+    #[cfg(feature = "server-api")]
+    let claims: Claims = {
+        let payload = std::str::from_utf8(payload).map_err(|_| AuthError::Claims)?;
+        serde_json::from_str(payload).map_err(|_| AuthError::Claims)?
+    };
+    #[cfg(not(feature = "server-api"))]
+    let claims: Claims = serde_json::from_slice(payload).map_err(|_| AuthError::Claims)?;
     match claims.exp {
         Some(exp) if now >= exp => return Err(AuthError::Expired),
         None if policy.require_exp => return Err(AuthError::NoExpiry),
@@ -326,22 +345,33 @@ pub fn identity_from_claims(
         Some(sub) if !sub.is_empty() && sub.len() <= 128 => sub,
         _ => return Err(AuthError::Claims),
     };
-    let rooms = patterns_claim(claims.rooms)?.unwrap_or_else(Patterns::all);
-    let publish = patterns_claim(claims.publish)?.unwrap_or_else(|| rooms.clone());
-    let admin = match claims.admin {
-        None => false,
-        Some(serde_json::Value::Bool(b)) => b,
-        Some(_) => return Err(AuthError::Permissions),
+    #[cfg(feature = "server-api")]
+    let permissions = {
+        let rooms = patterns_claim(claims.rooms)?.unwrap_or_else(Patterns::all);
+        let publish = patterns_claim(claims.publish)?.unwrap_or_else(|| rooms.clone());
+        let admin = match claims.admin {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(_) => return Err(AuthError::Permissions),
+        };
+        Permissions {
+            rooms,
+            publish,
+            admin,
+        }
+    };
+    #[cfg(not(feature = "server-api"))]
+    let permissions = {
+        if claims.rooms.is_some() || claims.publish.is_some() || claims.admin.is_some() {
+            return Err(AuthError::Permissions);
+        }
+        Permissions::default()
     };
     Ok(Identity {
         sub,
         name: claims.name,
         exp: claims.exp,
-        permissions: Permissions {
-            rooms,
-            publish,
-            admin,
-        },
+        permissions,
     })
 }
 
@@ -403,6 +433,7 @@ mod tests {
         assert_eq!(verify(&t, &LAX, 1000).unwrap().name, None);
     }
 
+    #[cfg(feature = "server-api")]
     #[test]
     fn permissions_come_from_rooms_publish_and_admin() {
         let t = sign(
@@ -438,6 +469,23 @@ mod tests {
         assert!(!p.rooms.allows("general") && !p.publish.allows("general"));
     }
 
+    #[cfg(not(feature = "server-api"))]
+    #[test]
+    fn a_build_without_permissions_refuses_tokens_that_carry_them() {
+        for claims in [
+            json!({"sub":"u","rooms":["general"]}),
+            json!({"sub":"u","publish":[]}),
+            json!({"sub":"u","admin":false}),
+        ] {
+            assert_eq!(
+                verify(&sign(&claims, KEY), &LAX, 0),
+                Err(AuthError::Permissions),
+                "{claims}"
+            );
+        }
+    }
+
+    #[cfg(feature = "server-api")]
     #[test]
     fn permission_claims_of_the_wrong_shape_refuse_the_token() {
         for bad in [

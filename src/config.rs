@@ -416,6 +416,18 @@ impl Config {
                 ));
             }
         }
+        #[cfg(not(feature = "server-api"))]
+        for (flag, v) in [
+            ("api-key", &self.api_key),
+            ("read-only-rooms", &self.read_only_rooms),
+        ] {
+            if !v.is_empty() {
+                return Err(format!(
+                    "--{flag} ({}): this build has no server API (cargo feature server-api)",
+                    Self::env_of(flag)
+                ));
+            }
+        }
         if !(256..=1 << 20).contains(&self.max_api_body) {
             return Err("--max-api-body (MAX_API_BODY) must be between 256 and 1048576".into());
         }
@@ -432,6 +444,7 @@ impl Config {
                     .into(),
             );
         }
+        #[cfg(feature = "server-api")]
         if let Err(e) = crate::auth::Patterns::parse_list(&self.read_only_rooms) {
             return Err(format!("--read-only-rooms (READ_ONLY_ROOMS): {e}"));
         }
@@ -627,6 +640,7 @@ mod tests {
         assert!(run(&["--shutdown-grace", "0", "--dedup-window", "0"], &[]).is_ok());
     }
 
+    #[cfg(feature = "server-api")]
     #[test]
     fn server_api_settings_are_checked() {
         assert!(run(&[], &[]).unwrap().api_key.is_empty(), "off by default");

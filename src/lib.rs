@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API.
+//! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API, and the token's
+//!   permissions ([`auth::Permissions`]: `rooms`, `publish`, `admin`) the core checks.
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
 //! - [`logging`] — [`log_safe`], the escaping every client-chosen value gets in a log line.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
@@ -37,6 +38,10 @@
 //!   - `server/timers.rs` — the per-connection `TimerTable` and `timer_due`, the one place
 //!     each timer is acted on; `server/output.rs` — the output bound, reply credit and kept
 //!     buffers.
+//!   - `server/server_api.rs` — the server API (cargo feature `server-api`, on by default):
+//!     the writes with `X-API-Key`, each one input of the core (`chat/api.rs`: a server
+//!     publish, direct, room create/delete, message removal, disconnect); the admin commands
+//!     `delete` and `kick` do the same from a member whose token says `admin`.
 //!   - [`server::api`] answers the REST endpoints from the core's views; [`server::wire`] is
 //!     the WebSocket read path without a socket (read budget, fragment cap, output bound),
 //!     which the `connection` fuzz target drives.

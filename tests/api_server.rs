@@ -1,3 +1,4 @@
+#![cfg(feature = "server-api")]
 //! The server API (issue 11) against the real server: the key, every endpoint, their
 //! effects on members, and hostile input.
 

@@ -22,6 +22,9 @@ use crate::store::{Query, Removal, StoreError};
 /// server's direct messages.
 pub const SERVER: &str = "server";
 
+/// The close reason of a disconnect or `kick` that gives none.
+pub const KICK_REASON: &str = "disconnected by the server";
+
 /// The connection a server publish is held under: no member ever has it.
 const NO_CONN: ConnId = usize::MAX;
 
@@ -79,6 +82,7 @@ pub struct ApiCalls {
 }
 
 /// Who asked for a removal, and so where its answer goes.
+#[cfg_attr(not(feature = "server-api"), allow(dead_code))]
 pub(super) enum Origin {
     /// The server API: the answer goes out of [`Chat::take_api_answers`].
     Rest(RequestToken),

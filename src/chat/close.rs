@@ -27,6 +27,7 @@ pub enum Close {
     /// A frame that breaks RFC 6455.
     Protocol,
     /// Disconnected by the server API or an admin's `kick` (4000), with their reason.
+    #[cfg(feature = "server-api")]
     Kicked(Reason),
 }
 
@@ -80,6 +81,7 @@ impl Close {
             Close::SlowConsumer | Close::RateLimited | Close::TokenExpired => 1008,
             Close::TooManyFragments => 1008,
             Close::MessageTooBig => 1009,
+            #[cfg(feature = "server-api")]
             Close::Kicked(_) => 4000,
         }
     }
@@ -87,6 +89,7 @@ impl Close {
     /// The reason text sent with the code.
     pub fn reason(&self) -> &str {
         match self {
+            #[cfg(feature = "server-api")]
             Close::Kicked(r) => r.as_str(),
             Close::SlowConsumer => "slow consumer",
             Close::Idle => "idle",
@@ -125,8 +128,11 @@ mod tests {
             // A close frame's reason must fit its 123 bytes.
             assert!(close.reason().len() <= 123);
         }
-        let kicked = Close::Kicked(super::Reason::new("spam ✋").unwrap());
-        assert_eq!((kicked.code(), kicked.reason()), (4000, "spam ✋"));
+        #[cfg(feature = "server-api")]
+        {
+            let kicked = Close::Kicked(super::Reason::new("spam ✋").unwrap());
+            assert_eq!((kicked.code(), kicked.reason()), (4000, "spam ✋"));
+        }
         assert!(super::Reason::new(&"x".repeat(123)).is_some());
         assert!(super::Reason::new(&"x".repeat(124)).is_none());
         assert!(super::Reason::new("a\nb").is_none());

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::store::engine::{Engine, Request, RequestToken};
 use crate::store::{Page, Query};
 
+#[cfg(feature = "server-api")]
 mod api;
 mod close;
 mod commands;
@@ -44,9 +45,9 @@ use protocol::{CommandError, ErrorCode, Event, decode};
 use ratelimit::TokenBucket;
 use rooms::Rooms;
 
-pub use api::{ApiAnswer, ApiCalls, SERVER, ServerPost};
+#[cfg(feature = "server-api")]
+pub use api::{ApiAnswer, ApiCalls, KICK_REASON, SERVER, ServerPost};
 pub use close::{Close, Reason};
-pub use commands::kick::DEFAULT_REASON as KICK_REASON;
 
 /// The name of the room every member joins on connect.
 pub const DEFAULT_ROOM: &str = "general";
@@ -202,6 +203,7 @@ pub struct Stats {
     /// Members that have connected since start.
     pub members_connected_total: u64,
     /// Server API calls carried out, by endpoint.
+    #[cfg(feature = "server-api")]
     pub api_calls: ApiCalls,
 }
 
@@ -230,6 +232,7 @@ enum AckTo {
         json: String,
     },
     /// A server API publish: `201` (or `200` for a repeat) with the id.
+    #[cfg(feature = "server-api")]
     Rest {
         token: RequestToken,
         room: String,
@@ -273,6 +276,7 @@ pub struct Chat {
     /// REST pages answered, for the transport to take.
     rest_pages: Vec<(RequestToken, RestPage)>,
     /// Server API calls answered later (publish, delete), for the transport to take.
+    #[cfg(feature = "server-api")]
     api_answers: Vec<(RequestToken, ApiAnswer)>,
     /// `--read-only-rooms`.
     read_only: Patterns,
@@ -298,8 +302,11 @@ impl Chat {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, 0);
         // Checked by `Config::validate`; a config built in code with bad patterns gets none.
+        #[cfg(feature = "server-api")]
         let read_only =
             Patterns::parse_list(&cfg.read_only_rooms).unwrap_or_else(|_| Patterns::none());
+        #[cfg(not(feature = "server-api"))]
+        let read_only = Patterns::none();
         let mut chat = Chat {
             cfg,
             members: HashMap::new(),
@@ -318,6 +325,7 @@ impl Chat {
             held_count: 0,
             asking: HashSet::new(),
             rest_pages: Vec::new(),
+            #[cfg(feature = "server-api")]
             api_answers: Vec::new(),
             read_only,
             next_serial: 0,
@@ -536,6 +544,7 @@ impl Chat {
                         out.send(conn, &Payload::new(&json));
                     }
                 }
+                #[cfg(feature = "server-api")]
                 AckTo::Rest {
                     token,
                     room,
@@ -579,9 +588,9 @@ impl Chat {
     pub fn waiting_conns(&self) -> impl Iterator<Item = ConnId> + '_ {
         use pending::Read;
         let reads = self.reads.values().filter_map(|r| match r {
-            Read::Join { conn, .. }
-            | Read::History { conn, .. }
-            | Read::Delete {
+            Read::Join { conn, .. } | Read::History { conn, .. } => Some(*conn),
+            #[cfg(feature = "server-api")]
+            Read::Delete {
                 origin: api::Origin::Member { conn, .. },
                 ..
             } => Some(*conn),
@@ -800,6 +809,7 @@ impl Chat {
     }
 
     /// `forbidden` unless the member on `conn` is an admin.
+    #[cfg(feature = "server-api")]
     pub(crate) fn require_admin(&self, conn: ConnId) -> Result<(), CommandError> {
         if self.perms_of(conn).is_some_and(|p| p.admin) {
             return Ok(());
@@ -958,7 +968,7 @@ fn json_len(value: &impl serde::Serialize) -> usize {
     count.0
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server-api"))]
 mod api_tests;
 #[cfg(test)]
 mod bounds_tests;

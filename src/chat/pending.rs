@@ -49,12 +49,14 @@ pub(super) enum Read {
     /// A room's last id, asked when it came into memory or before its first broadcast.
     LastId { room: String },
     /// The read that tells whether message `id` exists before it is removed.
+    #[cfg(feature = "server-api")]
     Delete {
         room: String,
         id: u64,
         origin: super::api::Origin,
     },
     /// The last id of a room deleted while not in memory (0: it never was).
+    #[cfg(feature = "server-api")]
     DeleteRoom { room: String, rest: RequestToken },
     /// A reservation of the room's next id.
     Reserve { room: String },
@@ -84,6 +86,7 @@ pub(super) struct Held {
     pub(super) msg_id: Option<String>,
     pub(super) request_id: Option<String>,
     /// A server API publish: its answer goes to this REST token, not to a member.
+    #[cfg_attr(not(feature = "server-api"), allow(dead_code))]
     pub(super) rest: Option<RequestToken>,
     pub(super) mono: Instant,
     pub(super) ts: u64,
@@ -197,6 +200,7 @@ impl Chat {
                 Ok(Answer::Reserved(_)) => {}
                 Err(e) => self.rest_pages.push((rest, Err(e))),
             },
+            #[cfg(feature = "server-api")]
             (Read::Delete { room, id, origin }, result) => {
                 let found = match result {
                     Ok(Answer::Page(p)) => Ok(p.messages.first().is_some_and(|m| m.id == id)),
@@ -205,6 +209,7 @@ impl Chat {
                 };
                 self.finish_delete(&room, id, origin, found, out);
             }
+            #[cfg(feature = "server-api")]
             (Read::DeleteRoom { room, rest }, result) => {
                 let answer = match result {
                     Ok(Answer::LastId(last)) => {
@@ -455,6 +460,7 @@ impl Chat {
         self.rooms.unpin(room);
         let message = format!("the history store cannot take messages now ({e}); retry later");
         for held in queue {
+            #[cfg(feature = "server-api")]
             if let Some(token) = held.rest {
                 self.api_answers
                     .push((token, super::ApiAnswer::Unavailable(message.clone())));
@@ -533,6 +539,7 @@ impl Chat {
     /// With a `request_id`, queues the `ack` naming `id`, sent once `ticket` is durable; for a
     /// server API publish, its answer (`repeat`: the `msg_id` was seen, `id` is the first's).
     #[allow(clippy::too_many_arguments)]
+    #[cfg_attr(not(feature = "server-api"), allow(unused_variables))]
     pub(super) fn queue_ack(
         &mut self,
         conn: ConnId,
@@ -543,6 +550,7 @@ impl Chat {
         held: &Held,
         repeat: bool,
     ) {
+        #[cfg(feature = "server-api")]
         if let Some(token) = held.rest {
             self.pending_acks.push_back(super::PendingAck {
                 ticket,

@@ -16,8 +16,10 @@ use crate::store::StoredMessage;
 pub const MAX_ID_CHARS: usize = 64;
 
 pub use super::commands::{
-    Broadcast, Command, Delete, Direct, History, Join, Kick, Leave, List, ListRooms, Me, Ping,
+    Broadcast, Command, Direct, History, Join, Leave, List, ListRooms, Me, Ping,
 };
+#[cfg(feature = "server-api")]
+pub use super::commands::{Delete, Kick};
 
 /// Every command name, for telling `unknown_command` from `invalid`: [`Command::NAMES`].
 pub const COMMAND_NAMES: &[&str] = Command::NAMES;

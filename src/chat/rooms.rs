@@ -130,6 +130,7 @@ impl Rooms {
 
     /// Makes sure `room` is in memory (its next id from `first_id` when it is new); with
     /// `keep`, it stays while empty until [`Rooms::remove_room`]. `Ok(true)` when it is new.
+    #[cfg(feature = "server-api")]
     pub(crate) fn create(
         &mut self,
         room: &str,
@@ -151,6 +152,7 @@ impl Rooms {
 
     /// Drops `room` from memory with every member's side of it; returns its members (join
     /// order). The default room cannot be removed (nothing happens).
+    #[cfg(feature = "server-api")]
     pub(crate) fn remove_room(&mut self, room: &str) -> Vec<ConnId> {
         if room == DEFAULT_ROOM {
             return Vec::new();

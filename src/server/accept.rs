@@ -92,7 +92,11 @@ impl Server {
 
     pub(super) fn read_head(&mut self, id: usize, now: Instant) {
         let max = self.cfg().max_head_bytes;
-        let max_body = self.cfg().max_api_body;
+        let max_body = if cfg!(feature = "server-api") {
+            self.cfg().max_api_body
+        } else {
+            0
+        };
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -126,10 +130,13 @@ impl Server {
         match parsed {
             Parsed::Complete(h) if h.len <= max => {
                 // A body (the server API's) follows the head: wait until it is all here.
+                #[cfg(feature = "server-api")]
                 let len = match http::body_length(&h, max_body) {
                     Ok(len) => len,
                     Err(refusal) => return self.respond(id, refusal, now),
                 };
+                #[cfg(not(feature = "server-api"))]
+                let len = 0;
                 if head.len() < h.len + len {
                     if eof {
                         self.drop_conn(id);

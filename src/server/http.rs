@@ -125,6 +125,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
 /// The length of the body that follows `head`: its `Content-Length` (0 without one). A
 /// refusal to send at once: `411` for a chunked body, `400` for a length that is not a
 /// number, `413` past `max` (before the body is read).
+#[cfg(feature = "server-api")]
 pub fn body_length(head: &Head, max: usize) -> Result<usize, Response> {
     if head.header("transfer-encoding").is_some() {
         return Err(Response::text(

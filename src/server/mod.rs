@@ -59,6 +59,8 @@ mod closing;
 mod conn;
 pub mod http;
 mod output;
+#[cfg(feature = "server-api")]
+mod server_api;
 mod timers;
 pub mod wire;
 
@@ -440,6 +442,7 @@ impl Server {
             self.respond(id, api::page_response(&room, page), now);
         }
         // Server API calls that waited for the engine (a publish until durable, a delete).
+        #[cfg(feature = "server-api")]
         for (token, answer) in self.chat.take_api_answers() {
             let Some((id, _)) = self.rest_pages.remove(&token) else {
                 continue;
@@ -451,7 +454,7 @@ impl Server {
                 continue;
             }
             c.page_pending = None;
-            self.respond(id, api::api_response(answer), now);
+            self.respond(id, server_api::api_response(answer), now);
         }
     }
 

@@ -32,7 +32,7 @@
 //! | [`Request::Page`] | [`Reply::PageReady`] or [`Reply::Unavailable`] | a page of a room's history ([`Query`]), ascending by id |
 //! | [`Request::LastId`] | [`Reply::LastId`] or [`Reply::Unavailable`] | the highest id that may already have been handed out in the room (stored, queued or reserved by an earlier run); the room's next message gets one more. Asked when a room comes into memory |
 //! | [`Request::Reserve`] | [`Reply::IdsReserved`] or [`Reply::Unavailable`] | may id `id` be handed out in the room? |
-//! | [`Request::Remove`] | none | take messages out of the room's history ([`Removal`]), in order with the appends: every `Page` asked after it leaves them out, and a restart does not bring them back once the next commit landed. Their ids stay taken (a tombstone keeps the highest): `LastId` never goes down. It gets no ticket |
+//! | `Request::Remove` (feature `server-api`) | none | take messages out of the room's history (`Removal`), in order with the appends: every `Page` asked after it leaves them out, and a restart does not bring them back once the next commit landed. Their ids stay taken (a tombstone keeps the highest): `LastId` never goes down. It gets no ticket |
 //!
 //! # Replies
 //!
@@ -146,7 +146,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::{HistoryStore, Page, Query, Removal, StoreError, StoredMessage};
+#[cfg(feature = "server-api")]
+use super::Removal;
+use super::{HistoryStore, Page, Query, StoreError, StoredMessage};
 
 /// A number the core picks for a request; its reply carries it back.
 pub type RequestToken = u64;
@@ -178,6 +180,7 @@ pub enum Request {
         room: String,
     },
     /// Take messages out of `room`'s history (a moderator's delete); no reply.
+    #[cfg(feature = "server-api")]
     Remove {
         /// The room.
         room: String,
@@ -318,6 +321,7 @@ impl<S: HistoryStore> Engine for Immediate<S> {
                 self.store.append(&room, msg);
                 return;
             }
+            #[cfg(feature = "server-api")]
             Request::Remove { room, what } => {
                 self.store.remove(&room, what);
                 return;
@@ -373,7 +377,9 @@ impl<S: HistoryStore> Engine for Immediate<S> {
 /// The token and room of a request that gets a reply of its own.
 pub(crate) fn token_of(req: Request) -> Option<(RequestToken, String)> {
     match req {
-        Request::Append { .. } | Request::Remove { .. } => None,
+        Request::Append { .. } => None,
+        #[cfg(feature = "server-api")]
+        Request::Remove { .. } => None,
         Request::Page { token, room, .. }
         | Request::LastId { token, room }
         | Request::Reserve { token, room, .. } => Some((token, room)),

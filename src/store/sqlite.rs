@@ -1103,6 +1103,7 @@ impl super::engine::Engine for SqliteStore {
             Request::Append { room, msg } => {
                 self.append(&room, msg);
             }
+            #[cfg(feature = "server-api")]
             Request::Remove { room, what } => self.remove(room, what),
             Request::Page { token, room, query } => {
                 self.prune_pending();

@@ -6,8 +6,7 @@ use serde::Deserialize;
 use crate::chat::protocol::{CommandError, ErrorCode, Event};
 use crate::chat::{Chat, Cx, Outbox, Reason};
 
-/// The reason when none is given.
-pub const DEFAULT_REASON: &str = "disconnected by the server";
+use crate::chat::KICK_REASON as DEFAULT_REASON;
 
 /// `{"command":"kick","member","reason"?}` (admins only).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
