@@ -84,8 +84,13 @@ async def test_admin_signs_in_deletes_disconnects_closes_and_posts(server_factor
     await expect(row.locator("td").nth(1)).to_have_text("2")
     await expect(row.locator("td").nth(2)).to_have_text("2")
 
-    # --- a room's members and recent messages, opened with the keyboard
+    # --- a room's members and recent messages, opened with the keyboard; the polls (every 2 s,
+    # "updated <time>") re-render the lists without taking the focus away
     await general.focus()
+    for _ in range(2):
+        shown = await admin.locator("#status").text_content()
+        await expect(admin.locator("#status")).not_to_have_text(shown)
+    await expect(general).to_be_focused()
     await general.press("Enter")
     members, msgs = admin.locator("#members"), admin.locator("#msgs")
     await expect(members.locator("li")).to_have_count(2)
@@ -93,6 +98,11 @@ async def test_admin_signs_in_deletes_disconnects_closes_and_posts(server_factor
     await expect(msgs.locator("li")).to_have_count(2)
     await expect(msgs.locator("li").first).to_contain_text("delete me")   # newest first
     await expect(msgs.locator("li").nth(1)).to_contain_text(XSS)          # markup is text
+    delete_1 = admin.get_by_role("button", name="Delete message 1 from alice")
+    await delete_1.focus()
+    shown = await admin.locator("#status").text_content()
+    await expect(admin.locator("#status")).not_to_have_text(shown)
+    await expect(delete_1).to_be_focused()
     assert await admin.evaluate("window.__xss") is None
     assert await admin.locator("#msgs img, #msgs script").count() == 0
 
