@@ -417,20 +417,18 @@ impl Config {
             }
         }
         #[cfg(not(feature = "server-api"))]
-        for (flag, v) in [
-            ("api-key", &self.api_key),
-            ("read-only-rooms", &self.read_only_rooms),
-        ] {
-            if !v.is_empty() {
-                return Err(format!(
-                    "--{flag} ({}): this build has no server API (cargo feature server-api)",
-                    Self::env_of(flag)
-                ));
-            }
+        if !self.api_key.is_empty() || !self.read_only_rooms.is_empty() {
+            return Err(
+                "--api-key (API_KEY) and --read-only-rooms (READ_ONLY_ROOMS) need a \
+                        build with the server API (cargo feature server-api)"
+                    .into(),
+            );
         }
+        #[cfg(feature = "server-api")]
         if !(256..=1 << 20).contains(&self.max_api_body) {
             return Err("--max-api-body (MAX_API_BODY) must be between 256 and 1048576".into());
         }
+        #[cfg(feature = "server-api")]
         if !self.api_key.is_empty()
             && (self.api_key.chars().count() < 16
                 || self

@@ -608,3 +608,27 @@ fn deleted_messages_and_rooms_stay_deleted_and_ids_are_not_reused_after_a_restar
     s.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_body_that_arrives_in_pieces_is_waited_for() {
+    use std::io::{Read, Write};
+    let s = server(|_| {});
+    let body = json!({"message":"m","data":"x".repeat(6000)}).to_string();
+    let mut t = std::net::TcpStream::connect(s.addr).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "POST /api/rooms/general/messages HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    t.write_all(head.as_bytes()).unwrap();
+    t.write_all(&body.as_bytes()[..3000]).unwrap();
+    t.flush().unwrap();
+    // The server must not answer a partial body: the rest comes in another segment.
+    std::thread::sleep(Duration::from_millis(50));
+    t.write_all(&body.as_bytes()[3000..]).unwrap();
+    let mut r = String::new();
+    let _ = t.read_to_string(&mut r);
+    assert_eq!(common::status(&r), 201, "{r}");
+    assert_eq!(s.get_json("/api/rooms/general")["messages"], 1);
+    s.stop();
+}

@@ -327,6 +327,7 @@ pub enum Event<'a> {
         id: Option<u64>,
     },
     /// Message `id` of `room` was removed by a moderator; its id stays taken.
+    #[cfg(feature = "server-api")]
     Deleted {
         /// The room.
         room: &'a str,
@@ -334,6 +335,7 @@ pub enum Event<'a> {
         id: u64,
     },
     /// The room was deleted: the member is no longer in it.
+    #[cfg(feature = "server-api")]
     RoomClosed {
         /// The room.
         room: &'a str,

@@ -92,11 +92,8 @@ impl Server {
 
     pub(super) fn read_head(&mut self, id: usize, now: Instant) {
         let max = self.cfg().max_head_bytes;
-        let max_body = if cfg!(feature = "server-api") {
-            self.cfg().max_api_body
-        } else {
-            0
-        };
+        #[cfg(feature = "server-api")]
+        let max_body = self.cfg().max_api_body;
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -107,7 +104,7 @@ impl Server {
         let mut eof = false;
         // Never past the bound: a connection whose answer is pending (a REST page being read)
         // or already queued is not parsed again, and must not keep buffering what it sends.
-        while head.len() <= max + max_body {
+        while head.len() <= max {
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     eof = true;
@@ -137,6 +134,18 @@ impl Server {
                 };
                 #[cfg(not(feature = "server-api"))]
                 let len = 0;
+                // Only as many bytes as the body still lacks: a request reads no more than
+                // its head and its declared body (what follows an upgrade head stays unread).
+                while !eof && head.len() < h.len + len {
+                    let want = (h.len + len - head.len()).min(buf.len());
+                    match c.stream.read(&mut buf[..want]) {
+                        Ok(0) => eof = true,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                        Err(e) if would_block(&e) => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => eof = true,
+                    }
+                }
                 if head.len() < h.len + len {
                     if eof {
                         self.drop_conn(id);
@@ -222,6 +231,7 @@ impl Server {
                         Some(api::Answer::Later { token, room }) => {
                             return self.await_page(id, token, room, now);
                         }
+                        #[cfg(feature = "server-api")]
                         Some(api::Answer::LaterApi { token }) => {
                             return self.await_page(id, token, String::new(), now);
                         }

@@ -33,6 +33,7 @@ pub enum Answer {
         /// The room asked for, decoded.
         room: String,
     },
+    #[cfg(feature = "server-api")]
     /// The response waits for a server API call's answer with this token (see
     /// `Chat::take_api_answers`); `server_api::api_response` renders it.
     LaterApi {
@@ -54,6 +55,10 @@ pub enum Access {
 
 impl Access {
     fn may_read(&self, room: &str) -> bool {
+        if cfg!(not(feature = "server-api")) {
+            // Tokens carry no permissions in such a build (they are refused).
+            return true;
+        }
         match self {
             Access::Token(p) => p.rooms.allows(room),
             Access::Open | Access::Key => true,
@@ -110,7 +115,9 @@ pub fn authorize(cfg: &Config, head: &Head, unix_now: u64) -> Result<Access, Res
     let path = head.path.as_str();
     let api = path == "/api" || path.starts_with("/api/");
     let metrics = path == "/metrics";
-    let key_ok = !cfg.api_key.is_empty()
+    // Without the server API no key can be set (`Config::validate`).
+    let key_ok = cfg!(feature = "server-api")
+        && !cfg.api_key.is_empty()
         && head
             .header("x-api-key")
             .is_some_and(|k| same_key(k, &cfg.api_key));
