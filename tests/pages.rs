@@ -14,6 +14,44 @@ fn with_jwt() -> Running {
     })
 }
 
+/// The body of `GET {path}`.
+fn page(s: &Running, path: &str) -> String {
+    let r = s.http(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert_eq!(status(&r), 200, "{path}: {r}");
+    r.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[test]
+fn the_chat_page_is_served_without_its_comments_and_indentation() {
+    let s = Running::memory();
+    let source = include_str!("../src/client/index.html");
+    let body = page(&s, "/");
+    assert!(body.starts_with("<!doctype html>") && body.trim_end().ends_with("</html>"));
+    assert!(
+        body.len() < source.len() * 9 / 10,
+        "{} of {}",
+        body.len(),
+        source.len()
+    );
+    for line in body.lines() {
+        assert!(!line.starts_with(char::is_whitespace), "indented: {line:?}");
+        assert!(
+            !line.starts_with("//") && !line.contains("  // "),
+            "a comment: {line:?}"
+        );
+    }
+    // Every line of code is there, as written.
+    for code in source
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("function "))
+    {
+        assert!(body.lines().any(|l| l == code), "lost: {code}");
+    }
+    assert!(body.contains("if (takeToken()) connect();\n"));
+    s.stop();
+}
+
 #[cfg(feature = "admin-page")]
 #[test]
 fn the_admin_page_is_served_as_html_that_no_other_site_may_frame() {

@@ -21,13 +21,14 @@ use crate::auth;
 /// memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// The browser client, compiled in.
-const INDEX_HTML: &str = include_str!("../client/index.html");
+/// The browser client, compiled in (as `build.rs` leaves it: without indentation and comment
+/// lines).
+const INDEX_HTML: &str = include_str!(concat!(env!("OUT_DIR"), "/index.html"));
 
 /// The admin page (cargo feature `admin-page`), compiled in. It answers only to the server API
 /// key, and may not be framed (a page elsewhere could trick a click on its buttons).
 #[cfg(feature = "admin-page")]
-const ADMIN_HTML: &str = include_str!("../client/admin.html");
+const ADMIN_HTML: &str = include_str!(concat!(env!("OUT_DIR"), "/admin.html"));
 
 impl Server {
     pub(super) fn accept(&mut self, now: Instant) {
