@@ -21,8 +21,14 @@ use crate::{auth, proxy};
 /// memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// The browser client, compiled in.
-const INDEX_HTML: &str = include_str!("../client/index.html");
+/// The browser client, compiled in (as `build.rs` leaves it: without indentation and comment
+/// lines).
+const INDEX_HTML: &str = include_str!(concat!(env!("OUT_DIR"), "/index.html"));
+
+/// The admin page (cargo feature `admin-page`), compiled in. It answers only to the server API
+/// key, and may not be framed (a page elsewhere could trick a click on its buttons).
+#[cfg(feature = "admin-page")]
+const ADMIN_HTML: &str = include_str!(concat!(env!("OUT_DIR"), "/admin.html"));
 
 /// What a refusal's answer says: its text, or a JSON error's `message`.
 fn refusal_text(r: &Response) -> String {
@@ -263,6 +269,17 @@ impl Server {
                 Err(r) => r,
             },
             "/ws" => Response::method_not_allowed("GET"),
+            #[cfg(feature = "admin-page")]
+            "/admin" if get => {
+                let mut r = Response::text(200, ADMIN_HTML)
+                    .with_header("Content-Security-Policy", "frame-ancestors 'none'")
+                    .with_header("X-Frame-Options", "DENY")
+                    .with_header("Cache-Control", "no-store");
+                r.content_type = "text/html; charset=utf-8";
+                r
+            }
+            #[cfg(feature = "admin-page")]
+            "/admin" => Response::method_not_allowed("GET, HEAD"),
             "/health" | "/" => Response::method_not_allowed("GET, HEAD"),
             _ => match api::authorize(self.cfg(), &head, unix_secs()) {
                 Err(refused) => refused,
