@@ -40,6 +40,9 @@ pub struct TransportStats {
     pub uptime_secs: u64,
     /// Close frames never delivered: the client did not read them within the grace time.
     pub close_frames_lost: u64,
+    /// Connections the TLS layer refused: plain HTTP on the TLS port, failed handshakes,
+    /// garbage records (always 0 without TLS).
+    pub tls_refused: u64,
 }
 
 fn error(status: u16, code: &str, message: String) -> Response {
@@ -220,6 +223,7 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
         "close_frames_lost": t.close_frames_lost,
+        "tls_refused": t.tls_refused,
     })
 }
 
@@ -306,5 +310,13 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     }
+    // TLS (issue 13).
+    let _ = write!(
+        out,
+        "# HELP chatterbox_tls_refused_total Connections the TLS layer refused (plain HTTP, \
+         failed handshakes, garbage records).\n# TYPE chatterbox_tls_refused_total counter\n\
+         chatterbox_tls_refused_total {}\n",
+        t.tls_refused
+    );
     out
 }

@@ -12,9 +12,9 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use mio::Interest;
-use mio::net::TcpStream;
 
 use super::output;
+use super::stream::Stream;
 use super::timers::{Timer, TimerTable};
 use super::wire::{Next, Wire};
 use crate::chat::Close;
@@ -46,7 +46,7 @@ pub(crate) enum Life {
 
 /// One connection in the slab.
 pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     pub(crate) ip: IpAddr,
     pub(crate) phase: Phase,
     /// Bytes queued for the socket; `out[sent..]` is what remains to write.
@@ -102,11 +102,11 @@ pub(crate) enum Flushed {
 }
 
 impl Conn {
-    pub(crate) fn new(stream: TcpStream, ip: IpAddr, head_deadline: Instant) -> Self {
+    pub(crate) fn new(stream: impl Into<Stream>, ip: IpAddr, head_deadline: Instant) -> Self {
         let mut timers = TimerTable::default();
         timers.set(Timer::Head, head_deadline);
         Conn {
-            stream,
+            stream: stream.into(),
             ip,
             phase: Phase::Http { head: Vec::new() },
             out: Vec::new(),
@@ -125,9 +125,9 @@ impl Conn {
         }
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written (over TLS: the records made and not yet written too).
     pub(crate) fn pending(&self) -> usize {
-        self.out.len() - self.sent
+        self.out.len() - self.sent + self.stream.tls_pending()
     }
 
     /// Whether WebSocket data frames may still be queued.
@@ -236,6 +236,12 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Flushed::Failed,
             }
+        }
+        // TLS records the socket did not take yet (a no-op on a plain socket).
+        match self.stream.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+            Err(_) => return Flushed::Failed,
         }
         // Written out. A busy connection (drained on the previous turn too) keeps its buffer:
         // handing it back every turn makes the allocator trim and fault the heap in again, which
