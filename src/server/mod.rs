@@ -339,8 +339,14 @@ impl Server {
     /// Runs the loop until a shutdown completes: every client got close `1001` (or the grace
     /// ran out) and the history store is flushed.
     pub fn run(mut self) -> io::Result<()> {
-        let scheme = if self.is_tls() { " (TLS)" } else { "" };
-        info!("chatterbox listening on {}{scheme}", self.local);
+        info!("chatterbox listening on {}", self.local);
+        if self.is_tls() {
+            let cfg = self.chat.config();
+            info!(
+                "TLS only on this port (https, wss): certificate {}, key {}; SIGHUP reloads them",
+                cfg.tls_cert, cfg.tls_key
+            );
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.backlog.is_empty() {
