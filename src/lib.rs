@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API.
+//! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API; [`auth_keys`] — RS256 /
+//!   ES256 tokens checked with `--jwt-public-key` (feature `tls`, with `ring`).
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
 //! - [`logging`] — [`log_safe`], the escaping every client-chosen value gets in a log line.
 //! - [`chat`] — the sans-IO core. [`chat::Chat`] owns members, rooms and the rules of SPEC §2–§5;
@@ -45,6 +46,7 @@
 //! [`server::Server::run`].
 
 pub mod auth;
+pub mod auth_keys;
 pub mod chat;
 pub mod config;
 pub mod logging;

@@ -214,6 +214,9 @@ impl Server {
             }
             _ => None,
         };
+        if !cfg.jwt_public_key.is_empty() {
+            crate::auth_keys::load(&cfg.jwt_public_key).map_err(io::Error::other)?;
+        }
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
         set_backlog(&listener, cfg.listen_backlog)?;
