@@ -306,3 +306,63 @@ fn the_server_admits_members_and_rest_calls_by_public_key_token() {
     assert_eq!(status(&r), 401, "{r}");
     s.stop();
 }
+
+#[test]
+fn sighup_reloads_the_public_key_and_a_bad_file_keeps_the_old_one() {
+    let dir = tempdir("reload");
+    let (a, a_path, _) = ec_key(&dir, "a.pub");
+    let (b, b_path, _) = ec_key(&dir, "b.pub");
+    let live = dir.join("live.pub");
+    std::fs::copy(&a_path, &live).unwrap();
+    let (mut child, addr, log) =
+        common::spawn_binary_logged(&["--jwt-public-key".as_ref(), live.as_os_str()]);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = json!({"sub":"svc","exp":exp});
+    let stats = |t: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        use std::io::{Read, Write};
+        s.write_all(
+            format!("GET /api/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        status(&out)
+    };
+    let hup = || {
+        // SAFETY: `kill` only reads its arguments; the child is ours and not yet reaped.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
+            0
+        );
+    };
+    assert_eq!(stats(&es256(&a, &claims)), 200);
+    assert_eq!(stats(&es256(&b, &claims)), 401);
+    std::fs::copy(&b_path, &live).unwrap();
+    hup();
+    common::wait_log(&log, "JWT public key (ES256) reloaded");
+    assert_eq!(stats(&es256(&b, &claims)), 200);
+    assert_eq!(stats(&es256(&a, &claims)), 401);
+    std::fs::write(
+        &live,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    hup();
+    let line = common::wait_log(&log, "JWT key reload failed");
+    assert!(line.contains(&*live.to_string_lossy()), "{line}");
+    assert_eq!(stats(&es256(&b, &claims)), 200, "the old key stays");
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    assert!(child.wait().unwrap().success());
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -374,55 +374,15 @@ fn tls_settings_are_checked_at_start_with_the_path_and_the_error() {
 
 /// The binary with TLS on, its log lines sent to a channel.
 fn spawn_tls_binary(cert: &Cert) -> (std::process::Child, SocketAddr, mpsc::Receiver<String>) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatterbox"))
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--db-path",
-            ":memory:",
-        ])
-        .arg("--tls-cert")
-        .arg(&cert.cert)
-        .arg("--tls-key")
-        .arg(&cert.key)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx.recv_timeout(WAIT).expect("a log line");
-        if let Some(a) = line.split("listening on ").nth(1) {
-            break a.trim().parse().unwrap();
-        }
-    };
-    (child, addr, rx)
+    common::spawn_binary_logged(&[
+        "--tls-cert".as_ref(),
+        cert.cert.as_os_str(),
+        "--tls-key".as_ref(),
+        cert.key.as_os_str(),
+    ])
 }
 
-fn wait_log(rx: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
+use common::wait_log;
 
 fn served_cert(addr: SocketAddr, config: &Arc<ClientConfig>) -> CertificateDer<'static> {
     let tls = tls_connect(addr, config);

@@ -296,7 +296,7 @@ impl Server {
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, write)?;
         self.signals = Some(read);
         #[cfg(feature = "tls")]
-        if self.tls.is_some() {
+        if self.tls.is_some() || !self.cfg().jwt_public_key.is_empty() {
             let (read, write) = std::os::unix::net::UnixStream::pair()?;
             read.set_nonblocking(true)?;
             let mut read = UnixStream::from_std(read);
@@ -307,6 +307,21 @@ impl Server {
             self.reload = Some(read);
         }
         Ok(())
+    }
+
+    /// Reads `--jwt-public-key` again (`SIGHUP`, with the certificate): tokens are checked with
+    /// the new key from now on. A file that does not load is logged with its path and the
+    /// error, and the key in use stays.
+    #[cfg(feature = "tls")]
+    pub fn reload_jwt_key(&mut self) {
+        let path = &self.chat.config().jwt_public_key;
+        if path.is_empty() {
+            return;
+        }
+        match crate::auth_keys::load(path) {
+            Ok(key) => info!("JWT public key ({}) reloaded from {path}", key.alg()),
+            Err(e) => log::error!("JWT key reload failed, the old key stays in use: {e}"),
+        }
     }
 
     /// Whether the port speaks TLS.
@@ -388,6 +403,7 @@ impl Server {
                             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
                         }
                         self.reload_tls();
+                        self.reload_jwt_key();
                     }
                     Token(id) => {
                         if event.is_writable() || event.is_error() {
