@@ -62,7 +62,8 @@ def tls_files() -> tuple[Path, Path]:
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
              "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+             "-addext", "basicConstraints=critical,CA:FALSE"],
             check=True, capture_output=True)
         _tls_files = (cert, key)
     return _tls_files
