@@ -467,3 +467,23 @@ fn sighup_reloads_the_certificate_keeps_connections_and_survives_a_bad_file() {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_refusal_decided_at_accept_waits_for_the_handshake_and_arrives_encrypted() {
+    let dir = tempdir("refuse");
+    let cert = make_cert(&dir, "a");
+    let s = tls_server(
+        &cert,
+        Config {
+            max_connections_per_ip: 1,
+            ..Config::default()
+        },
+    );
+    let cc = client_config(&[&cert.der]);
+    // The first socket holds the address's one place; the next is answered 429 at accept,
+    // before its handshake has even begun: the answer goes out once it is done.
+    let _first = tls_connect(s.addr, &cc);
+    let r = https(s.addr, &cc, "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    s.stop();
+}
