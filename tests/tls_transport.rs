@@ -483,7 +483,11 @@ fn a_refusal_decided_at_accept_waits_for_the_handshake_and_arrives_encrypted() {
     // The first socket holds the address's one place; the next is answered 429 at accept,
     // before its handshake has even begun: the answer goes out once it is done.
     let _first = tls_connect(s.addr, &cc);
-    let r = https(s.addr, &cc, "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let r = https(
+        s.addr,
+        &cc,
+        "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
     assert!(r.starts_with("HTTP/1.1 429"), "{r}");
     s.stop();
 }
