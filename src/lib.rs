@@ -38,6 +38,9 @@
 //!   - `server/timers.rs` — the per-connection `TimerTable` and `timer_due`, the one place
 //!     each timer is acted on; `server/output.rs` — the output bound, reply credit and kept
 //!     buffers.
+//!   - `server/stream.rs` — the byte stream under a connection: plain TCP or, with the `tls`
+//!     feature, rustls over it (`server/tls.rs`: certificate loading, `SIGHUP` reload, the
+//!     sans-IO `ServerConnection` driven from the loop); the output bound counts its records.
 //!   - [`server::api`] answers the REST endpoints from the core's views; [`server::wire`] is
 //!     the WebSocket read path without a socket (read budget, fragment cap, output bound),
 //!     which the `connection` fuzz target drives.

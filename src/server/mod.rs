@@ -31,6 +31,8 @@
 //! - `timers.rs` — `TimerTable` (one deadline per `Timer`: head, close grace, token expiry,
 //!   pong, idle, ping) and `timer_due`, the one place each timer is acted on.
 //! - `output.rs` — the `Sink` (the output bound and reply credit) and which buffers are kept.
+//! - `stream.rs` — the socket under a connection, plain or TLS (an enum); `tls.rs` (feature
+//!   `tls`) — certificate and key, their reload on `SIGHUP`, rustls driven from the loop.
 //! - [`wire`] — the WebSocket read path without a socket; [`http`] — heads and responses;
 //!   [`api`] — the REST endpoints.
 
