@@ -239,3 +239,166 @@ impl Write for TlsStream {
         self.push()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, TcpListener};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+    use super::{TlsStream, WRITE_CHUNK, load};
+
+    /// A server `TlsStream` with its handshake done, and the client's end (which never reads
+    /// unless the test says so).
+    fn pair() -> (
+        TlsStream,
+        StreamOwned<ClientConnection, std::net::TcpStream>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("chatterbox-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let server_cfg = load(cert.to_str().unwrap(), key.to_str().unwrap()).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let client_cfg =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let client_tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_tcp, _) = listener.accept().unwrap();
+        server_tcp.set_nonblocking(true).unwrap();
+        let mut server =
+            TlsStream::new(mio::net::TcpStream::from_std(server_tcp), &server_cfg).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = ClientConnection::new(Arc::new(client_cfg), name).unwrap();
+        let client = std::thread::spawn(move || {
+            client_tcp
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut c = StreamOwned::new(conn, client_tcp);
+            while c.conn.is_handshaking() {
+                c.conn.complete_io(&mut c.sock).unwrap();
+            }
+            c
+        });
+        // The server side is driven by reads, as the loop does on readiness.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 64];
+        while server.conn.is_handshaking() {
+            assert!(Instant::now() < deadline, "no handshake");
+            match server.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        while server.pending() > 0 || server.conn.wants_write() {
+            let _ = server.flush();
+        }
+        (server, client.join().unwrap())
+    }
+
+    #[test]
+    fn plaintext_waits_while_records_wait_and_the_records_are_counted() {
+        let (mut server, mut client) = pair();
+        let chunk = vec![b'x'; WRITE_CHUNK];
+        let mut taken = 0usize;
+        // The client does not read: the socket fills, and the records it did not take move to
+        // the stream's own buffer.
+        loop {
+            match server.write(&chunk) {
+                Ok(n) => taken += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(taken < 256 << 20, "the socket never filled");
+        }
+        let pending = server.pending();
+        assert!(pending > 0, "records that did not go out are counted");
+        // One chunk's records at most (plus their framing): plaintext was taken only while
+        // nothing waited.
+        assert!(pending <= WRITE_CHUNK + WRITE_CHUNK / 16, "{pending}");
+        for _ in 0..10 {
+            assert_eq!(
+                server.write(&chunk).unwrap_err().kind(),
+                std::io::ErrorKind::WouldBlock
+            );
+        }
+        assert_eq!(server.pending(), pending, "nothing more was taken");
+        // The client reads everything: the records go out and the count falls to zero.
+        let reader = std::thread::spawn(move || {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < taken {
+                got += client.read(&mut buf).unwrap();
+            }
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.pending() > 0 {
+            assert!(Instant::now() < deadline, "records never drained");
+            let _ = server.flush();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(reader.join().unwrap(), taken);
+    }
+
+    #[test]
+    fn a_letter_first_is_a_plain_http_request_and_is_told_so() {
+        let dir = std::env::temp_dir().join(format!("chatterbox-tls-unit2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let cfg = load(cert.to_str().unwrap(), key.to_str().unwrap()).unwrap();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tcp, _) = listener.accept().unwrap();
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        // The request is there before the server reads (loopback delivers it at once; wait
+        // for it, since a read that finds nothing is just `WouldBlock`).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tcp.peek(&mut [0u8; 1]).is_err() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut s = TlsStream::new(mio::net::TcpStream::from_std(tcp), &cfg).unwrap();
+        let e = s.read(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(
+            s.take_refusal().as_deref(),
+            Some("plain HTTP request on the TLS port")
+        );
+        assert_eq!(s.take_refusal(), None, "taken once");
+        drop(s);
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = String::new();
+        let _ = peer.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let len: usize = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), len, "Content-Length matches the body");
+    }
+}
