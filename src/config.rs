@@ -423,7 +423,7 @@ impl Config {
             ] {
                 if !v.is_empty() {
                     return Err(format!(
-                        "--{flag} ({}) only has an effect with --jwt-secret (JWT_SECRET)",
+                        "--{flag} ({}) only has an effect with --jwt-secret (JWT_SECRET) or --jwt-public-key",
                         Self::env_of(flag)
                     ));
                 }
