@@ -10,6 +10,10 @@ What lives here:
 
 Binary: env ``CHATTERBOX_BIN``, else ``<repo>/target/release/chatterbox`` where ``<repo>`` is the
 parent of this folder.
+
+TLS mode: with ``CHATTERBOX_TLS=1`` (and a binary built with ``--features tls``) every server
+gets ``--tls-cert``/``--tls-key`` for a certificate made once per run with ``openssl req -x509``,
+and every helper speaks ``https://``/``wss://``, verifying against that certificate.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -40,6 +46,39 @@ DEFAULT_BIN = REPO_ROOT / "target" / "release" / "chatterbox"
 STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 RECV_TIMEOUT = 5.0
+
+# TLS mode (see the module's doc).
+TLS = os.environ.get("CHATTERBOX_TLS") == "1"
+_tls_files: tuple[Path, Path] | None = None
+
+
+def tls_files() -> tuple[Path, Path]:
+    """(certificate, key): a self-signed P-256 certificate for 127.0.0.1 and localhost, made
+    with openssl once per run."""
+    global _tls_files
+    if _tls_files is None:
+        d = Path(tempfile.mkdtemp(prefix="chatterbox-tls-"))
+        cert, key = d / "cert.pem", d / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert),
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+             "-addext", "basicConstraints=critical,CA:FALSE"],
+            check=True, capture_output=True)
+        _tls_files = (cert, key)
+    return _tls_files
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    """A client context that trusts only the test certificate (hostname checked too)."""
+    return ssl.create_default_context(cafile=str(tls_files()[0]))
+
+
+def tls_wrap(sock: socket.socket) -> socket.socket:
+    """In TLS mode, the socket after a verified handshake; otherwise the socket itself."""
+    if not TLS:
+        return sock
+    return client_ssl_context().wrap_socket(sock, server_hostname="127.0.0.1")
 
 
 def binary_path() -> Path:
@@ -103,7 +142,9 @@ def http_request(
     headers: dict[str, str] | None = None,
     timeout: float = RECV_TIMEOUT,
 ) -> HttpResponse:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                        context=client_ssl_context())
+            if TLS else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -121,7 +162,7 @@ def http_json(port: int, path: str) -> Any:
 
 def raw_exchange(port: int, data: bytes, timeout: float = RECV_TIMEOUT) -> bytes:
     """Send raw bytes, read until the server closes (or `timeout` passes) and return all read."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with tls_wrap(socket.create_connection(("127.0.0.1", port), timeout=timeout)) as s:
         s.sendall(data)
         return read_until_closed(s, timeout)
 
@@ -143,7 +184,7 @@ def read_all(s: socket.socket, timeout: float = RECV_TIMEOUT) -> tuple[bytes, bo
             chunk = s.recv(65536)
         except socket.timeout:
             return b"".join(chunks), False
-        except (ConnectionResetError, BrokenPipeError):
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
             return b"".join(chunks), True
         if not chunk:
             return b"".join(chunks), True
@@ -208,6 +249,7 @@ class RawWs:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         s.settimeout(timeout)
         s.connect(("127.0.0.1", port))
+        s = tls_wrap(s)
         path = "/ws" + (f"?name={urllib.parse.quote(name)}" if name else "")
         s.sendall(ws_handshake_bytes(path))
         buf = b""
@@ -272,6 +314,9 @@ class Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flags: dict[str, Any] = {"host": "127.0.0.1", "db_path": ":memory:",
                                       "log_level": "info"}
+        if TLS:
+            cert, key = tls_files()
+            self.flags.update(tls_cert=str(cert), tls_key=str(key))
         self.flags.update(flags or {})
         self.port: int = int(self.flags.pop("port", 0)) or free_port()
         self.log_path = self.workdir / f"chatterbox-{self.port}.log"
@@ -282,12 +327,12 @@ class Server:
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if TLS else 'http'}://127.0.0.1:{self.port}"
 
     def ws_url(self, **query: Any) -> str:
         q = {k: v for k, v in query.items() if v is not None}
         suffix = ("?" + urllib.parse.urlencode(q)) if q else ""
-        return f"ws://127.0.0.1:{self.port}/ws{suffix}"
+        return f"{'wss' if TLS else 'ws'}://127.0.0.1:{self.port}/ws{suffix}"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -434,6 +479,8 @@ class Client:
             open_timeout=timeout, close_timeout=1.0, compression=None, proxy=None,
             max_size=None, max_queue=None,
         )
+        if TLS:
+            opts["ssl"] = client_ssl_context()
         opts.update(kwargs)
         ws = await asyncio.wait_for(ws_connect(server.ws_url(name=name), **opts), timeout)
         return cls(ws, server)
@@ -560,6 +607,7 @@ async def connect_status(server: Server, name: str | None = None,
         ws = await asyncio.wait_for(
             ws_connect(server.ws_url(name=name, **query), open_timeout=RECV_TIMEOUT,
                        close_timeout=1.0, compression=None, proxy=None,
+                       **({"ssl": client_ssl_context()} if TLS else {}),
                        **(connect_kwargs or {})), RECV_TIMEOUT)
     except InvalidStatus as e:
         return e.response.status_code
@@ -570,6 +618,7 @@ async def connect_status(server: Server, name: str | None = None,
 __all__ = [
     "Client", "Server", "HttpResponse", "connect_status", "free_port", "http_json",
     "http_request", "parse_status", "raw_exchange", "read_until_closed", "ws_handshake_bytes",
-    "read_all", "parse_frames", "masked_frame", "RawWs",
+    "read_all", "parse_frames", "masked_frame", "RawWs", "TLS", "tls_files",
+    "client_ssl_context", "tls_wrap",
     "ConnectionClosed", "InvalidStatus", "websockets",
 ]

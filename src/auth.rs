@@ -1,9 +1,10 @@
-//! Optional authentication: HS256 JSON Web Tokens, checked before the upgrade and on every
-//! REST request.
+//! Optional authentication: JSON Web Tokens, checked before the upgrade and on every REST
+//! request.
 //!
-//! Only `HS256` is accepted; `none` and every other algorithm are refused, so a token cannot
-//! choose how it is checked. The signature is compared in constant time (`hmac`'s
-//! `verify_slice`). Claims used: `sub` (required, the member id), `name` (optional, the member
+//! `HS256` is accepted with `--jwt-secret`, `RS256` / `ES256` with `--jwt-public-key` (the
+//! key's type decides which: [`crate::auth_keys`]); `none` and every other algorithm are
+//! refused, so a token cannot choose how it is checked. The HS256 signature is compared in
+//! constant time (`hmac`'s `verify_slice`). Claims used: `sub` (required, the member id), `name` (optional, the member
 //! name), `exp` (Unix seconds; required unless `--jwt-require-exp false`; enforced at connect
 //! and during the session), `nbf` (optional, not before), `aud` and `iss` (checked when the
 //! settings name them), and the permissions `rooms`, `publish` (lists of [`Patterns`]) and
@@ -147,7 +148,7 @@ pub enum AuthError {
     Missing,
     /// Not three base64url parts of JSON, or too long.
     Malformed,
-    /// `alg` is not `HS256`.
+    /// `alg` is not one the settings accept (`HS256` with a secret, the public key's own).
     Algorithm,
     /// The signature does not match.
     Signature,
@@ -173,7 +174,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "a token is required",
             AuthError::Malformed => "the token is malformed",
-            AuthError::Algorithm => "the token's algorithm is not accepted (HS256 only)",
+            AuthError::Algorithm => "the token's algorithm is not accepted",
             AuthError::Signature => "the token's signature is invalid",
             AuthError::Expired => "the token has expired",
             AuthError::NotYetValid => "the token is not valid yet",
@@ -200,16 +201,20 @@ pub struct Policy<'a> {
     pub audience: &'a str,
     /// The `iss` a token must carry; empty: not checked.
     pub issuer: &'a str,
+    /// The `--jwt-public-key` file whose key checks RS256 / ES256 tokens; empty: none
+    /// ([`crate::auth_keys`]).
+    pub public_key: &'a str,
 }
 
 impl<'a> Policy<'a> {
     /// The policy of `cfg`; `None` when auth is off (no `--jwt-secret`).
     pub fn of(cfg: &'a Config) -> Option<Policy<'a>> {
-        (!cfg.jwt_secret.is_empty()).then(|| Policy {
+        (!cfg.jwt_secret.is_empty() || !cfg.jwt_public_key.is_empty()).then(|| Policy {
             secret: cfg.jwt_secret.as_bytes(),
             require_exp: cfg.jwt_require_exp,
             audience: &cfg.jwt_audience,
             issuer: &cfg.jwt_issuer,
+            public_key: &cfg.jwt_public_key,
         })
     }
 
@@ -220,6 +225,7 @@ impl<'a> Policy<'a> {
             require_exp: false,
             audience: "",
             issuer: "",
+            public_key: "",
         }
     }
 }
@@ -314,17 +320,26 @@ pub fn verify(token: &str, policy: &Policy<'_>, now: u64) -> Result<Identity, Au
     };
     let decode = |s: &str| URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed);
     let header: Header = serde_json::from_slice(&decode(h64)?).map_err(|_| AuthError::Malformed)?;
-    if header.alg != "HS256" {
-        return Err(AuthError::Algorithm);
-    }
     let signature = decode(s64)?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(policy.secret).map_err(|_| AuthError::Signature)?;
-    mac.update(h64.as_bytes());
-    mac.update(b".");
-    mac.update(c64.as_bytes());
-    mac.verify_slice(&signature)
-        .map_err(|_| AuthError::Signature)?;
+    match header.alg.as_str() {
+        // HS256 only with a secret (an empty HMAC key would take anyone's signature), and
+        // never with the public key's bytes.
+        "HS256" if !policy.secret.is_empty() => {
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(policy.secret).map_err(|_| AuthError::Signature)?;
+            mac.update(h64.as_bytes());
+            mac.update(b".");
+            mac.update(c64.as_bytes());
+            mac.verify_slice(&signature)
+                .map_err(|_| AuthError::Signature)?;
+        }
+        // The key decides which of the two it takes.
+        "RS256" | "ES256" if !policy.public_key.is_empty() => {
+            let input = &token[..h64.len() + 1 + c64.len()];
+            crate::auth_keys::verify(&header.alg, policy.public_key, input.as_bytes(), &signature)?;
+        }
+        _ => return Err(AuthError::Algorithm),
+    }
     // Only a signed payload is parsed further.
     identity_from_claims(&decode(c64)?, policy, now)
 }
@@ -430,6 +445,7 @@ mod tests {
         require_exp: false,
         audience: "",
         issuer: "",
+        public_key: "",
     };
 
     fn forge(header: &str, claims: &str, sig: &str) -> String {

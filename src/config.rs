@@ -301,6 +301,15 @@ settings! {
     /// Rooms where only the server API and admins post, comma-separated patterns (`news`,
     /// `announce-*`, `*`); other broadcasts get `forbidden`. Empty: none.
     read_only_rooms: String = String::new(), "read-only-rooms", "READ_ONLY_ROOMS";
+    // --- TLS (issue 13) and public-key tokens (issue 11); need the `tls` cargo feature ---
+    /// PEM certificate chain; with `--tls-key` the port speaks TLS only (https, wss). Read
+    /// again on SIGHUP.
+    tls_cert: String = String::new(), "tls-cert", "TLS_CERT";
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert`; read again on SIGHUP.
+    tls_key: String = String::new(), "tls-key", "TLS_KEY";
+    /// PEM public key (SPKI `PUBLIC KEY`, RSA or EC P-256): `/ws` and the REST API then take
+    /// RS256 / ES256 tokens signed with its private key (an identity provider's).
+    jwt_public_key: String = String::new(), "jwt-public-key", "JWT_PUBLIC_KEY";
 }
 
 /// The file name of the default database inside systemd's state directory.
@@ -726,15 +735,45 @@ impl Config {
         if let Err(e) = crate::auth::Patterns::parse_list(&self.read_only_rooms) {
             return Err(format!("--read-only-rooms (READ_ONLY_ROOMS): {e}"));
         }
-        if self.jwt_secret.is_empty() {
+        self.validate_tls()?;
+        if self.jwt_secret.is_empty() && self.jwt_public_key.is_empty() {
             for (flag, v) in [
                 ("jwt-audience", &self.jwt_audience),
                 ("jwt-issuer", &self.jwt_issuer),
             ] {
                 if !v.is_empty() {
                     return Err(format!(
-                        "{} only has an effect with --jwt-secret (JWT_SECRET)",
+                        "{} only has an effect with --jwt-secret (JWT_SECRET) or --jwt-public-key",
                         named(flag)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// TLS and public-key settings: the certificate and key come together, and both need a
+    /// build with the `tls` feature. (The files themselves are read when the server starts.)
+    fn validate_tls(&self) -> Result<(), String> {
+        match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
+            (false, true) => {
+                return Err("--tls-cert (TLS_CERT) needs --tls-key (TLS_KEY) too".into());
+            }
+            (true, false) => {
+                return Err("--tls-key (TLS_KEY) needs --tls-cert (TLS_CERT) too".into());
+            }
+            _ => {}
+        }
+        if cfg!(not(feature = "tls")) {
+            for (flag, v) in [
+                ("tls-cert", &self.tls_cert),
+                ("jwt-public-key", &self.jwt_public_key),
+            ] {
+                if !v.is_empty() {
+                    return Err(format!(
+                        "--{flag} ({}): this chatterbox is built without TLS; build it with \
+                         `cargo build --release --features tls`",
+                        Self::env_of(flag)
                     ));
                 }
             }

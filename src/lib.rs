@@ -4,6 +4,8 @@
 //!
 //! - [`auth`] — optional HS256 JWT checks for `/ws` and the REST API, and the token's
 //!   permissions ([`auth::Permissions`]: `rooms`, `publish`, `admin`) the core checks.
+//!   [`auth_keys`] — RS256 / ES256 tokens checked with `--jwt-public-key` (feature `tls`,
+//!   with `ring`).
 //! - [`config`] — every setting and limit: flag, environment variable, default, `--help`.
 //! - [`logging`] — the logger (text or JSON lines with UTC dates) and [`log_safe`], the
 //!   escaping every client-chosen value gets in a log line.
@@ -49,6 +51,9 @@
 //!     the writes with `X-API-Key`, each one input of the core (`chat/api.rs`: a server
 //!     publish, direct, room create/delete, message removal, disconnect); the admin commands
 //!     `delete` and `kick` do the same from a member whose token says `admin`.
+//!   - `server/stream.rs` — the byte stream under a connection: plain TCP or, with the `tls`
+//!     feature, rustls over it (`server/tls.rs`: certificate loading, `SIGHUP` reload, the
+//!     sans-IO `ServerConnection` driven from the loop); the output bound counts its records.
 //!   - [`server::api`] answers the REST endpoints from the core's views; [`server::wire`] is
 //!     the WebSocket read path without a socket (read budget, fragment cap, output bound),
 //!     which the `connection` fuzz target drives.
@@ -57,6 +62,7 @@
 //! [`server::Server::run`].
 
 pub mod auth;
+pub mod auth_keys;
 pub mod chat;
 pub mod config;
 pub mod logging;

@@ -1,11 +1,13 @@
 """Paths, logging, pinning, the builds and the environment lines every mode shares."""
 
+import atexit
 import datetime
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,10 +37,11 @@ def pinned(core, cmd):
     return ["taskset", "-c", str(core)] + cmd if have_taskset() else cmd
 
 
-def build(no_build):
+def build(no_build, tls=False):
     if not no_build:
-        log("building chatterbox (cargo build --release)")
-        r = subprocess.run(["nice", "cargo", "build", "--release"], cwd=ROOT)
+        features = ["--features", "tls"] if tls else []
+        log(f"building chatterbox (cargo build --release {' '.join(features)})")
+        r = subprocess.run(["nice", "cargo", "build", "--release"] + features, cwd=ROOT)
         if r.returncode != 0:
             sys.exit("chatterbox build failed")
         log("building loadgen (cargo build --release)")
@@ -158,3 +161,17 @@ class StepWatch(threading.Thread):
                 self.started.set()
             if not self.quiet or "PROBLEM" in line:
                 sys.stderr.write(line)
+
+
+def make_test_cert():
+    """(cert, key): a self-signed P-256 certificate for 127.0.0.1 made with openssl in a temp
+    folder, for `run --tls` (the server serves it, loadgen trusts it with --tls-ca)."""
+    d = tempfile.mkdtemp(prefix="chatterbox-bench-tls-")
+    atexit.register(shutil.rmtree, d, True)
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", key, "-out", cert,
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-addext", "basicConstraints=critical,CA:FALSE"],
+                   check=True, capture_output=True)
+    return cert, key

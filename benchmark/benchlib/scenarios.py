@@ -75,6 +75,8 @@ def run_one(target, scenario, params, outdir, args):
            "--path", target.path, "--src-ips", "8", "--label", target.label,
            "--server-pid", ",".join(map(str, pids)), "--out", jsonfile,
            "--max-seconds", str(int(secs))]
+    if target.tls:
+        cmd += ["--tls-ca", target.tls[0]]
     if target.proto == "raw" and scenario in ("fanout", "rooms"):
         cmd += ["--self-delivery", "true" if target.self_delivery else "false"]
     if args.procs > 1:

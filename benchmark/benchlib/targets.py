@@ -41,15 +41,17 @@ CHATTERBOX_FLAGS = [
 class Target:
     """One server under test: chatterbox (with a store variant) or a peer."""
 
-    def __init__(self, name, db, binary=None, tag=None):
+    def __init__(self, name, db, binary=None, tag=None, tls=None):
         self.name = name
+        # (cert, key) when this chatterbox serves TLS (`run --tls`).
+        self.tls = tls
         self.db = db
         self.binary = binary or CHATTERBOX
         if name == "chatterbox":
             self.proto, self.path, self.ready = "chatterbox", "/ws", "http"
             self.self_delivery = True
             self.label = ("chatterbox" + (f"-{tag}" if tag else "")
-                          + ("" if db == "memory" else "-sqlite"))
+                          + ("" if db == "memory" else "-sqlite") + ("-tls" if tls else ""))
         else:
             start = os.path.join(PEERS, name, "start")
             if not os.access(start, os.X_OK):
@@ -86,6 +88,8 @@ class Target:
             else:
                 db_path = ":memory:"
             cmd = [self.binary, "--port", str(port), "--db-path", db_path] + CHATTERBOX_FLAGS
+            if self.tls:
+                cmd += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         else:
             cmd = [os.path.join(PEERS, self.name, "start")]
         self.log = open(logfile, "w")
@@ -104,7 +108,12 @@ class Target:
     def is_ready(self, port):
         if self.ready == "http":
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                scheme, ctx = "http", None
+                if self.tls:
+                    import ssl
+                    scheme, ctx = "https", ssl.create_default_context(cafile=self.tls[0])
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1,
+                                            context=ctx) as r:
                     return r.status == 200
             except Exception:
                 return False

@@ -50,7 +50,7 @@ impl Server {
                 self.accept_retry_at = None;
                 return;
             };
-            let (mut stream, addr) = match listener.accept() {
+            let (stream, addr) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if would_block(&e) => {
                     self.accept_retry_at = None;
@@ -86,6 +86,19 @@ impl Server {
                 AtAccept::Serve => false,
             };
             let _ = stream.set_nodelay(true);
+            #[cfg(feature = "tls")]
+            let mut stream = match &self.tls {
+                None => super::stream::Stream::Plain(stream),
+                Some(config) => match super::tls::TlsStream::new(stream, config) {
+                    Ok(t) => super::stream::Stream::Tls(Box::new(t)),
+                    Err(e) => {
+                        warn!("TLS connection from {addr} not started: {e}");
+                        continue;
+                    }
+                },
+            };
+            #[cfg(not(feature = "tls"))]
+            let mut stream = stream;
             let entry = self.conns.vacant_entry();
             let id = entry.key();
             if self
@@ -289,6 +302,7 @@ impl Server {
                         uptime_secs: self.started.elapsed().as_secs(),
                         close_frames_lost: self.close_frames_lost,
                         report: self.report.counts(),
+                        tls_refused: self.tls_refused,
                     };
                     let call = api::Call {
                         head: &head,

@@ -100,6 +100,9 @@ pub struct TransportStats {
     pub close_frames_lost: u64,
     /// Refusals and closes by reason.
     pub report: super::report::Counts,
+    /// Connections the TLS layer refused: plain HTTP on the TLS port, failed handshakes,
+    /// garbage records (always 0 without TLS).
+    pub tls_refused: u64,
 }
 
 pub(super) fn error(status: u16, code: &str, message: String) -> Response {
@@ -329,6 +332,7 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "members_connected_total": s.members_connected_total,
         "uptime_secs": t.uptime_secs,
         "close_frames_lost": t.close_frames_lost,
+        "tls_refused": t.tls_refused,
     });
     #[cfg(feature = "server-api")]
     {
@@ -447,6 +451,14 @@ fn metrics(chat: &Chat, t: TransportStats) -> String {
             let _ = writeln!(out, "chatterbox_api_calls_total{{call=\"{call}\"}} {n}");
         }
     }
+    // TLS (issue 13).
+    let _ = write!(
+        out,
+        "# HELP chatterbox_tls_refused_total Connections the TLS layer refused (plain HTTP, \
+         failed handshakes, garbage records).\n# TYPE chatterbox_tls_refused_total counter\n\
+         chatterbox_tls_refused_total {}\n",
+        t.tls_refused
+    );
     out
 }
 

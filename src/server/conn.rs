@@ -12,9 +12,9 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use mio::Interest;
-use mio::net::TcpStream;
 
 use super::output;
+use super::stream::Stream;
 use super::timers::{Timer, TimerTable};
 use super::wire::{Next, Wire};
 use crate::chat::Close;
@@ -46,7 +46,7 @@ pub(crate) enum Life {
 
 /// One connection in the slab.
 pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     /// The client's address: the peer's, or, from a trusted proxy, the one its head names
     /// (set once the head is read). Per-address caps and logs use it.
     pub(crate) ip: IpAddr,
@@ -111,11 +111,11 @@ pub(crate) enum Flushed {
 }
 
 impl Conn {
-    pub(crate) fn new(stream: TcpStream, ip: IpAddr, head_deadline: Instant) -> Self {
+    pub(crate) fn new(stream: impl Into<Stream>, ip: IpAddr, head_deadline: Instant) -> Self {
         let mut timers = TimerTable::default();
         timers.set(Timer::Head, head_deadline);
         Conn {
-            stream,
+            stream: stream.into(),
             ip,
             peer: ip,
             ip_counted: true,
@@ -137,9 +137,9 @@ impl Conn {
         }
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written (over TLS: the records made and not yet written too).
     pub(crate) fn pending(&self) -> usize {
-        self.out.len() - self.sent
+        self.out.len() - self.sent + self.stream.tls_pending()
     }
 
     /// Whether WebSocket data frames may still be queued.
@@ -248,6 +248,12 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Flushed::Failed,
             }
+        }
+        // TLS records the socket did not take yet (a no-op on a plain socket).
+        match self.stream.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+            Err(_) => return Flushed::Failed,
         }
         // Written out. A busy connection (drained on the previous turn too) keeps its buffer:
         // handing it back every turn makes the allocator trim and fault the heap in again, which

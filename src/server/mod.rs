@@ -33,6 +33,8 @@
 //! - `output.rs` — the `Sink` (the output bound and reply credit) and which buffers are kept.
 //! - [`startup`] — the info lines logged at start (version, address, store, auth, origin
 //!   rule, trusted proxies).
+//! - `stream.rs` — the socket under a connection, plain or TLS (an enum); `tls.rs` (feature
+//!   `tls`) — certificate and key, their reload on `SIGHUP`, rustls driven from the loop.
 //! - [`wire`] — the WebSocket read path without a socket; [`http`] — heads and responses;
 //!   [`api`] — the REST endpoints.
 
@@ -65,7 +67,10 @@ pub mod report;
 #[cfg(feature = "server-api")]
 mod server_api;
 pub mod startup;
+mod stream;
 mod timers;
+#[cfg(feature = "tls")]
+mod tls;
 pub mod wire;
 
 use conn::{Conn, Drained, Life, Phase};
@@ -76,6 +81,9 @@ use wire::{Next, ReadLimits};
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNAL: Token = Token(usize::MAX - 3);
+/// `SIGHUP`: reload the TLS certificate and key.
+#[cfg(feature = "tls")]
+const RELOAD: Token = Token(usize::MAX - 4);
 
 /// Messages read from one connection before the loop turns to others; the rest waits for the
 /// next iteration, so one busy client cannot starve the room.
@@ -150,6 +158,14 @@ pub struct Server {
     rest_pages: HashMap<u64, (usize, String)>,
     /// Refusals and closes: logged once each, summed up in floods, counted by reason.
     report: report::Report,
+    /// The TLS settings new connections get (certificate and key), when the port speaks TLS.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The `SIGHUP` pipe's reading end.
+    #[cfg(feature = "tls")]
+    reload: Option<UnixStream>,
+    /// Connections the TLS layer refused (plain HTTP, failed handshakes, garbage records).
+    tls_refused: u64,
 }
 
 fn now_of(mono: Instant) -> Now {
@@ -233,6 +249,16 @@ impl Server {
     /// Binds the listener and opens the history store the settings name.
     pub fn bind(cfg: Config) -> io::Result<Server> {
         let addr = resolve(&cfg.host, cfg.port)?;
+        #[cfg(feature = "tls")]
+        let tls = match (cfg.tls_cert.is_empty(), cfg.tls_key.is_empty()) {
+            (false, false) => {
+                Some(tls::load(&cfg.tls_cert, &cfg.tls_key).map_err(io::Error::other)?)
+            }
+            _ => None,
+        };
+        if !cfg.jwt_public_key.is_empty() {
+            crate::auth_keys::load(&cfg.jwt_public_key).map_err(io::Error::other)?;
+        }
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr).map_err(|e| {
             io::Error::new(
@@ -287,6 +313,11 @@ impl Server {
             trim_at: None,
             rest_pages: HashMap::new(),
             report,
+            #[cfg(feature = "tls")]
+            tls,
+            #[cfg(feature = "tls")]
+            reload: None,
+            tls_refused: 0,
         })
     }
 
@@ -314,13 +345,76 @@ impl Server {
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, write.try_clone()?)?;
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, write)?;
         self.signals = Some(read);
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() || !self.cfg().jwt_public_key.is_empty() {
+            let (read, write) = std::os::unix::net::UnixStream::pair()?;
+            read.set_nonblocking(true)?;
+            let mut read = UnixStream::from_std(read);
+            self.poll
+                .registry()
+                .register(&mut read, RELOAD, Interest::READABLE)?;
+            signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write)?;
+            self.reload = Some(read);
+        }
         Ok(())
+    }
+
+    /// Reads `--jwt-public-key` again (`SIGHUP`, with the certificate): tokens are checked with
+    /// the new key from now on. A file that does not load is logged with its path and the
+    /// error, and the key in use stays.
+    #[cfg(feature = "tls")]
+    pub fn reload_jwt_key(&mut self) {
+        let path = &self.chat.config().jwt_public_key;
+        if path.is_empty() {
+            return;
+        }
+        match crate::auth_keys::load(path) {
+            Ok(key) => info!("JWT public key ({}) reloaded from {path}", key.alg()),
+            Err(e) => log::error!("JWT key reload failed, the old key stays in use: {e}"),
+        }
+    }
+
+    /// Whether the port speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// Reads the certificate and key again (what `SIGHUP` does): new connections get the new
+    /// ones, open connections keep theirs. A file that does not load is logged with its path
+    /// and the error, and the certificate in use stays. `false` when nothing was replaced.
+    #[cfg(feature = "tls")]
+    pub fn reload_tls(&mut self) -> bool {
+        if self.tls.is_none() {
+            return false;
+        }
+        let cfg = self.chat.config();
+        match tls::load(&cfg.tls_cert, &cfg.tls_key) {
+            Ok(new) => {
+                self.tls = Some(new);
+                info!("TLS certificate reloaded from {}", cfg.tls_cert);
+                true
+            }
+            Err(e) => {
+                log::error!("TLS reload failed, the old certificate stays in use: {e}");
+                false
+            }
+        }
     }
 
     /// Runs the loop until a shutdown completes: every client got close `1001` (or the grace
     /// ran out) and the history store is flushed.
     pub fn run(mut self) -> io::Result<()> {
-        startup::log(self.cfg(), self.local);
+        startup::log(self.cfg(), self.local, self.is_tls());
+        if self.is_tls() {
+            let cfg = self.chat.config();
+            info!(
+                "TLS only on this port (https, wss): certificate {}, key {}; SIGHUP reloads them",
+                cfg.tls_cert, cfg.tls_key
+            );
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.backlog.is_empty() {
@@ -351,6 +445,15 @@ impl Server {
                             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
                         }
                         self.begin_shutdown(now);
+                    }
+                    #[cfg(feature = "tls")]
+                    RELOAD => {
+                        if let Some(s) = &mut self.reload {
+                            let mut buf = [0u8; 64];
+                            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                        }
+                        self.reload_tls();
+                        self.reload_jwt_key();
                     }
                     Token(id) => {
                         if event.is_writable() || event.is_error() {
@@ -415,6 +518,15 @@ impl Server {
     }
 
     fn readable(&mut self, id: usize, now: Instant) {
+        self.read_ready(id, now);
+        // Over TLS, reading may make output of its own (handshake messages, the answer to a
+        // key update), and plaintext queued during the handshake waits for its end.
+        if self.conns.get(id).is_some_and(|c| c.pending() > 0) {
+            self.mark_dirty(id);
+        }
+    }
+
+    fn read_ready(&mut self, id: usize, now: Instant) {
         let budget = self.cfg().read_budget_bytes;
         if let Some(c) = self.conns.get_mut(id) {
             if c.close_started() {
@@ -616,6 +728,10 @@ impl Server {
         }
         let mut c = self.conns.remove(id);
         let _ = self.poll.registry().deregister(&mut c.stream);
+        if let Some(why) = c.stream.take_refusal() {
+            info!("refused a connection from {}: {why}", c.ip);
+            self.tls_refused += 1;
+        }
         if c.counted {
             self.ws_count -= 1;
         }

@@ -16,6 +16,9 @@ pub fn features() -> String {
     let all: &[(&str, bool)] = &[
         ("sqlite", cfg!(feature = "sqlite")),
         ("deploy", cfg!(feature = "deploy")),
+        ("server-api", cfg!(feature = "server-api")),
+        ("admin-page", cfg!(feature = "admin-page")),
+        ("tls", cfg!(feature = "tls")),
     ];
     let mut s = String::new();
     for (name, _) in all.iter().filter(|(_, on)| *on) {
@@ -27,13 +30,14 @@ pub fn features() -> String {
     s
 }
 
-/// Logs the start-up lines; `local` is the bound address.
-pub fn log(cfg: &Config, local: SocketAddr) {
+/// Logs the start-up lines; `local` is the bound address, `tls` whether the port speaks TLS.
+pub fn log(cfg: &Config, local: SocketAddr, tls: bool) {
     // One string, one log call: cheaper in the smallest build than a call per line.
     let mut s = format!(
-        "chatterbox {} (features: {})\nchatterbox listening on {local} (plain)\n",
+        "chatterbox {} (features: {})\nchatterbox listening on {local} ({})\n",
         env!("CARGO_PKG_VERSION"),
-        features()
+        features(),
+        if tls { "TLS" } else { "plain" }
     );
     let n = cfg.memory_history_per_room;
     let _ = match cfg.db_path.as_str() {

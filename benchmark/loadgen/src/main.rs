@@ -18,6 +18,7 @@ mod proto;
 mod report;
 mod soak;
 mod summary;
+mod tls;
 mod traffic;
 mod ws;
 
@@ -57,6 +58,7 @@ Common
   --procs N              N worker processes share the connections (fd limit ~19,900 each)
   --server-pid P[,P..]   sample CPU (utime+stime) and RSS of these pids at each barrier
   --label S              free text copied into the result (e.g. the target's name)
+  --tls-ca PATH          speak TLS (wss://), trusting the PEM certificate(s) in PATH
   --out FILE             write the JSON result there (default: stdout)
   --max-seconds S        hard budget for the whole run (default 600)
   --concurrency C        handshakes in flight at once (default 200)
@@ -114,6 +116,9 @@ fn parse_common(a: &Args) -> Result<Common, String> {
         .map_err(|_| "--target must be IPv4 ADDR:PORT")?;
     if target.ip().octets()[0] != 127 {
         return Err("--target must be a loopback address (127.0.0.0/8)".into());
+    }
+    if let Some(ca) = a.opt_str("tls-ca") {
+        tls::init(&ca)?;
     }
     let n_src: u32 = a.get("src-ips", 1)?;
     if !(1..=250).contains(&n_src) {

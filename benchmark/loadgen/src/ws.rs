@@ -21,6 +21,56 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_FRAME: u64 = 64 * 1024 * 1024;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
+/// A connection's socket: plain TCP, or TLS over it (`--tls-ca`).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<crate::tls::TlsConn>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.tcp,
+        }
+    }
+
+    fn tcp_mut(&mut self) -> &mut TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &mut t.tcp,
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum State {
     Connecting,
@@ -49,7 +99,7 @@ pub struct Conn<U> {
     /// When `connect()` was issued and when the 101 response was read (mono ns).
     pub t_start: u64,
     pub t_open: u64,
-    stream: TcpStream,
+    stream: Stream,
     out: Vec<u8>,
     out_pos: usize,
     carry: Vec<u8>,
@@ -92,6 +142,10 @@ impl<U> Conn<U> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        match self.stream.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
         }
         if self.out_pos == self.out.len() {
             self.out.clear();
@@ -263,19 +317,29 @@ impl<U> Net<U> {
         let fd = open_socket(src, self.target).map_err(|e| format!("connect: {e}"))?;
         // SAFETY: fd is a fresh socket we own; ownership moves into the TcpStream.
         let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        let mut stream = TcpStream::from_std(std);
+        let mut tcp = TcpStream::from_std(std);
         let slot = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
             self.conns.len() - 1
         });
         if let Err(e) = self.poll.registry().register(
-            &mut stream,
+            &mut tcp,
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free.push(slot);
             return Err(format!("register: {e}"));
         }
+        let stream = match crate::tls::config() {
+            None => Stream::Plain(tcp),
+            Some(config) => match crate::tls::TlsConn::new(tcp, self.target, config) {
+                Ok(t) => Stream::Tls(Box::new(t)),
+                Err(e) => {
+                    self.free.push(slot);
+                    return Err(format!("tls: {e}"));
+                }
+            },
+        };
         let mut out = Vec::with_capacity(256);
         write!(
             out,
@@ -308,7 +372,7 @@ impl<U> Net<U> {
             if c.state == State::Open && !c.sent_close {
                 c.send_frame(0x8, &1000u16.to_be_bytes());
             }
-            let _ = self.poll.registry().deregister(&mut c.stream);
+            let _ = self.poll.registry().deregister(c.stream.tcp_mut());
             if c.state != State::Closed {
                 self.live -= 1;
             }
@@ -343,7 +407,7 @@ impl<U> Net<U> {
                 // SAFETY: setsockopt on the socket we own, with a pointer to a local linger.
                 unsafe {
                     libc::setsockopt(
-                        c.stream.as_raw_fd(),
+                        c.stream.tcp().as_raw_fd(),
                         libc::SOL_SOCKET,
                         libc::SO_LINGER,
                         (&lg as *const libc::linger).cast(),
@@ -351,7 +415,7 @@ impl<U> Net<U> {
                     )
                 };
             }
-            let _ = self.poll.registry().deregister(&mut c.stream);
+            let _ = self.poll.registry().deregister(c.stream.tcp_mut());
             if c.state != State::Closed {
                 self.live -= 1;
             }
@@ -417,7 +481,7 @@ impl<U> Net<U> {
             handle(conn, readable, writable, buf, counters, f);
             if conn.state == State::Closed {
                 let mut c = conns[slot].take().expect("present");
-                let _ = poll.registry().deregister(&mut c.stream);
+                let _ = poll.registry().deregister(c.stream.tcp_mut());
                 free.push(slot);
                 *live -= 1;
             }
@@ -542,12 +606,34 @@ fn handle<U>(
     counters: &mut NetCounters,
     f: &mut impl FnMut(&mut Conn<U>, Ev<'_>, u64),
 ) {
+    handle_io(conn, readable, writable, buf, counters, f);
+    // Over TLS, reading ends the handshake (the upgrade request waits for it) and may queue
+    // records of its own: write them now, no new readiness event would come for them.
+    if conn.stream.is_tls()
+        && conn.state != State::Closed
+        && let Err(e) = conn.flush()
+    {
+        if conn.state == State::Open {
+            return close_conn(conn, None, f);
+        }
+        fail(conn, format!("write: {e}"), f);
+    }
+}
+
+fn handle_io<U>(
+    conn: &mut Conn<U>,
+    readable: bool,
+    writable: bool,
+    buf: &mut Vec<u8>,
+    counters: &mut NetCounters,
+    f: &mut impl FnMut(&mut Conn<U>, Ev<'_>, u64),
+) {
     if conn.state == State::Connecting {
-        match conn.stream.take_error() {
+        match conn.stream.tcp().take_error() {
             Ok(None) => {}
             Ok(Some(e)) | Err(e) => return fail(conn, format!("connect: {e}"), f),
         }
-        match conn.stream.peer_addr() {
+        match conn.stream.tcp().peer_addr() {
             Ok(_) => conn.state = State::Handshake,
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
             Err(e) => return fail(conn, format!("connect: {e}"), f),
@@ -584,8 +670,9 @@ fn handle<U>(
                     return;
                 }
                 conn.carry.extend_from_slice(&buf[used..total]);
-                if n < space {
+                if n < space && !conn.stream.is_tls() {
                     // The socket was drained; edge-triggered epoll reports the next arrival.
+                    // (Over TLS a short read says nothing about the socket: read on.)
                     return;
                 }
             }
