@@ -5,7 +5,7 @@
 //! is asked of the history engine, and the HTTP answer ([`page_response`]) is written when the
 //! engine replies ([`Answer::Later`]); the loop does not wait. A server publish is answered
 //! once the message is durable and a delete once the message was found
-//! ([`Answer::LaterApi`], rendered in `server/server_api.rs`).
+//! (`Answer::LaterApi`, rendered in `server/server_api.rs`).
 
 use std::fmt::Write as _;
 

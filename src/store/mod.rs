@@ -3,7 +3,7 @@
 //! The core talks to history only through the asynchronous boundary in [`engine`] (requests in,
 //! replies out, no I/O on the loop thread); its module docs are the one description of that
 //! boundary. [`open_engine`] opens the one the settings name: the memory engine
-//! ([`engine::Immediate`] over [`memory::MemoryStore`]) or SQLite ([`sqlite::SqliteStore`]:
+//! ([`engine::Immediate`] over [`memory::MemoryStore`]) or SQLite (`sqlite::SqliteStore`:
 //! group commit on a writer thread, reads on a reader thread).
 //!
 //! [`HistoryStore`] is the synchronous store an [`engine::Immediate`] wraps: calls that never
