@@ -588,34 +588,30 @@ impl Server {
     /// (a connection id may have been reused: the token tells).
     fn answer_pages(&mut self, now: Instant) {
         for (token, page) in self.chat.take_rest_pages() {
-            let Some((id, room)) = self.rest_pages.remove(&token) else {
-                continue;
-            };
-            let Some(c) = self.conns.get_mut(id) else {
-                continue;
-            };
-            if c.page_pending != Some(token) || c.life != Life::Open {
-                // Closed meanwhile (its head timed out, say): the answer has nowhere to go.
-                continue;
+            if let Some((id, room)) = self.take_waiter(token) {
+                self.respond(id, api::page_response(&room, page), now);
             }
-            c.page_pending = None;
-            self.respond(id, api::page_response(&room, page), now);
         }
         // Server API calls that waited for the engine (a publish until durable, a delete).
         #[cfg(feature = "server-api")]
         for (token, answer) in self.chat.take_api_answers() {
-            let Some((id, _)) = self.rest_pages.remove(&token) else {
-                continue;
-            };
-            let Some(c) = self.conns.get_mut(id) else {
-                continue;
-            };
-            if c.page_pending != Some(token) || c.life != Life::Open {
-                continue;
+            if let Some((id, _)) = self.take_waiter(token) {
+                self.respond(id, server_api::api_response(answer), now);
             }
-            c.page_pending = None;
-            self.respond(id, server_api::api_response(answer), now);
         }
+    }
+
+    /// The connection (and room) that waits for the engine's answer `token`, when it still
+    /// does: it may have closed meanwhile (its head timed out, say) and its id been reused, and
+    /// then the answer has nowhere to go.
+    fn take_waiter(&mut self, token: u64) -> Option<(usize, String)> {
+        let (id, room) = self.rest_pages.remove(&token)?;
+        let c = self.conns.get_mut(id)?;
+        if c.page_pending != Some(token) || c.life != Life::Open {
+            return None;
+        }
+        c.page_pending = None;
+        Some((id, room))
     }
 
     fn read_frames(&mut self, id: usize, now: Instant) {

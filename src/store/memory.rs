@@ -65,6 +65,17 @@ impl MemoryStore {
         }
     }
 
+    /// The log of `room`, made when it has none (starting at its forgotten last id).
+    fn log_of(&mut self, room: &str) -> &mut RoomLog {
+        let floor = self.forgotten_last_id(room);
+        self.rooms
+            .entry(room.to_string())
+            .or_insert_with(|| RoomLog {
+                last_id: floor,
+                ..RoomLog::default()
+            })
+    }
+
     /// The last id of a room that has no log: its tombstone, or the floor.
     fn forgotten_last_id(&self, room: &str) -> u64 {
         let tomb = self.tombstones.get(&name_hash(room)).copied().unwrap_or(0);
@@ -94,18 +105,12 @@ impl HistoryStore for MemoryStore {
         if !self.rooms.contains_key(room) {
             self.evict_if_full();
         }
-        let floor = self.forgotten_last_id(room);
-        let log = self
-            .rooms
-            .entry(room.to_string())
-            .or_insert_with(|| RoomLog {
-                last_id: floor,
-                ..RoomLog::default()
-            });
+        let (tickets, per_room) = (self.tickets, self.per_room);
+        let log = self.log_of(room);
         log.last_id = log.last_id.max(msg.id);
-        log.last_write = self.tickets;
-        if self.per_room > 0 {
-            if log.messages.len() == self.per_room {
+        log.last_write = tickets;
+        if per_room > 0 {
+            if log.messages.len() == per_room {
                 log.messages.pop_front();
             }
             log.messages.push_back(msg);
@@ -152,14 +157,7 @@ impl HistoryStore for MemoryStore {
 
     fn remove(&mut self, room: &str, what: Removal) {
         // The log's `last_id` stays: that is the tombstone.
-        let floor = self.forgotten_last_id(room);
-        let log = self
-            .rooms
-            .entry(room.to_string())
-            .or_insert_with(|| RoomLog {
-                last_id: floor,
-                ..RoomLog::default()
-            });
+        let log = self.log_of(room);
         if let Removal::UpTo(n) = what {
             log.last_id = log.last_id.max(n);
         }
