@@ -341,14 +341,20 @@ fn metrics_carry_process_gauges_and_build_info() {
     assert!(value("process_resident_memory_bytes") > 1 << 20);
     assert!(value("process_open_fds") >= 3);
     assert!(r.contains("# TYPE process_open_fds gauge\n"));
+    let features: Vec<&str> = [
+        ("sqlite", cfg!(feature = "sqlite")),
+        ("deploy", true),
+        ("server-api", cfg!(feature = "server-api")),
+        ("admin-page", cfg!(feature = "admin-page")),
+        ("tls", cfg!(feature = "tls")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
     let build = format!(
         "chatterbox_build_info{{version=\"{}\",features=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION"),
-        if cfg!(feature = "sqlite") {
-            "sqlite,deploy"
-        } else {
-            "deploy"
-        }
+        features.join(",")
     );
     assert!(r.contains(&build), "{r}");
     s.stop();
