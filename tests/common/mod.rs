@@ -229,7 +229,8 @@ pub fn spawn_binary_logged(
             .recv_timeout(Duration::from_secs(10))
             .expect("a log line");
         if let Some(a) = line.split("listening on ").nth(1) {
-            break a.trim().parse().unwrap();
+            // `ADDR (plain)` or `ADDR (TLS)`: the address is the first word.
+            break a.split_whitespace().next().unwrap().parse().unwrap();
         }
     };
     (child, addr, rx)
