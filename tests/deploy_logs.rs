@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,19 +25,7 @@ struct Logged {
 
 impl Logged {
     fn start(args: &[&str]) -> Logged {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatterbox"))
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--db-path",
-                ":memory:",
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+        let mut child = common::binary_command(args)
             .spawn()
             .expect("the binary starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -55,12 +43,7 @@ impl Logged {
             lines,
         };
         let line = s.wait_line(|l| l.contains("listening on "));
-        let rest = line.split("listening on ").nth(1).unwrap();
-        let addr: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-            .collect();
-        s.addr = addr.parse().unwrap();
+        s.addr = common::listen_addr(&line).expect("an address");
         s
     }
 

@@ -85,19 +85,7 @@ fn head_is_answered_without_a_body() {
 #[test]
 fn the_start_up_lines_are_there_all_the_same() {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatterbox"))
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--db-path",
-            ":memory:",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::binary_command::<&str>(&[]).spawn().unwrap();
     let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
     for line in lines {

@@ -162,6 +162,23 @@ pub fn spawn_binary(
     configure: impl FnOnce(&mut std::process::Command),
 ) -> (std::process::Child, SocketAddr) {
     use std::io::BufRead;
+    let mut cmd = binary_command(extra);
+    configure(&mut cmd);
+    let mut child = cmd.spawn().expect("the binary starts");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("a log line").unwrap();
+        if let Some(a) = listen_addr(&line) {
+            break a;
+        }
+    };
+    thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+/// The real binary's command: `127.0.0.1:0`, `--db-path :memory:`, then `extra`; stdin and
+/// stdout closed, stderr (its log) piped.
+pub fn binary_command<S: AsRef<std::ffi::OsStr>>(extra: &[S]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chatterbox"));
     cmd.args([
         "--host",
@@ -175,18 +192,13 @@ pub fn spawn_binary(
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::piped());
-    configure(&mut cmd);
-    let mut child = cmd.spawn().expect("the binary starts");
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("a log line").unwrap();
-        if let Some(a) = line.split("listening on ").nth(1) {
-            // `ADDR (plain)`: the address is the first word.
-            break a.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    cmd
+}
+
+/// The address of a `chatterbox listening on ADDR (plain)` (or `(TLS)`) log line.
+pub fn listen_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("listening on ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// The real binary on `127.0.0.1:0` with `--db-path :memory:` and `extra`, its log lines sent to
@@ -199,21 +211,7 @@ pub fn spawn_binary_logged(
     std::sync::mpsc::Receiver<String>,
 ) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatterbox"))
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--db-path",
-            ":memory:",
-        ])
-        .args(extra)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
+    let mut child = binary_command(extra).spawn().expect("the binary starts");
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     thread::spawn(move || {
@@ -228,9 +226,8 @@ pub fn spawn_binary_logged(
         let line = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("a log line");
-        if let Some(a) = line.split("listening on ").nth(1) {
-            // `ADDR (plain)` or `ADDR (TLS)`: the address is the first word.
-            break a.split_whitespace().next().unwrap().parse().unwrap();
+        if let Some(a) = listen_addr(&line) {
+            break a;
         }
     };
     (child, addr, rx)
