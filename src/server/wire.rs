@@ -417,8 +417,8 @@ mod tests {
         assert!(!w.can_write());
     }
 
-    #[test]
-    fn frames_that_came_with_the_head_are_held_to_the_cap() {
+    /// A wire allowing 2 fragments, handed a 3-fragment message with the request head.
+    fn three_fragments_with_the_head() -> Wire {
         let mut msg = frame(false, 1, b"a");
         msg.extend(frame(false, 0, b"b"));
         msg.extend(frame(true, 0, b"c"));
@@ -426,7 +426,12 @@ mod tests {
             budget_bytes: 1 << 20,
             max_fragments: 2,
         };
-        let mut w = Wire::new(msg, WebSocketConfig::default(), limits);
+        Wire::new(msg, WebSocketConfig::default(), limits)
+    }
+
+    #[test]
+    fn frames_that_came_with_the_head_are_held_to_the_cap() {
+        let mut w = three_fragments_with_the_head();
         let (mut src, mut out) = (io::Cursor::new(Vec::new()), Vec::new());
         assert!(matches!(
             w.read(&mut src, &mut out, 0, 1024),
@@ -439,14 +444,7 @@ mod tests {
     /// `TooManyFragments` with the output over the bound instead of `OverBound`.
     #[test]
     fn output_over_the_bound_is_reported_on_a_refused_connection_too() {
-        let mut msg = frame(false, 1, b"a");
-        msg.extend(frame(false, 0, b"b"));
-        msg.extend(frame(true, 0, b"c"));
-        let limits = ReadLimits {
-            budget_bytes: 1 << 20,
-            max_fragments: 2,
-        };
-        let mut w = Wire::new(msg, WebSocketConfig::default(), limits);
+        let mut w = three_fragments_with_the_head();
         let (mut src, mut out) = (io::Cursor::new(Vec::new()), Vec::new());
         w.ping(&mut out);
         assert_eq!(out.len(), 2, "an empty ping is two bytes");
