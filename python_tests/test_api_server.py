@@ -3,6 +3,7 @@ API publish answered 201 surviving `kill -9`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from conftest import Client, connect_status, http_request, ws_connect
+from test_store_faults import disk  # noqa: F401 (the fixture)
 
 KEY = "pytest-api-key-0123456789"
 SECRET = "pytest-secret-for-issue-11"
@@ -227,3 +229,31 @@ async def test_an_api_publish_answered_201_survives_kill_9(server_factory, tmp_p
     assert all(m["member"] == "server" for m in page)
     r = api(srv, "POST", "/api/rooms/general/messages", {"message": "after"})
     assert r.status == 201 and r.json()["id"] > 30
+
+
+async def test_an_api_publish_on_a_full_disk_is_refused_503_and_works_once_space_returns(
+        server_factory, disk):
+    """The server API meets the store's bound like members do: with the disk full and
+    `--max-unstored` waiting messages, a publish answers 503 at once and changes nothing; once
+    space returns it is answered 201 with the next id."""
+    from test_store_faults import FAST, broadcast_until_unavailable, fill, wait_health
+
+    srv = server_factory(api_key=KEY, db_path=disk / "chat.db", max_unstored=50, **FAST)
+    a = await Client.joined(srv, name="a")
+    before = await a.request({"command": "broadcast", "message": "before"})
+    assert before["event"] == "ack", before
+    filler = fill(disk)
+    delivered, refusal = await broadcast_until_unavailable(a, 5000)
+    assert refusal["code"] == "unavailable", refusal
+    r = api(srv, "POST", "/api/rooms/general/messages", {"message": "from the backend"})
+    assert r.status == 503 and json.loads(r.text)["error"] == "unavailable", (r.status, r.text)
+    await asyncio.sleep(0.2)
+    assert not [e for e in a.seen if e.get("message") == "from the backend"], "not delivered"
+
+    filler.unlink()
+    await wait_health(srv, 200, timeout=60)
+    r = api(srv, "POST", "/api/rooms/general/messages", {"message": "from the backend"})
+    assert r.status == 201, (r.status, r.text)
+    last = max([before["id"], *delivered])
+    assert json.loads(r.text)["id"] == last + 1, "a refused publish uses no id"
+    await a.close()
