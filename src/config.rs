@@ -310,6 +310,26 @@ settings! {
     /// PEM public key (SPKI `PUBLIC KEY`, RSA or EC P-256): `/ws` and the REST API then take
     /// RS256 / ES256 tokens signed with its private key (an identity provider's).
     jwt_public_key: String = String::new(), "jwt-public-key", "JWT_PUBLIC_KEY";
+    // --- cluster (issue 12); needs the `cluster` cargo feature ---
+    /// Redis that several chatterbox processes share rooms through: `redis://host:port[/db]`
+    /// or `unix:///path/redis.sock`. Empty: standalone. Set: cluster mode, Redis holds the
+    /// history (so `--db-path` must stay at its default). See README, "Cluster".
+    redis: String = String::new(), "redis", "REDIS_URL";
+    /// Cluster mode: messages per room Redis keeps; older ones are trimmed. 1 to 1000000.
+    cluster_history_per_room: usize = 1000, "cluster-history-per-room", "CLUSTER_HISTORY_PER_ROOM";
+    /// Cluster mode: seconds a node may be silent before it counts as dead and its members
+    /// leave every room. 1 to 3600.
+    node_timeout: Duration = Duration::from_secs(5), "node-timeout", "NODE_TIMEOUT";
+    /// Cluster mode: seconds one Redis call may take before the command gets `unavailable`
+    /// (and the connection is made again). 0.05 to 60.
+    redis_timeout: Duration = Duration::from_secs(1), "redis-timeout", "REDIS_TIMEOUT";
+    /// `SO_REUSEPORT` on the listener: several processes on one machine share one port and
+    /// the kernel spreads connections over them.
+    reuse_port: bool = false, "reuse-port", "REUSE_PORT";
+    /// Worker processes: more than 1 starts that many single-threaded workers on one port
+    /// (`--reuse-port`) and supervises them (restarts one that dies, forwards SIGTERM and
+    /// SIGINT). More than 1 needs `--redis`. 1 to 256.
+    workers: usize = 1, "workers", "WORKERS";
 }
 
 /// The file name of the default database inside systemd's state directory.
@@ -324,6 +344,39 @@ pub fn state_db_path(state_directory: Option<&str>) -> Option<String> {
         return None;
     }
     Some(format!("{dir}/{STATE_DB_FILE}"))
+}
+
+/// Checks the shape of a `--redis` URL: `redis://host[:port][/db]` or `unix:///path`.
+pub fn redis_url_ok(url: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "--redis (REDIS_URL) '{}' {why}: write redis://host:port[/db] or unix:///path/redis.sock",
+            log_safe(url)
+        ))
+    };
+    if let Some(path) = url.strip_prefix("unix://") {
+        if !path.starts_with('/') {
+            return bad("needs an absolute socket path");
+        }
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("redis://") else {
+        return bad("is not a Redis URL");
+    };
+    let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
+    let hostport = hostport.rsplit('@').next().unwrap_or(hostport);
+    if hostport.is_empty() {
+        return bad("has no host");
+    }
+    if let Some((_, port)) = hostport.rsplit_once(':') {
+        if !hostport.ends_with(']') && port.parse::<u16>().is_err() {
+            return bad("has a bad port");
+        }
+    }
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return bad("has a bad database number");
+    }
+    Ok(())
 }
 
 /// Most seconds `--history-max-age` may be: 100 years.
@@ -680,6 +733,7 @@ impl Config {
                 self.ping_interval.as_secs_f64()
             ));
         }
+        self.validate_cluster()?;
         // An empty path would make SQLite open a private temporary database per connection:
         // acks for messages that are never kept.
         if self.db_path.trim().is_empty() {
@@ -754,6 +808,55 @@ impl Config {
 
     /// TLS and public-key settings: the certificate and key come together, and both need a
     /// build with the `tls` feature. (The files themselves are read when the server starts.)
+    /// The cluster settings (issue 12): `--redis` and what goes with it.
+    fn validate_cluster(&self) -> Result<(), String> {
+        if !(1..=256).contains(&self.workers) {
+            return Err("--workers (WORKERS) must be from 1 to 256".into());
+        }
+        if !(1..=1_000_000).contains(&self.cluster_history_per_room) {
+            return Err(
+                "--cluster-history-per-room (CLUSTER_HISTORY_PER_ROOM) must be from 1 to 1000000"
+                    .into(),
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.node_timeout) {
+            return Err("--node-timeout (NODE_TIMEOUT) must be from 1 to 3600 seconds".into());
+        }
+        if !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&self.redis_timeout) {
+            return Err("--redis-timeout (REDIS_TIMEOUT) must be from 0.05 to 60 seconds".into());
+        }
+        if self.redis.is_empty() {
+            if self.workers > 1 {
+                return Err(
+                    "--workers (WORKERS) above 1 needs --redis (REDIS_URL): separate processes \
+                     share rooms only through Redis"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        if cfg!(not(feature = "cluster")) {
+            return Err(
+                "--redis (REDIS_URL) needs a build with cluster support: \
+                 `cargo build --release --features cluster`"
+                    .into(),
+            );
+        }
+        crate::config::redis_url_ok(&self.redis)?;
+        // The default, or the service default (`STATE_DIRECTORY`): never asked for.
+        let service_db = state_db_path(std::env::var("STATE_DIRECTORY").ok().as_deref());
+        if self.db_path != Config::default().db_path
+            && service_db.as_deref() != Some(self.db_path.as_str())
+        {
+            return Err(format!(
+                "--redis (REDIS_URL) and --db-path (DB_PATH) '{}' do not go together: in \
+                 cluster mode Redis holds the history",
+                log_safe(&self.db_path)
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_tls(&self) -> Result<(), String> {
         match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
             (false, true) => {

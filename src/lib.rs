@@ -64,6 +64,8 @@
 pub mod auth;
 pub mod auth_keys;
 pub mod chat;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod logging;
 pub mod proxy;

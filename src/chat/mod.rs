@@ -29,6 +29,8 @@ use crate::store::{Page, Query};
 
 #[cfg(feature = "server-api")]
 mod api;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod close;
 mod commands;
 mod dedup;

@@ -125,6 +125,11 @@ impl Chat {
             Reply::LastId { token, last_id, .. } => (token, Ok(Answer::LastId(last_id))),
             Reply::IdsReserved { token, up_to, .. } => (token, Ok(Answer::Reserved(up_to))),
             Reply::Unavailable { token, error, .. } => (token, Err(error)),
+            #[cfg(feature = "cluster")]
+            Reply::Cluster(event) => {
+                self.apply_cluster(event, out);
+                return;
+            }
         };
         let Some(read) = self.reads.remove(&token) else {
             return;

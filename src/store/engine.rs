@@ -196,6 +196,9 @@ pub enum Request {
         /// The id about to be handed out.
         id: u64,
     },
+    /// A cluster call (`--redis`): only the cluster engine takes them; others ignore them.
+    #[cfg(feature = "cluster")]
+    Cluster(crate::cluster::Call),
 }
 
 /// What an engine answers. See the [module docs](self).
@@ -239,6 +242,9 @@ pub enum Reply {
         /// Why, for logs and the client's error message.
         error: StoreError,
     },
+    /// What the cluster tells the core (`--redis`): only the cluster engine says it.
+    #[cfg(feature = "cluster")]
+    Cluster(crate::cluster::Event),
 }
 
 /// A history engine: requests in, replies out, never blocking the caller on I/O.
@@ -338,6 +344,8 @@ impl<S: HistoryStore> Engine for Immediate<S> {
                 },
                 Err(error) => Reply::Unavailable { token, room, error },
             },
+            #[cfg(feature = "cluster")]
+            Request::Cluster(_) => return,
             Request::Reserve { token, room, id } => match self.store.reserve(&room, id) {
                 Ok(()) => Reply::IdsReserved {
                     token,
@@ -378,6 +386,8 @@ impl<S: HistoryStore> Engine for Immediate<S> {
 pub(crate) fn token_of(req: Request) -> Option<(RequestToken, String)> {
     match req {
         Request::Append { .. } => None,
+        #[cfg(feature = "cluster")]
+        Request::Cluster(_) => None,
         #[cfg(feature = "server-api")]
         Request::Remove { .. } => None,
         Request::Page { token, room, .. }

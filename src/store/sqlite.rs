@@ -1430,6 +1430,8 @@ impl super::engine::Engine for SqliteStore {
             Request::Append { room, msg } => {
                 self.append(&room, msg);
             }
+            #[cfg(feature = "cluster")]
+            Request::Cluster(_) => {}
             #[cfg(feature = "server-api")]
             Request::Remove { room, what } => self.remove(room, what),
             Request::Page { token, room, query } => {
