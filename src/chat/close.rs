@@ -26,6 +26,9 @@ pub enum Close {
     InvalidUtf8,
     /// A frame that breaks RFC 6455.
     Protocol,
+    /// Cluster mode: another node claimed the member's name at the same moment (or while
+    /// Redis was away); the later claim loses (4009).
+    NameTaken,
     /// Disconnected by the server API or an admin's `kick` (4000), with their reason.
     #[cfg(feature = "server-api")]
     Kicked(Reason),
@@ -72,7 +75,7 @@ impl std::fmt::Debug for Reason {
 
 impl Close {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Close; 10] = [
+    pub const ALL: [Close; 11] = [
         Close::SlowConsumer,
         Close::Idle,
         Close::PongTimeout,
@@ -83,6 +86,7 @@ impl Close {
         Close::MessageTooBig,
         Close::InvalidUtf8,
         Close::Protocol,
+        Close::NameTaken,
     ];
 
     /// How many reasons `/metrics` counts: those of [`Close::ALL`], and `kicked` with the
@@ -113,6 +117,7 @@ impl Close {
             Close::MessageTooBig => "message_too_big",
             Close::InvalidUtf8 => "invalid_utf8",
             Close::Protocol => "protocol_error",
+            Close::NameTaken => "name_taken",
         }
     }
 
@@ -145,6 +150,7 @@ impl Close {
             Close::SlowConsumer | Close::RateLimited | Close::TokenExpired => 1008,
             Close::TooManyFragments => 1008,
             Close::MessageTooBig => 1009,
+            Close::NameTaken => 4009,
             #[cfg(feature = "server-api")]
             Close::Kicked(_) => 4000,
         }
@@ -165,6 +171,7 @@ impl Close {
             Close::MessageTooBig => "message too big",
             Close::InvalidUtf8 => "invalid UTF-8",
             Close::Protocol => "protocol error",
+            Close::NameTaken => "name taken",
         }
     }
 }
@@ -186,6 +193,7 @@ mod tests {
             (Close::MessageTooBig, 1009, "message too big"),
             (Close::InvalidUtf8, 1007, "invalid UTF-8"),
             (Close::Protocol, 1002, "protocol error"),
+            (Close::NameTaken, 4009, "name taken"),
         ];
         assert_eq!(Close::ALL.map(|c| c.code()), all.map(|(c, _, _)| c.code()));
         let labels: std::collections::HashSet<_> = Close::ALL.iter().map(|c| c.label()).collect();

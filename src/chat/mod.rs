@@ -15,7 +15,7 @@
 //! and events in [`protocol`]. Chat's fields are private: the transport and the REST API read
 //! through methods, and only code in this module tree changes state.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use log::info;
@@ -29,9 +29,9 @@ use crate::store::{Page, Query};
 
 #[cfg(feature = "server-api")]
 mod api;
+mod close;
 #[cfg(feature = "cluster")]
 mod cluster;
-mod close;
 mod commands;
 mod dedup;
 mod pending;
@@ -211,6 +211,9 @@ pub struct Stats {
 
 struct Member {
     serial: u64,
+    /// Where it sorts in "oldest connection first": the serial standalone; in cluster mode
+    /// a key that orders members of every node (`MemberRecord::order`).
+    order: u64,
     id: String,
     name: String,
     bucket: TokenBucket,
@@ -251,8 +254,8 @@ pub struct Chat {
     /// Name in ASCII lower case → connection. Names are ASCII, so ASCII case is the only
     /// case there is: Unicode folding would let `K` (U+212A) stand for `k`.
     names: HashMap<String, ConnId>,
-    /// Connection order (serial) → connection, for "oldest connection first".
-    order: BTreeMap<u64, ConnId>,
+    /// (order key, connection), for "oldest connection first".
+    order: BTreeSet<(u64, ConnId)>,
     /// Who is in which room, both ways.
     rooms: Rooms,
     /// The history engine: requests in, replies out (see [`crate::store::engine`]).
@@ -287,6 +290,9 @@ pub struct Chat {
     next_auto_name: u64,
     member_ids: MemberIds,
     stats: Stats,
+    /// Cluster mode (`--redis`): the other nodes' members and what is asked of Redis.
+    #[cfg(feature = "cluster")]
+    cluster: Option<cluster::ClusterState>,
 }
 
 /// What a command handler needs besides the chat: who asked, when, and where answers go.
@@ -314,7 +320,7 @@ impl Chat {
             cfg,
             members: HashMap::new(),
             names: HashMap::new(),
-            order: BTreeMap::new(),
+            order: BTreeSet::new(),
             rooms,
             engine,
             dedup,
@@ -335,6 +341,8 @@ impl Chat {
             next_auto_name: 0,
             member_ids,
             stats: Stats::default(),
+            #[cfg(feature = "cluster")]
+            cluster: None,
         };
         chat.ask_ids(DEFAULT_ROOM);
         // Nothing can be owed to anyone yet: the replies only set the default room's ids.
@@ -396,8 +404,10 @@ impl Chat {
         };
         self.next_serial += 1;
         let serial = self.next_serial;
+        let order = self.order_key(serial, now);
         let member = Member {
             serial,
+            order,
             id: id.unwrap_or_else(|| (self.member_ids)()),
             name: name.clone(),
             bucket: TokenBucket::new(self.cfg.rate_per_sec, self.cfg.rate_burst, now.mono),
@@ -413,9 +423,11 @@ impl Chat {
         };
         self.send_event(conn, &me, out);
         self.names.insert(name.to_ascii_lowercase(), conn);
-        self.order.insert(serial, conn);
+        self.order.insert((order, conn));
         self.members.insert(conn, member);
         self.stats.members_connected_total += 1;
+        #[cfg(feature = "cluster")]
+        self.cluster_connected(conn);
         info!("🔌 Member {} connected", crate::log_safe(&name));
         if !in_general {
             return;
@@ -445,13 +457,18 @@ impl Chat {
             return;
         };
         self.names.remove(&member.name.to_ascii_lowercase());
-        self.order.remove(&member.serial);
+        self.order.remove(&(member.order, conn));
         if !self.waits.is_empty() {
             self.waits.retain(|(c, _), _| *c != conn);
         }
         for room in self.rooms.leave_all(conn) {
             self.notice(&room, &member.name, false, out);
         }
+        if is_remote(conn) {
+            return;
+        }
+        #[cfg(feature = "cluster")]
+        self.cluster_disconnected(conn);
         info!("🔌 Member {} disconnected", crate::log_safe(&member.name));
     }
 
@@ -601,7 +618,10 @@ impl Chat {
             } => Some(*conn),
             _ => None,
         });
-        reads.chain(self.held.values().flat_map(|q| q.iter().map(|h| h.conn)))
+        let held = reads.chain(self.held.values().flat_map(|q| q.iter().map(|h| h.conn)));
+        #[cfg(feature = "cluster")]
+        let held = held.chain(self.cluster_waiting());
+        held
     }
 
     /// `not_member` unless `conn` is in `room` (a `leave` or `broadcast` of a room it is not in).
@@ -629,12 +649,24 @@ impl Chat {
     /// Broadcasts taken and not yet durable: appended and not reported durable, or held
     /// waiting for their room's id.
     pub fn unstored(&mut self) -> u64 {
-        self.last_ticket.saturating_sub(self.durable) + self.held_count as u64
+        let in_flight = {
+            #[cfg(feature = "cluster")]
+            {
+                self.cluster_in_flight()
+            }
+            #[cfg(not(feature = "cluster"))]
+            0
+        };
+        self.last_ticket.saturating_sub(self.durable) + (self.held_count + in_flight) as u64
     }
 
     /// Whether broadcasts are taken now: the engine can write and its backlog has room.
     /// `/health` answers 503 while this is false.
     pub fn store_available(&mut self) -> bool {
+        #[cfg(feature = "cluster")]
+        if self.cluster_down().is_some() {
+            return false;
+        }
         self.engine.writable() && self.unstored() < self.cfg.max_unstored as u64
     }
 
@@ -703,7 +735,7 @@ impl Chat {
         let mut sent = 0;
         if self.waits.is_empty() {
             for &m in self.rooms.members(room) {
-                if Some(m) != skip {
+                if Some(m) != skip && !is_remote(m) {
                     out.send(m, payload);
                     sent += 1;
                 }
@@ -714,7 +746,7 @@ impl Chat {
         let members = self.rooms.members(room).to_vec();
         let mut over = Vec::new();
         for m in members {
-            if Some(m) == skip {
+            if Some(m) == skip || is_remote(m) {
                 continue;
             }
             match self.buffer_for_waiter(m, room, id, payload) {
@@ -757,6 +789,14 @@ impl Chat {
 
     fn auto_name(&mut self) -> String {
         loop {
+            #[cfg(feature = "cluster")]
+            if let Some(n) = self.cluster_auto_number() {
+                let name = format!("member{n}");
+                if !self.names.contains_key(&name) {
+                    return name;
+                }
+                continue;
+            }
             self.next_auto_name += 1;
             let name = format!("member{}", self.next_auto_name);
             if !self.names.contains_key(&name) {
@@ -770,8 +810,8 @@ impl Chat {
     /// Names of connected members, oldest connection first.
     pub fn member_names(&self) -> Vec<&str> {
         self.order
-            .values()
-            .filter_map(|c| self.members.get(c))
+            .iter()
+            .filter_map(|(_, c)| self.members.get(c))
             .map(|m| m.name.as_str())
             .collect()
     }
@@ -906,6 +946,16 @@ impl Chat {
         self.next_token
     }
 
+    /// The key a new member sorts by in "oldest connection first".
+    fn order_key(&self, serial: u64, now: Now) -> u64 {
+        #[cfg(feature = "cluster")]
+        if self.cluster.is_some() {
+            return now.unix_ms.saturating_mul(1000) + serial % 1000;
+        }
+        let _ = now;
+        serial
+    }
+
     fn page_limit(&self, limit: Option<u64>) -> usize {
         let cap = self.cfg.history_page_cap;
         limit.map_or(self.cfg.max_history.min(cap), |l| {
@@ -932,6 +982,19 @@ impl Chat {
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
+}
+
+/// Whether `conn` stands for a member of another node (cluster mode): such members are in
+/// the tables for `list`, `rooms` and the notices, but their node delivers to them.
+#[cfg(feature = "cluster")]
+fn is_remote(conn: ConnId) -> bool {
+    cluster::is_remote(conn)
+}
+
+/// Without cluster support every member is local.
+#[cfg(not(feature = "cluster"))]
+const fn is_remote(_conn: ConnId) -> bool {
+    false
 }
 
 /// Cuts `page` so that its messages take at most `max_bytes` of JSON (a comma each included),

@@ -391,6 +391,11 @@ impl Chat {
     /// Delivers `room`'s held broadcasts, in order, while their ids are known and reserved;
     /// asks for more when they are not.
     pub(super) fn release_held(&mut self, room: &str, out: &mut impl Outbox) {
+        // In cluster mode Redis numbers them.
+        #[cfg(feature = "cluster")]
+        if self.cluster_release(room, out) {
+            return;
+        }
         loop {
             let Some(queue) = self.held.get_mut(room) else {
                 return;

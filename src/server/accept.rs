@@ -332,7 +332,17 @@ impl Server {
     /// `{"status":"ok","connections":N,"members":N,"rooms":N,"uptime_secs":N}` (on `503`:
     /// `"status":"unavailable"` and a `reason`).
     pub(super) fn health(&mut self, head: &Head) -> Response {
-        let reason = if !self.chat.engine_writable() {
+        let cluster_down = {
+            #[cfg(feature = "cluster")]
+            {
+                self.chat.cluster_down()
+            }
+            #[cfg(not(feature = "cluster"))]
+            None::<String>
+        };
+        let reason = if cluster_down.is_some() {
+            Some("Redis is unavailable")
+        } else if !self.chat.engine_writable() {
             Some("the history store cannot write")
         } else if !self.chat.store_available() {
             Some("the history store's backlog is full")
@@ -388,6 +398,11 @@ impl Server {
         } = admission::admit(head, host, self.ws_count, chat.config(), unix_secs(), |n| {
             chat.check_name(n)
         })?;
+        // Cluster mode: no member is taken while Redis cannot be reached.
+        #[cfg(feature = "cluster")]
+        if let Some(r) = chat.cluster_refusal(name.is_none()) {
+            return Err(Response::text(r.status, format!("{}\n", r.reason)));
+        }
 
         let cfg = self.chat.config();
         let (ping, pong, idle) = (cfg.ping_interval, cfg.pong_timeout, cfg.idle_timeout);

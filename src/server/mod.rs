@@ -272,18 +272,43 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let notify_waker = waker.clone();
+        let notify: Box<dyn Fn() + Send> = Box::new(move || {
+            let _ = notify_waker.wake();
+        });
+        #[cfg(feature = "cluster")]
+        let node = (!cfg.redis.is_empty()).then(crate::cluster::ClusterEngine::new_node_id);
+        #[cfg(feature = "cluster")]
+        let engine: Box<dyn crate::store::engine::Engine> = match &node {
+            Some(node) => Box::new(
+                crate::cluster::ClusterEngine::open(&cfg, node.clone(), notify)
+                    .map_err(io::Error::other)?,
+            ),
+            None => crate::store::open_engine(
+                &cfg.db_path,
+                cfg.memory_history_per_room,
+                crate::store::Retention::from_config(&cfg),
+                notify,
+            )
+            .map_err(io::Error::other)?,
+        };
+        #[cfg(not(feature = "cluster"))]
         let engine = crate::store::open_engine(
             &cfg.db_path,
             cfg.memory_history_per_room,
             crate::store::Retention::from_config(&cfg),
-            Box::new(move || {
-                let _ = notify_waker.wake();
-            }),
+            notify,
         )
         .map_err(io::Error::other)?;
         let report = report::Report::new(cfg.log_summary_window);
         let ws_config = wire::websocket_config(&cfg);
         let read_limits = ReadLimits::from_config(&cfg);
+        #[allow(unused_mut)]
+        let mut chat = Chat::new(cfg, engine, Box::new(|| uuid::Uuid::new_v4().to_string()));
+        #[cfg(feature = "cluster")]
+        if let Some(node) = node {
+            log::info!("cluster: this is node {node}");
+            chat.enable_cluster(node, Instant::now());
+        }
         Ok(Server {
             read_limits,
             poll,
@@ -292,7 +317,7 @@ impl Server {
             signals: None,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
-            chat: Chat::new(cfg, engine, Box::new(|| uuid::Uuid::new_v4().to_string())),
+            chat,
             conns: Slab::new(),
             per_ip: HashMap::new(),
             ws_count: 0,

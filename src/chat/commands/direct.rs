@@ -49,6 +49,11 @@ impl Direct {
         let to_sender = event(cx.request_id).to_json();
         let to_target = (target != cx.conn).then(|| event(None).to_json());
         if let Some(json) = to_target {
+            #[cfg(feature = "cluster")]
+            if chat.cluster_direct(target, &json)? {
+                chat.send_json(cx.conn, &to_sender, cx.out);
+                return Ok(());
+            }
             chat.deliver_json(target, &json, cx.out);
         }
         chat.send_json(cx.conn, &to_sender, cx.out);

@@ -55,6 +55,8 @@ impl Join {
             chat.ask_ids(room);
         }
         if joined {
+            #[cfg(feature = "cluster")]
+            chat.cluster_joined(cx.conn, room);
             chat.notice(room, &name, true, cx.out);
         }
         let query = match self.since {

@@ -32,6 +32,8 @@ impl Leave {
         chat.stop_waiting(cx.conn, room);
         chat.notice(room, &name, false, cx.out);
         chat.rooms.leave(cx.conn, room);
+        #[cfg(feature = "cluster")]
+        chat.cluster_left(cx.conn, room);
         if let Some(request_id) = cx.request_id {
             chat.send_event(
                 cx.conn,
