@@ -56,12 +56,27 @@ pub(super) struct ClusterState {
     names_asked: bool,
     /// For the remote members' (unused) rate buckets.
     mono: Instant,
+    /// Remote members whose name a local member holds until its claim is answered (the
+    /// claim race: one of the two loses and is closed).
+    shadowed: Vec<MemberRecord>,
 }
 
 impl Chat {
-    /// Turns on cluster mode: this core is node `node` of a cluster whose engine (the one
-    /// given to [`Chat::new`]) is the cluster engine. `mono` is now.
-    pub fn enable_cluster(&mut self, node: NodeId, mono: Instant) {
+    /// A chat that is node `node` of a cluster: [`Chat::new`] with the cluster engine
+    /// (`crate::cluster::ClusterEngine`, or a test double). `mono` is now.
+    pub fn new_cluster_node(
+        cfg: crate::config::Config,
+        engine: Box<dyn crate::store::engine::Engine>,
+        member_ids: super::MemberIds,
+        node: NodeId,
+        mono: Instant,
+    ) -> Self {
+        Chat::build(cfg, engine, member_ids, |chat| {
+            chat.enable_cluster(node, mono)
+        })
+    }
+
+    fn enable_cluster(&mut self, node: NodeId, mono: Instant) {
         self.cluster = Some(ClusterState {
             node,
             remote: HashMap::new(),
@@ -74,6 +89,7 @@ impl Chat {
             names: VecDeque::new(),
             names_asked: false,
             mono,
+            shadowed: Vec::new(),
         });
     }
 
@@ -337,8 +353,7 @@ impl Chat {
                 };
                 if !ok && self.is_same_member(conn, serial) {
                     warn!("cluster: another node claimed the name of connection {conn} first");
-                    self.disconnect(conn, out);
-                    out.close(conn, Close::NameTaken);
+                    self.lose_claim(conn, out);
                 }
             }
             Event::Published {
@@ -387,8 +402,7 @@ impl Chat {
                 for conn in taken {
                     let conn = conn as ConnId;
                     if self.members.contains_key(&conn) && !is_remote(conn) {
-                        self.disconnect(conn, out);
-                        out.close(conn, Close::NameTaken);
+                        self.lose_claim(conn, out);
                     }
                 }
                 self.ask_names();
@@ -407,6 +421,22 @@ impl Chat {
                     self.refuse_publish(&held, out);
                 }
             }
+        }
+    }
+
+    /// A local member whose name another node holds: closed (4009), and the other node's
+    /// member takes its place in the tables.
+    fn lose_claim(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        let name = self.members.get(&conn).map(|m| m.name.to_ascii_lowercase());
+        self.disconnect(conn, out);
+        out.close(conn, Close::NameTaken);
+        let shadowed = std::mem::take(&mut self.cluster_mut().shadowed);
+        let (now, later): (Vec<_>, Vec<_>) = shadowed
+            .into_iter()
+            .partition(|r| Some(r.name.to_ascii_lowercase()) == name);
+        self.cluster_mut().shadowed = later;
+        for record in now {
+            self.add_remote(record, true, out);
         }
     }
 
@@ -497,6 +527,9 @@ impl Chat {
         match p {
             Presence::Connected(record) => self.add_remote(record, notices, out),
             Presence::Disconnected { node, conn } => {
+                self.cluster_mut()
+                    .shadowed
+                    .retain(|r| (&r.node, r.conn) != (&node, conn));
                 let Some(local) = self.cluster_mut().remote.remove(&(node, conn)) else {
                     return;
                 };
@@ -557,11 +590,7 @@ impl Chat {
         };
         let lower = record.name.to_ascii_lowercase();
         if self.names.contains_key(&lower) {
-            warn!(
-                "cluster: the name '{}' is held here and on node {}",
-                crate::log_safe(&record.name),
-                crate::log_safe(&record.node)
-            );
+            self.cluster_mut().shadowed.push(record);
             return;
         }
         let c = self.cluster_mut();

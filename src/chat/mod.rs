@@ -308,6 +308,16 @@ impl Chat {
     /// `member_ids` (the server: UUID v4; tests: [`counted_ids`]). The default room's last id
     /// is asked for at once; its broadcasts wait for the answer.
     pub fn new(cfg: Config, engine: Box<dyn Engine>, member_ids: MemberIds) -> Self {
+        Chat::build(cfg, engine, member_ids, |_| {})
+    }
+
+    /// [`Chat::new`] with `setup` run on the chat before it first polls the engine.
+    fn build(
+        cfg: Config,
+        engine: Box<dyn Engine>,
+        member_ids: MemberIds,
+        setup: impl FnOnce(&mut Chat),
+    ) -> Self {
         let dedup = Dedup::new(cfg.dedup_window, cfg.max_dedup_entries);
         let rooms = Rooms::new(cfg.max_rooms, cfg.max_rooms_per_member, 0);
         // Checked by `Config::validate`; a config built in code with bad patterns gets none.
@@ -344,6 +354,7 @@ impl Chat {
             #[cfg(feature = "cluster")]
             cluster: None,
         };
+        setup(&mut chat);
         chat.ask_ids(DEFAULT_ROOM);
         // Nothing can be owed to anyone yet: the replies only set the default room's ids.
         chat.handle_engine(&mut Recorder::default());
@@ -1053,6 +1064,8 @@ fn json_len(value: &impl serde::Serialize) -> usize {
 mod api_tests;
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(all(test, feature = "cluster"))]
+mod cluster_tests;
 #[cfg(test)]
 mod engine_tests;
 #[cfg(test)]

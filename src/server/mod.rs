@@ -302,13 +302,17 @@ impl Server {
         let report = report::Report::new(cfg.log_summary_window);
         let ws_config = wire::websocket_config(&cfg);
         let read_limits = ReadLimits::from_config(&cfg);
-        #[allow(unused_mut)]
-        let mut chat = Chat::new(cfg, engine, Box::new(|| uuid::Uuid::new_v4().to_string()));
+        let ids: crate::chat::MemberIds = Box::new(|| uuid::Uuid::new_v4().to_string());
         #[cfg(feature = "cluster")]
-        if let Some(node) = node {
-            log::info!("cluster: this is node {node}");
-            chat.enable_cluster(node, Instant::now());
-        }
+        let chat = match node {
+            Some(node) => {
+                log::info!("cluster: this is node {node}");
+                Chat::new_cluster_node(cfg, engine, ids, node, Instant::now())
+            }
+            None => Chat::new(cfg, engine, ids),
+        };
+        #[cfg(not(feature = "cluster"))]
+        let chat = Chat::new(cfg, engine, ids);
         Ok(Server {
             read_limits,
             poll,
