@@ -51,7 +51,7 @@ mod engine;
 mod link;
 mod order;
 
-pub use engine::ClusterEngine;
+pub use engine::{ClusterEngine, new_node_id};
 
 use crate::store::{Page, StoreError};
 
