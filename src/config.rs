@@ -836,11 +836,9 @@ impl Config {
             return Ok(());
         }
         if cfg!(not(feature = "cluster")) {
-            return Err(
-                "--redis (REDIS_URL) needs a build with cluster support: \
+            return Err("--redis (REDIS_URL) needs a build with cluster support: \
                  `cargo build --release --features cluster`"
-                    .into(),
-            );
+                .into());
         }
         crate::config::redis_url_ok(&self.redis)?;
         // The default, or the service default (`STATE_DIRECTORY`): never asked for.

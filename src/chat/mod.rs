@@ -29,9 +29,9 @@ use crate::store::{Page, Query};
 
 #[cfg(feature = "server-api")]
 mod api;
+mod close;
 #[cfg(feature = "cluster")]
 mod cluster;
-mod close;
 mod commands;
 mod dedup;
 mod pending;

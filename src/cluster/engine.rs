@@ -31,8 +31,8 @@ pub struct ClusterEngine {
     open_calls: HashMap<CallToken, u32>,
     /// Reads not answered yet, by token and room.
     open_reads: HashMap<(RequestToken, String), u32>,
-    /// The snapshot read but whose mark has not come yet.
-    snap_data: Option<(u64, Vec<super::MemberRecord>)>,
+    /// Snapshots read whose mark has not come yet, by nonce.
+    snap_data: Vec<(u64, Vec<super::MemberRecord>)>,
     /// The mark came before the data: presence events wait here until it does.
     snap_waiting: Option<(u64, Vec<Event>)>,
 }
@@ -92,7 +92,7 @@ impl ClusterEngine {
             closed: false,
             open_calls: HashMap::new(),
             open_reads: HashMap::new(),
-            snap_data: None,
+            snap_data: Vec::new(),
             snap_waiting: None,
         })
     }
@@ -189,7 +189,13 @@ impl ClusterEngine {
                         Event::Down { .. } => self.end_snapshot_wait(),
                         _ => {}
                     }
+                    // The subscription may have come back while calls could not run: its
+                    // resync failed. Heal again now that they can.
+                    let resync = matches!(ev, Event::Reconnected);
                     self.replies.push_back(Reply::Cluster(ev));
+                    if resync {
+                        self.resync();
+                    }
                 }
                 Out::Live(ev @ Event::Message { .. }) => self.order.message(ev),
                 Out::Live(ev @ Event::Presence(_)) => match &mut self.snap_waiting {
@@ -234,8 +240,11 @@ impl ClusterEngine {
                         self.replies.extend(held.into_iter().map(Reply::Cluster));
                     }
                     other => {
+                        let stale = other.as_ref().is_some_and(|(w, _)| *w > nonce);
                         self.snap_waiting = other;
-                        self.snap_data = Some((nonce, members));
+                        if !stale {
+                            self.snap_data.push((nonce, members));
+                        }
                     }
                 },
                 Out::SnapFailed { nonce } => {
@@ -243,28 +252,33 @@ impl ClusterEngine {
                         self.end_snapshot_wait();
                     }
                 }
-                Out::SnapMark { nonce } => match self.snap_data.take() {
-                    Some((n, members)) if n == nonce => {
-                        self.replies
-                            .push_back(Reply::Cluster(Event::Snapshot { members }));
-                    }
-                    other => {
-                        // Not read yet (or a stale one): what follows waits for it.
-                        self.snap_data = other.filter(|(n, _)| *n > nonce);
-                        self.end_snapshot_wait();
-                        self.snap_waiting = Some((nonce, Vec::new()));
-                    }
-                },
-                Out::Subscribed => {
-                    let rooms = self.order.last_ids().map(|(r, _)| r.to_owned()).collect();
-                    if !self.closed {
-                        self.send(Job::Resync { rooms });
+                Out::SnapMark { nonce } => {
+                    // Events held for an earlier mark came before this one: out they go.
+                    self.end_snapshot_wait();
+                    self.snap_data.retain(|(n, _)| *n >= nonce);
+                    match self.snap_data.iter().position(|(n, _)| *n == nonce) {
+                        Some(i) => {
+                            let (_, members) = self.snap_data.remove(i);
+                            self.replies
+                                .push_back(Reply::Cluster(Event::Snapshot { members }));
+                        }
+                        // Not read yet: what follows the mark waits for it.
+                        None => self.snap_waiting = Some((nonce, Vec::new())),
                     }
                 }
+                Out::Subscribed => self.resync(),
                 Out::Tick => self.order.tick(now),
             }
         }
         self.run_order();
+    }
+
+    /// A fresh snapshot, and the counters of every tracked room to fill what was missed.
+    fn resync(&mut self) {
+        if !self.closed {
+            let rooms = self.order.last_ids().map(|(r, _)| r.to_owned()).collect();
+            self.send(Job::Resync { rooms });
+        }
     }
 
     fn end_snapshot_wait(&mut self) {

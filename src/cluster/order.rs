@@ -377,7 +377,6 @@ mod tests {
 
     #[test]
     fn a_new_room_starts_at_its_first_message_and_repeats_are_dropped() {
-        let now = Instant::now();
         let mut o = Order::new();
         o.message(msg("r", 5));
         o.message(msg("r", 6));
