@@ -556,6 +556,26 @@ fn a_killed_subscription_is_healed_without_gaps() {
     );
     b.pump(Duration::from_millis(300));
     assert_eq!(b.ids("r"), upto(total), "no doubles after the resubscribes");
+    // Healed messages come out as the live ones would have: sender and body intact.
+    let ai = a.id();
+    for r in &b.seen {
+        if let Reply::Cluster(Event::Message {
+            id,
+            node,
+            conn,
+            serial,
+            echo,
+            body,
+            ..
+        }) = r
+        {
+            assert_eq!((node, *conn, *serial, *echo), (&ai, 1, 1, true));
+            assert_eq!(
+                *body,
+                format!(",\"member\":\"m\",\"message\":\"{id}\",\"ts\":1}}")
+            );
+        }
+    }
 }
 
 /// utime + stime of this process, in clock ticks (100 per second on Linux).
@@ -666,4 +686,121 @@ fn an_unreachable_redis_at_start_is_an_error_naming_the_url() {
         .err()
         .expect("nothing listens there");
     assert!(err.contains(&url), "{err}");
+}
+
+#[test]
+fn a_node_taken_for_dead_registers_again_and_its_members_come_back() {
+    let redis = Redis::start();
+    let mut a = Node::open(&redis.url());
+    let mut b = Node::open(&redis.url());
+    let (ai, bi) = (a.id(), b.id());
+    let mut eve = member(&ai, 3, "Eve");
+    assert!(connect(&mut a, 1, eve.clone()));
+    a.e.request(Request::Cluster(Call::Join {
+        conn: 3,
+        room: "general".into(),
+    }));
+    b.wait(Duration::from_secs(5), |r| {
+        matches!(
+            r,
+            Reply::Cluster(Event::Presence(Presence::Joined { conn: 3, .. }))
+        )
+    });
+    // Another node reaped A (as after a long stall): its heartbeat finds itself gone.
+    let _: i64 = redis::cmd("FCALL")
+        .arg("cb_unregister")
+        .arg(0)
+        .arg(&ai)
+        .query(&mut redis.con())
+        .unwrap();
+    b.wait(Duration::from_secs(5), |r| {
+        matches!(
+            r,
+            Reply::Cluster(Event::Presence(Presence::Disconnected { conn: 3, .. }))
+        )
+    });
+    eve.rooms = vec!["general".into()];
+    a.register(vec![eve]);
+    b.wait(Duration::from_secs(5), |r| {
+        matches!(r, Reply::Cluster(Event::Presence(Presence::Connected(m))) if m.name == "Eve" && m.rooms.is_empty())
+    });
+    b.wait(Duration::from_secs(5), |r| {
+        matches!(r, Reply::Cluster(Event::Presence(Presence::Joined { conn: 3, room, .. })) if room == "general")
+    });
+    assert!(
+        !connect(&mut b, 2, member(&bi, 2, "eve")),
+        "the name is claimed again"
+    );
+}
+
+#[test]
+fn redis_emptied_under_live_connections_is_noticed_and_ids_go_on() {
+    let redis = Redis::start();
+    let mut a = Node::open(&redis.url());
+    let mut b = Node::open(&redis.url());
+    for t in 1..=5 {
+        a.publish(t, "general", None);
+    }
+    a.published(5);
+    b.wait_ids("general", 5, Duration::from_secs(5));
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.con()).unwrap();
+    // The heartbeat sees the epoch gone: the counters are raised, the node registers again.
+    a.register(vec![]);
+    b.register(vec![]);
+    b.publish(9, "general", None);
+    assert_eq!(b.published(9), (6, false));
+    assert_eq!(a.wait_ids("general", 6, Duration::from_secs(5)), upto(6));
+}
+
+#[test]
+fn history_is_trimmed_and_a_gap_over_trimmed_ids_is_skipped() {
+    let redis = Redis::start();
+    let cfg = Config {
+        cluster_history_per_room: 3,
+        ..config(&redis.url())
+    };
+    let mut a = Node {
+        e: ClusterEngine::open(&cfg, ClusterEngine::new_node_id(), Box::new(|| {})).unwrap(),
+        seen: Vec::new(),
+    };
+    a.register(vec![]);
+    let mut b = Node::open(&redis.url());
+    a.publish(1, "t", None);
+    b.wait_ids("t", 1, Duration::from_secs(5));
+    // B does not hear 2..=9 (its subscription is gone: it comes back after a 100 ms
+    // back-off, and the eight publishes take a few), then hears 10.
+    let mut admin = redis.con();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut admin)
+        .unwrap();
+    for t in 2..=9 {
+        a.publish(t, "t", None);
+    }
+    a.published(9);
+    a.publish(10, "t", None);
+    a.published(10);
+    // 2..=7 are gone from history: B delivers what Redis still has, in order, once.
+    b.wait_ids("t", 4, Duration::from_secs(5));
+    b.pump(Duration::from_millis(200));
+    assert_eq!(b.ids("t"), [1, 8, 9, 10]);
+    a.e.request(Request::Page {
+        token: 1,
+        room: "t".into(),
+        query: Query::After {
+            after: 0,
+            limit: 10,
+        },
+    });
+    let Reply::PageReady { page, .. } = a.find(Duration::from_secs(5), |r| {
+        matches!(r, Reply::PageReady { token: 1, .. })
+    }) else {
+        unreachable!()
+    };
+    assert_eq!(
+        page.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [8, 9, 10]
+    );
 }
