@@ -1064,6 +1064,11 @@ fn snapshot(node: &str, nonce: u64) -> redis::Cmd {
 
 fn page_cmd(room: &str, query: Query) -> redis::Cmd {
     let (kind, bound, limit) = match query {
+        // Nothing is below id 1; 0 means "no bound" to the function, so ask above everything.
+        Query::Before {
+            before: Some(0),
+            limit,
+        } => ("after", u64::MAX, limit),
         Query::Before { before, limit } => ("before", before.unwrap_or(0), limit),
         Query::After { after, limit } => ("after", after, limit),
     };
