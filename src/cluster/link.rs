@@ -807,8 +807,8 @@ impl Commander {
         }
     }
 
-    /// Puts a job's commands in `pipe`; `None` for jobs that send nothing.
-    fn encode(&mut self, job: Job, pipe: &mut Vec<redis::Cmd>) -> Option<Pending> {
+    /// Puts a job's commands in `cmds`; `None` for jobs that send nothing.
+    fn encode(&mut self, job: Job, cmds: &mut Vec<redis::Cmd>) -> Option<Pending> {
         let node = self.node.clone();
         let pending = match job {
             Job::Call(call) => match call {
@@ -820,13 +820,13 @@ impl Commander {
                             .arg(m.name.to_lowercase())
                             .arg(serde_json::to_string(m).unwrap_or_default());
                     }
-                    pipe.push(c);
+                    cmds.push(c);
                     self.nonce += 1;
-                    pipe.push(snapshot(&node, self.nonce));
+                    cmds.push(snapshot(&node, self.nonce));
                     Pending::Register { nonce: self.nonce }
                 }
                 Call::Connect { token, member } => {
-                    pipe.push(
+                    cmds.push(
                         fcall("cb_connect")
                             .arg(&node)
                             .arg(member.conn)
@@ -837,15 +837,15 @@ impl Commander {
                     Pending::Connect { token }
                 }
                 Call::Disconnect { conn } => {
-                    pipe.push(fcall("cb_disconnect").arg(&node).arg(conn).clone());
+                    cmds.push(fcall("cb_disconnect").arg(&node).arg(conn).clone());
                     Pending::Quiet
                 }
                 Call::Join { conn, room } => {
-                    pipe.push(fcall("cb_join").arg(&node).arg(conn).arg(room).clone());
+                    cmds.push(fcall("cb_join").arg(&node).arg(conn).arg(room).clone());
                     Pending::Quiet
                 }
                 Call::Leave { conn, room } => {
-                    pipe.push(fcall("cb_leave").arg(&node).arg(conn).arg(room).clone());
+                    cmds.push(fcall("cb_leave").arg(&node).arg(conn).arg(room).clone());
                     Pending::Quiet
                 }
                 Call::Publish {
@@ -858,7 +858,7 @@ impl Commander {
                     echo,
                     dedup_ms,
                 } => {
-                    pipe.push(
+                    cmds.push(
                         fcall("cb_publish")
                             .arg(&room)
                             .arg(msg_id.unwrap_or_default())
@@ -878,7 +878,7 @@ impl Commander {
                     conn,
                     json,
                 } => {
-                    pipe.push(
+                    cmds.push(
                         redis::cmd("PUBLISH")
                             .arg(CHANNEL)
                             .arg(format!("x\n{to}\n{conn}\n{json}"))
@@ -887,16 +887,16 @@ impl Commander {
                     Pending::Quiet
                 }
                 Call::NameBlock { count } => {
-                    pipe.push(fcall("cb_names").arg(count).clone());
+                    cmds.push(fcall("cb_names").arg(count).clone());
                     Pending::NameBlock { count }
                 }
             },
             Job::Page { token, room, query } => {
-                pipe.push(page_cmd(&room, query));
+                cmds.push(page_cmd(&room, query));
                 Pending::Page { token, room }
             }
             Job::LastId { token, room } => {
-                pipe.push(redis::cmd("GET").arg(format!("cb:c:{room}")).clone());
+                cmds.push(redis::cmd("GET").arg(format!("cb:c:{room}")).clone());
                 Pending::LastId { token, room }
             }
             #[cfg(feature = "server-api")]
@@ -905,11 +905,11 @@ impl Commander {
                     Removal::One(id) => ("one", id),
                     Removal::UpTo(id) => ("upto", id),
                 };
-                pipe.push(fcall("cb_remove").arg(room).arg(kind).arg(id).clone());
+                cmds.push(fcall("cb_remove").arg(room).arg(kind).arg(id).clone());
                 Pending::Quiet
             }
             Job::Fetch { room, after, limit } => {
-                pipe.push(
+                cmds.push(
                     fcall("cb_page")
                         .arg(&room)
                         .arg("after")
@@ -921,9 +921,9 @@ impl Commander {
             }
             Job::Resync { rooms } => {
                 self.nonce += 1;
-                pipe.push(snapshot(&node, self.nonce));
+                cmds.push(snapshot(&node, self.nonce));
                 for room in &rooms {
-                    pipe.push(redis::cmd("GET").arg(format!("cb:c:{room}")).clone());
+                    cmds.push(redis::cmd("GET").arg(format!("cb:c:{room}")).clone());
                 }
                 Pending::Resync {
                     nonce: self.nonce,
