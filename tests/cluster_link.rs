@@ -841,3 +841,44 @@ fn history_is_trimmed_and_a_gap_over_trimmed_ids_is_skipped() {
         [8, 9, 10]
     );
 }
+
+#[cfg(feature = "server-api")]
+#[test]
+fn removed_messages_leave_history_but_their_ids_stay_taken() {
+    use chatterbox::store::Removal;
+    let redis = Redis::start();
+    let mut a = Node::open(&redis.url());
+    for t in 1..=3 {
+        a.publish(t, "mod", None);
+    }
+    a.published(3);
+    let mut page = |a: &mut Node, token: u64| {
+        a.e.request(Request::Page {
+            token,
+            room: "mod".into(),
+            query: Query::After {
+                after: 0,
+                limit: 10,
+            },
+        });
+        match a.find(
+            Duration::from_secs(5),
+            |r| matches!(r, Reply::PageReady { token: t, .. } if *t == token),
+        ) {
+            Reply::PageReady { page, .. } => page.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            _ => unreachable!(),
+        }
+    };
+    a.e.request(Request::Remove {
+        room: "mod".into(),
+        what: Removal::One(2),
+    });
+    assert_eq!(page(&mut a, 100), [1, 3]);
+    a.e.request(Request::Remove {
+        room: "mod".into(),
+        what: Removal::UpTo(3),
+    });
+    assert_eq!(page(&mut a, 101), Vec::<u64>::new());
+    a.publish(4, "mod", None);
+    assert_eq!(a.published(4), (4, false));
+}
