@@ -852,7 +852,7 @@ fn removed_messages_leave_history_but_their_ids_stay_taken() {
         a.publish(t, "mod", None);
     }
     a.published(3);
-    let mut page = |a: &mut Node, token: u64| {
+    let page = |a: &mut Node, token: u64| {
         a.e.request(Request::Page {
             token,
             room: "mod".into(),
