@@ -379,6 +379,41 @@ pub fn redis_url_ok(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A Redis URL without the password it may carry (`redis://user:secret@host` →
+/// `redis://user:***@host`), for the log.
+pub fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redis_url_tests {
+    #[test]
+    fn a_redis_password_never_reaches_the_log() {
+        assert_eq!(
+            super::without_password("redis://:hunter2@10.0.0.1:6379/0"),
+            "redis://:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            super::without_password("redis://app:s3cr@t@r:6379"),
+            "redis://app:***@r:6379"
+        );
+        assert_eq!(super::without_password("redis://r:6379"), "redis://r:6379");
+        assert_eq!(
+            super::without_password("unix:///run/r.sock"),
+            "unix:///run/r.sock"
+        );
+    }
+}
+
 /// Most seconds `--history-max-age` may be: 100 years.
 pub const MAX_HISTORY_AGE_SECS: u64 = 100 * 365 * 24 * 3600;
 /// Most messages `--history-max-per-room` may keep.

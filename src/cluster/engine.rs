@@ -51,11 +51,12 @@ impl ClusterEngine {
     /// starts the two helper threads. An unreachable Redis or a bad URL is an error naming
     /// the URL and the reason. `notify` is called from the helper threads when replies wait.
     pub fn open(cfg: &Config, node: NodeId, notify: Box<dyn Fn() + Send>) -> Result<Self, String> {
-        let url = cfg.redis.clone();
-        let client = link::client(&url)?;
+        let url = crate::config::without_password(&cfg.redis);
+        let shown = crate::logging::log_safe(&url);
+        let client = link::client(&cfg.redis)?;
         let mut con = link::connect(&client, cfg.redis_timeout)
-            .map_err(|e| format!("--redis '{url}': cannot connect: {e}"))?;
-        link::load_library(&mut con).map_err(|e| format!("--redis '{url}': {e}"))?;
+            .map_err(|e| format!("--redis '{shown}': cannot connect: {e}"))?;
+        link::load_library(&mut con).map_err(|e| format!("--redis '{shown}': {e}"))?;
         let lcfg = LinkConfig {
             timeout: cfg.redis_timeout,
             node_timeout: cfg.node_timeout,

@@ -194,7 +194,10 @@ impl LinkConfig {
 
 /// Opens a client for `url` (`redis://…` or `unix:///…`).
 pub(crate) fn client(url: &str) -> Result<Client, String> {
-    Client::open(url).map_err(|e| format!("--redis '{url}': {e}"))
+    Client::open(url).map_err(|e| {
+        let shown = crate::config::without_password(url);
+        format!("--redis '{}': {e}", crate::logging::log_safe(&shown))
+    })
 }
 
 /// Connects with the timeouts set.

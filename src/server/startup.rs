@@ -19,6 +19,7 @@ pub fn features() -> String {
         ("server-api", cfg!(feature = "server-api")),
         ("admin-page", cfg!(feature = "admin-page")),
         ("tls", cfg!(feature = "tls")),
+        ("cluster", cfg!(feature = "cluster")),
     ];
     let mut s = String::new();
     for (name, _) in all.iter().filter(|(_, on)| *on) {
@@ -41,6 +42,12 @@ pub fn log(cfg: &Config, local: SocketAddr, tls: bool) {
     );
     let n = cfg.memory_history_per_room;
     let _ = match cfg.db_path.as_str() {
+        _ if !cfg.redis.is_empty() => writeln!(
+            s,
+            "store: Redis {} (cluster mode, {} messages per room)",
+            crate::log_safe(&crate::config::without_password(&cfg.redis)),
+            cfg.cluster_history_per_room
+        ),
         ":memory:" => writeln!(s, "store: memory ({n} messages per room, lost at exit)"),
         p if p.starts_with('/') => writeln!(s, "store: SQLite file {p}"),
         p => writeln!(s, "store: SQLite file {p} (in the working directory)"),
