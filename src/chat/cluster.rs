@@ -59,6 +59,10 @@ pub(super) struct ClusterState {
     /// Remote members whose name a local member holds until its claim is answered (the
     /// claim race: one of the two loses and is closed).
     shadowed: Vec<MemberRecord>,
+    /// Remote members a snapshot did not list although their node may only not have
+    /// registered again yet (Redis lost its data): kept until the deadline (`None`: set at
+    /// the next tick), then they leave with notices unless their node listed them again.
+    orphans: HashMap<ConnId, Option<Instant>>,
 }
 
 impl Chat {
@@ -90,6 +94,7 @@ impl Chat {
             names_asked: false,
             mono,
             shadowed: Vec::new(),
+            orphans: HashMap::new(),
         });
     }
 
@@ -534,6 +539,7 @@ impl Chat {
                     return;
                 };
                 self.cluster_mut().whereabouts.remove(&local);
+                self.cluster_mut().orphans.remove(&local);
                 if notices {
                     self.disconnect(local, out);
                 } else {
@@ -583,7 +589,12 @@ impl Chat {
     fn add_remote(&mut self, record: MemberRecord, notices: bool, out: &mut impl Outbox) {
         let mono = {
             let c = self.cluster_mut();
-            if record.node == c.node || c.remote.contains_key(&(record.node.clone(), record.conn)) {
+            if record.node == c.node {
+                return;
+            }
+            if let Some(&local) = c.remote.get(&(record.node.clone(), record.conn)) {
+                // Its node listed it again: no longer an orphan.
+                c.orphans.remove(&local);
                 return;
             }
             c.mono
@@ -642,13 +653,18 @@ impl Chat {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
+        let listed: std::collections::HashSet<&str> =
+            fresh.keys().map(|(node, _)| node.as_str()).collect();
+        let mut orphans = Vec::new();
         for (key, local) in known {
             match fresh.get(&key) {
-                None => {
-                    self.cluster_mut().remote.remove(&key);
-                    self.cluster_mut().whereabouts.remove(&local);
-                    self.disconnect(local, out);
+                // Its node is there and did not list it: it left while we could not hear.
+                None if listed.contains(key.0.as_str()) => {
+                    self.remove_remote(&key, local, out);
                 }
+                // Its node is not there at all: after a data loss it may not have registered
+                // again yet. It gets a node timeout to do so.
+                None => orphans.push(local),
                 Some(record) => {
                     let now_in: Vec<String> = self.rooms.rooms_of(local).to_vec();
                     for room in now_in.iter().filter(|r| !record.rooms.contains(r)) {
@@ -672,6 +688,49 @@ impl Chat {
             if !self.cluster_mut().remote.contains_key(&key) {
                 self.add_remote(record, false, out);
             }
+        }
+        let c = self.cluster_mut();
+        for local in orphans {
+            c.orphans.entry(local).or_insert(None);
+        }
+    }
+
+    fn remove_remote(&mut self, key: &(NodeId, u64), local: ConnId, out: &mut impl Outbox) {
+        let c = self.cluster_mut();
+        c.remote.remove(key);
+        c.whereabouts.remove(&local);
+        c.orphans.remove(&local);
+        self.disconnect(local, out);
+    }
+
+    /// When [`Chat::cluster_tick`] is due next (an instant in the past when it is due now);
+    /// `None` when it has nothing to do.
+    pub fn cluster_deadline(&self) -> Option<Instant> {
+        let c = self.cluster.as_ref()?;
+        c.orphans.values().map(|d| d.unwrap_or(c.mono)).min()
+    }
+
+    /// Time passes (the transport calls it when [`Chat::cluster_deadline`] is due): orphans
+    /// whose node did not list them again within a node timeout leave, with notices.
+    pub fn cluster_tick(&mut self, now: Instant, out: &mut impl Outbox) {
+        let timeout = self.cfg.node_timeout;
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let mut due = Vec::new();
+        for (local, deadline) in c.orphans.iter_mut() {
+            match deadline {
+                None => *deadline = Some(now + timeout),
+                Some(d) if *d <= now => due.push(*local),
+                Some(_) => {}
+            }
+        }
+        for local in due {
+            let Some(key) = self.cluster_mut().whereabouts.get(&local).cloned() else {
+                self.cluster_mut().orphans.remove(&local);
+                continue;
+            };
+            self.remove_remote(&key, local, out);
         }
     }
 }

@@ -178,7 +178,20 @@ fn fake_call(r: &mut FakeRedis, node: &str, call: Call) {
             for m in members {
                 r.names
                     .insert(m.name.to_ascii_lowercase(), (m.node.clone(), m.conn));
-                r.members.insert((m.node.clone(), m.conn), m);
+                let known = r.members.insert((m.node.clone(), m.conn), m.clone());
+                // Like cb_register: what others did not know of is published.
+                if known.is_none() {
+                    let (node, conn) = (m.node.clone(), m.conn);
+                    let rooms = m.rooms.clone();
+                    r.tell_others(
+                        &node,
+                        Presence::Connected(MemberRecord { rooms: vec![], ..m }),
+                    );
+                    for room in rooms {
+                        let (node, conn) = (node.clone(), conn);
+                        r.tell_others(&node.clone(), Presence::Joined { node, conn, room });
+                    }
+                }
             }
             r.tell(node, Reply::Cluster(CEvent::Registered { taken: vec![] }));
             let others = r
@@ -376,6 +389,11 @@ impl Cluster {
         let n = &mut self.nodes[node];
         n.chat
             .handle_text(self.now, conn, &cmd.to_string(), &mut n.out);
+        self.pump();
+    }
+    fn tick(&mut self, node: usize, at: Instant) {
+        let n = &mut self.nodes[node];
+        n.chat.cluster_tick(at, &mut n.out);
         self.pump();
     }
     fn events(&mut self, node: usize, conn: ConnId) -> Vec<Value> {
@@ -664,4 +682,73 @@ fn history_comes_from_the_shared_store_on_either_node() {
     assert_eq!(h[0]["room"], "later");
     assert_eq!(h[0]["messages"][0]["message"], "4");
     assert_eq!(h[0]["messages"][0]["id"], 1, "ids are per room");
+}
+
+/// Redis lost everything: each node hears `Reconnected` and registers again, one after the
+/// other.
+fn lose_redis_data(c: &mut Cluster) {
+    let mut r = c.redis.borrow_mut();
+    let queues = std::mem::take(&mut r.queues);
+    *r = FakeRedis::default();
+    r.queues = queues.into_keys().map(|k| (k, VecDeque::new())).collect();
+}
+
+#[test]
+fn after_a_data_loss_members_of_a_node_not_yet_registered_do_not_flap() {
+    let mut c = Cluster::new(2);
+    c.connect(0, 1, Some("alice"));
+    c.connect(1, 1, Some("bob"));
+    c.events(0, 1);
+    lose_redis_data(&mut c);
+    c.redis
+        .borrow_mut()
+        .tell("node0", Reply::Cluster(CEvent::Reconnected));
+    c.pump();
+    let t0 = Instant::now();
+    c.tick(0, t0);
+    assert_eq!(
+        c.nodes[0].chat.member_names(),
+        vec!["alice", "bob"],
+        "kept for now"
+    );
+    c.redis
+        .borrow_mut()
+        .tell("node1", Reply::Cluster(CEvent::Reconnected));
+    c.pump();
+    let later = t0 + Config::default().node_timeout * 2;
+    c.tick(0, later);
+    assert_eq!(c.nodes[0].chat.member_names(), vec!["alice", "bob"]);
+    assert_eq!(c.nodes[0].chat.cluster_deadline(), None);
+    assert!(
+        c.named(0, 1, "broadcast").is_empty(),
+        "no has-left / has-joined flapping for bob"
+    );
+}
+
+#[test]
+fn after_a_data_loss_a_node_that_never_comes_back_leaves_after_a_node_timeout() {
+    let mut c = Cluster::new(2);
+    c.connect(0, 1, Some("alice"));
+    c.connect(1, 1, Some("bob"));
+    c.events(0, 1);
+    lose_redis_data(&mut c);
+    c.nodes.pop();
+    c.redis.borrow_mut().queues.remove("node1");
+    c.redis
+        .borrow_mut()
+        .tell("node0", Reply::Cluster(CEvent::Reconnected));
+    c.pump();
+    let t0 = Instant::now();
+    c.tick(0, t0);
+    let deadline = c.nodes[0].chat.cluster_deadline().expect("bob's deadline");
+    assert_eq!(deadline, t0 + Config::default().node_timeout);
+    c.tick(0, deadline);
+    assert_eq!(c.nodes[0].chat.member_names(), vec!["alice"]);
+    let left: Vec<Value> = c
+        .named(0, 1, "broadcast")
+        .into_iter()
+        .filter(|e| e["left"] == "bob")
+        .collect();
+    assert_eq!(left.len(), 1);
+    assert!(c.nodes[0].chat.check_name("bob").is_ok());
 }

@@ -484,6 +484,10 @@ impl Server {
                 self.accept(now);
             }
             self.fire_timers(now);
+            #[cfg(feature = "cluster")]
+            if self.chat.cluster_deadline().is_some_and(|at| at <= now) {
+                self.core(|chat, sink| chat.cluster_tick(now, sink));
+            }
             self.process_closing(now);
             self.report.tick(now);
             self.unpark();

@@ -105,6 +105,10 @@ impl Server {
         if let Some(at) = self.report.next_flush() {
             timer = Some(timer.map_or(at, |t| t.min(at)));
         }
+        #[cfg(feature = "cluster")]
+        if let Some(at) = self.chat.cluster_deadline() {
+            timer = Some(timer.map_or(at, |t| t.min(at)));
+        }
         let next = match (timer, self.shutdown_at) {
             (Some(t), Some(s)) => t.min(s),
             (t, s) => t.or(s)?,
