@@ -546,33 +546,6 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
-/// The pids of the running children of `pid` (from the parent field of `/proc/*/stat`).
-pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // State (field 3) and parent (field 4); zombies are not running.
-        if fields.len() > 1 && fields[1] == pid.to_string() && fields[0] != "Z" {
-            out.push(child);
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
 /// Redis and `n` nodes of it with the same extra arguments.
 pub fn cluster(n: usize, extra: &[&str]) -> (Redis, Vec<Node>) {
     let redis = Redis::start();
