@@ -942,10 +942,12 @@ fn two_nodes_share_one_port_with_reuse_port() {
     let a = Node::spawn_on(&redis.url(), port, &args);
     let b = Node::spawn_on(&redis.url(), port, &args);
     assert_eq!((a.addr.port(), b.addr.port()), (port, port));
+    // The second node may not be registered yet when the first answers on the port.
     let clients: Vec<Client> = (0..16)
         .map(|i| {
-            common::cluster::connect(a.addr, Some(&format!("c{i}")))
-                .unwrap_or_else(|code| panic!("c{i}: {code}"))
+            eventually(&format!("c{i} let in"), T, || {
+                common::cluster::connect(a.addr, Some(&format!("c{i}"))).ok()
+            })
         })
         .collect();
     let on = |n: &Node| {
