@@ -578,9 +578,11 @@ class Server:
         out = []
         for node in range(len(self.ports)):
             try:
-                out.append(self._log_path(node).read_text(encoding="utf-8", errors="replace"))
+                text = self._log_path(node).read_text(encoding="utf-8", errors="replace")
             except FileNotFoundError:
-                pass
+                continue
+            out.append(text if text.endswith("\n") or node == len(self.ports) - 1
+                       else text + "\n")
         return "".join(out)
 
     async def wait_log(self, needle: str, timeout: float = RECV_TIMEOUT) -> str:
