@@ -14,11 +14,24 @@ parent of this folder.
 TLS mode: with ``CHATTERBOX_TLS=1`` (and a binary built with ``--features tls``) every server
 gets ``--tls-cert``/``--tls-key`` for a certificate made once per run with ``openssl req -x509``,
 and every helper speaks ``https://``/``wss://``, verifying against that certificate.
+
+Cluster mode (issue 12): with ``CHATTERBOX_CLUSTER=N`` (N >= 2, a binary built with ``--features
+cluster``) every ``Server`` is a cluster: a ``redis-server`` of its own (``redis-server`` on PATH,
+a free port, ``--save ''``) and N nodes with ``--redis redis://127.0.0.1:PORT``, each on its own
+port. ``Server.port`` (REST, raw HTTP) is the first node; ``Server.ws_url`` hands out the nodes
+round-robin, so a test's WebSocket clients are spread over them (client i on node i % N). A
+client's welcome waits until every node lists it and its close until none does (presence crosses
+Redis; without the barrier "connect on A, then `list` on B" would race). ``log_text`` is every
+node's log. Tests that cannot make sense against a cluster are skipped with a reason: the lists
+``CLUSTER_SKIP_MODULES`` and ``CLUSTER_SKIP_TESTS`` below, and any server asked for a
+``db_path`` (Redis holds the history: SQLite files, their faults and their restarts are not
+there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import http.client
 import json
@@ -50,6 +63,42 @@ RECV_TIMEOUT = 5.0
 # TLS mode (see the module's doc).
 TLS = os.environ.get("CHATTERBOX_TLS") == "1"
 _tls_files: tuple[Path, Path] | None = None
+
+
+# Cluster mode (see the module's doc): the number of nodes per server, 0 when off.
+CLUSTER = int(os.environ.get("CHATTERBOX_CLUSTER") or 0)
+assert CLUSTER != 1, "CHATTERBOX_CLUSTER is the number of nodes: 2 or more (or 0: off)"
+
+# Whole modules that cannot make sense against a cluster, with the reason.
+CLUSTER_SKIP_MODULES = {
+    "test_store_faults.py": "SQLite file faults (cluster mode keeps history in Redis)",
+    "test_durability.py": "durability of the SQLite file across kill -9 (tests/cluster.rs "
+                          "covers node death and Redis faults)",
+    "test_tls.py": "TLS mode, run against one standalone TLS build",
+    "test_edge_container.py": "the container image runs one standalone process",
+    "test_edge_service.py": "the systemd unit runs one standalone process",
+}
+# Single tests, by node id, with the reason.
+CLUSTER_SKIP_TESTS = {
+    "test_limits.py::test_max_connections_503":
+        "--max-connections is per process: a cluster of N nodes lets N times as many in",
+    "test_limits.py::test_max_connections_per_ip_429":
+        "--max-connections-per-ip is per process: a cluster of N nodes lets N times as many in",
+    "test_api_server.py::test_disconnect_closes_with_4000_and_the_reason":
+        "the server API disconnects members of the node it is asked on only (another node's "
+        "member is 404 by design)",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not CLUSTER:
+        return
+    for item in items:
+        module = Path(str(item.fspath)).name
+        reason = CLUSTER_SKIP_MODULES.get(module) or CLUSTER_SKIP_TESTS.get(
+            f"{module}::{item.name.split('[')[0]}")
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"cluster mode: {reason}"))
 
 
 def tls_files() -> tuple[Path, Path]:
@@ -304,8 +353,74 @@ def ws_handshake_bytes(path: str = "/ws", key: str | None = None, version: str =
 # --------------------------------------------------------------------------------------------
 
 
+_redis_procs: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _kill_redis() -> None:
+    """No redis-server outlives the run, whoever forgot to stop one."""
+    for proc in _redis_procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class Redis:
+    """A redis-server of one cluster-mode server: 127.0.0.1, a free port, its files in
+    `workdir`, no persistence (`--save '' --appendonly no`)."""
+
+    def __init__(self, workdir: Path):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _redis_procs.append(self.proc)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self.dir / "redis.log"
+                text = log.read_text(errors="replace") if log.exists() else ""
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{text}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Server:
-    """One chatterbox process on 127.0.0.1 with a fixed port chosen at construction."""
+    """One chatterbox process on 127.0.0.1 with a fixed port chosen at construction; in cluster
+    mode, a Redis and `CLUSTER` nodes on ports chosen at construction (the first is `port`)."""
 
     def __init__(self, workdir: Path, flags: dict[str, Any] | None = None,
                  binary: Path | None = None):
@@ -322,6 +437,19 @@ class Server:
         self.log_path = self.workdir / f"chatterbox-{self.port}.log"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        # Cluster mode: the other nodes (the first is `port`/`proc`/`log_path` above).
+        self.redis: Redis | None = None
+        self.ports = [self.port]
+        self.peer_procs: list[subprocess.Popen | None] = []
+        self._next_node = 0
+        if CLUSTER:
+            db = self.flags.pop("db_path")
+            if str(db) != ":memory:":
+                pytest.skip("cluster mode: Redis holds the history; this test is about "
+                            f"--db-path {db}")
+            self.redis = Redis(self.workdir / "redis")
+            self.ports += [free_port() for _ in range(CLUSTER - 1)]
+            self.peer_procs = [None] * (CLUSTER - 1)
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -330,41 +458,71 @@ class Server:
         return f"{'https' if TLS else 'http'}://127.0.0.1:{self.port}"
 
     def ws_url(self, **query: Any) -> str:
+        """The `/ws` URL; in cluster mode each call names the next node (round-robin)."""
         q = {k: v for k, v in query.items() if v is not None}
         suffix = ("?" + urllib.parse.urlencode(q)) if q else ""
-        return f"{'wss' if TLS else 'ws'}://127.0.0.1:{self.port}/ws{suffix}"
+        port = self.ports[self._next_node % len(self.ports)]
+        self._next_node += 1
+        return f"{'wss' if TLS else 'ws'}://127.0.0.1:{port}/ws{suffix}"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def args(self) -> list[str]:
-        return [str(self.binary), "--port", str(self.port)] + _flag_args(self.flags)
+    def args(self, node: int = 0) -> list[str]:
+        args = [str(self.binary), "--port", str(self.ports[node])] + _flag_args(self.flags)
+        if self.redis is not None:
+            args += ["--redis", self.redis.url]
+        return args
+
+    def _log_path(self, node: int) -> Path:
+        return self.log_path if node == 0 else self.workdir / f"chatterbox-{self.ports[node]}.log"
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        """Every process started (one; in cluster mode, one per node)."""
+        return [p for p in [self.proc, *self.peer_procs] if p is not None]
 
     def start(self) -> "Server":
         if not self.binary.exists():
             pytest.fail(f"chatterbox binary not found at {self.binary} "
                         f"(build with `cargo build --release` or set CHATTERBOX_BIN)")
-        assert self.proc is None or self.proc.poll() is not None, "server already running"
+        assert all(p.poll() is not None for p in self.procs), "server already running"
         self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n=== start #{self.starts}: {' '.join(self.args())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd=self.workdir,
-            )
-        self._wait_healthy()
+        if self.redis is not None:
+            self.redis.start()
+        for node in range(len(self.ports)):
+            with open(self._log_path(node), "ab") as log:
+                log.write(f"\n=== start #{self.starts}: {' '.join(self.args(node))}\n".encode())
+                log.flush()
+                # Each node in a directory of its own: nothing a node writes is shared.
+                cwd = self.workdir if node == 0 else self.workdir / f"node{node}"
+                cwd.mkdir(exist_ok=True)
+                proc = subprocess.Popen(
+                    self.args(node), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd,
+                )
+            if node == 0:
+                self.proc = proc
+            else:
+                self.peer_procs[node - 1] = proc
+            if node == 0:
+                self._wait_healthy()
+            else:
+                self._wait_node_healthy(node)
         return self
 
     def _wait_healthy(self) -> None:
+        self._wait_node_healthy(0)
+
+    def _wait_node_healthy(self, node: int) -> None:
+        proc = self.proc if node == 0 else self.peer_procs[node - 1]
         deadline = time.monotonic() + STARTUP_TIMEOUT
         last_err: Exception | None = None
         while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chatterbox exited with {self.proc.returncode} at startup:\n"
+            assert proc is not None
+            if proc.poll() is not None:
+                raise RuntimeError(f"chatterbox exited with {proc.returncode} at startup:\n"
                                    f"{self.log_text()}")
             try:
-                resp = http_request(self.port, "/health", timeout=1.0)
+                resp = http_request(self.ports[node], "/health", timeout=1.0)
                 if resp.status == 200:
                     return
             except OSError as e:  # not listening yet
@@ -379,34 +537,53 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM, wait, return the exit code (SIGKILL and return None if it would not stop)."""
+        """SIGTERM, wait, return the exit code (SIGKILL and return None if it would not stop).
+        In cluster mode every node gets SIGTERM at once; the first exit code that is not 0
+        wins. Redis keeps running (a restart finds the history); see `shutdown`."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes: list[int | None] = []
+        for p in self.procs:
             try:
-                self.proc.wait(timeout)
+                p.wait(timeout)
+                codes.append(p.returncode)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        return self.proc.returncode
+                p.kill()
+                p.wait()
+                codes.append(None)
+        return next((c for c in codes if c != 0), 0) if codes[1:] else codes[0]
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def shutdown(self) -> None:
+        """Kill whatever still runs, Redis included (the fixture's teardown)."""
+        self.kill()
+        if self.redis is not None:
+            self.redis.stop()
 
     def restart(self) -> "Server":
-        if self.running:
+        if any(p.poll() is None for p in self.procs):
             self.stop()
         return self.start()
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        """The log (in cluster mode every node's, the first node's first)."""
+        out = []
+        for node in range(len(self.ports)):
+            try:
+                text = self._log_path(node).read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                continue
+            out.append(text if text.endswith("\n") or node == len(self.ports) - 1
+                       else text + "\n")
+        return "".join(out)
 
     async def wait_log(self, needle: str, timeout: float = RECV_TIMEOUT) -> str:
         """Wait until `needle` appears in the log (logs may be written a moment after events)."""
@@ -442,7 +619,7 @@ def server_factory(tmp_path: Path):
         try:
             srv.stop()
         finally:
-            srv.kill()
+            srv.shutdown()
 
 
 @pytest.fixture
@@ -500,12 +677,34 @@ class Client:
         self.name, self.id = me["member"], me["id"]
         joined: dict | None = await self.recv(timeout)
         if joined.get("event") == "history":
+            await self._cluster_barrier(present=True)
             return me, None, joined
         assert joined.get("event") == "broadcast" and joined.get("joined") == self.name, \
             f"second event must be own joined notice, got {joined}"
         history = await self.recv(timeout)
         assert history.get("event") == "history", f"third event must be history, got {history}"
+        await self._cluster_barrier(present=True)
         return me, joined, history
+
+    async def _cluster_barrier(self, present: bool, timeout: float = RECV_TIMEOUT) -> None:
+        """Cluster mode: wait until every node's `/api/members` lists this member (`present`)
+        or no longer does. Best effort: it gives up quietly when the REST API does not answer
+        200 (auth on, a node down) or after `timeout`, and leaves the verdict to the test."""
+        srv = self.server
+        if srv is None or srv.redis is None or self.name is None:
+            return
+        deadline = time.monotonic() + timeout
+        for port in srv.ports:
+            while time.monotonic() < deadline:
+                try:
+                    resp = http_request(port, "/api/members", timeout=1.0)
+                except OSError:
+                    return
+                if resp.status != 200:
+                    return
+                if (self.name in resp.json()) == present:
+                    break
+                await asyncio.sleep(0.02)
 
     async def send(self, obj: Any) -> None:
         await asyncio.wait_for(self.ws.send(json.dumps(obj)), RECV_TIMEOUT)
@@ -587,6 +786,7 @@ class Client:
             await asyncio.wait_for(self.ws.close(), RECV_TIMEOUT)
         except (asyncio.TimeoutError, TimeoutError, OSError, ConnectionClosed):
             pass
+        await self._cluster_barrier(present=False)
 
 
 def _counter():
@@ -619,6 +819,6 @@ __all__ = [
     "Client", "Server", "HttpResponse", "connect_status", "free_port", "http_json",
     "http_request", "parse_status", "raw_exchange", "read_until_closed", "ws_handshake_bytes",
     "read_all", "parse_frames", "masked_frame", "RawWs", "TLS", "tls_files",
-    "client_ssl_context", "tls_wrap",
+    "client_ssl_context", "tls_wrap", "CLUSTER", "Redis",
     "ConnectionClosed", "InvalidStatus", "websockets",
 ]

@@ -348,9 +348,11 @@ def test_garbage_http_400(server):
 
 async def test_sigterm_closes_1001_and_exits_0(server):
     clients = [await Client.joined(server) for _ in range(3)]
-    server.proc.send_signal(signal.SIGTERM)
+    for proc in server.procs:  # in cluster mode, every node
+        proc.send_signal(signal.SIGTERM)
     for c in clients:
         code, _reason = await c.expect_closed(timeout=10)
         assert code == 1001
-    rc = await asyncio.to_thread(server.proc.wait, 10)
-    assert rc == 0
+    for proc in server.procs:
+        rc = await asyncio.to_thread(proc.wait, 10)
+        assert rc == 0

@@ -2,6 +2,9 @@
 //! `127.0.0.1:0`, raw HTTP, and a blocking WebSocket client.
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
