@@ -185,6 +185,7 @@ impl Node {
             serial: 1,
             echo: true,
             dedup_ms: 60_000,
+            floor: 0,
         }));
     }
 

@@ -302,6 +302,7 @@ impl Chat {
                 serial: held.serial,
                 echo: held.echo != Some(false),
                 dedup_ms,
+                floor: 0,
             };
             if let Some(c) = self.cluster.as_mut() {
                 c.publishes.insert(token, (room.to_string(), held));

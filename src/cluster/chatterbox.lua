@@ -77,7 +77,14 @@ local function cb_publish(keys, args)
       return { tonumber(first), 1 }
     end
   end
-  local id = redis.call('INCR', 'cb:c:' .. room)
+  -- A room this node has seen never numbers at or below what it delivered, even right
+  -- after Redis lost its data and before the heartbeat noticed.
+  local floor = tonumber(args[10] or '0')
+  local counter = 'cb:c:' .. room
+  if tonumber(redis.call('GET', counter) or '0') < floor then
+    redis.call('SET', counter, floor)
+  end
+  local id = redis.call('INCR', counter)
   local history = 'cb:h:' .. room
   local meta = node .. '\n' .. conn .. '\n' .. serial .. '\n' .. echo
   redis.call('ZADD', history, id, '{"id":' .. id .. body .. '\n' .. meta)

@@ -364,7 +364,12 @@ impl Engine for ClusterEngine {
             Request::Remove { room, what } => Job::Remove { room, what },
             Request::Page { token, room, query } => Job::Page { token, room, query },
             Request::LastId { token, room } => Job::LastId { token, room },
-            Request::Cluster(call) => Job::Call(call),
+            Request::Cluster(mut call) => {
+                if let Call::Publish { room, floor, .. } = &mut call {
+                    *floor = self.order.last(room);
+                }
+                Job::Call(call)
+            }
         };
         if self.closed {
             return self.refuse(job);

@@ -860,6 +860,7 @@ impl Commander {
                     serial,
                     echo,
                     dedup_ms,
+                    floor,
                 } => {
                     cmds.push(
                         fcall("cb_publish")
@@ -872,6 +873,7 @@ impl Commander {
                             .arg(if echo { 1 } else { 0 })
                             .arg(body)
                             .arg(self.cfg.history_per_room)
+                            .arg(floor)
                             .clone(),
                     );
                     Pending::Publish { token, room }

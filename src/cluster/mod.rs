@@ -135,6 +135,9 @@ pub enum Call {
         echo: bool,
         /// Milliseconds a `msg_id` is remembered.
         dedup_ms: u64,
+        /// The last id this node delivered in the room: Redis numbers above it even when it
+        /// lost its data and has not been told yet (set by the engine; the core passes 0).
+        floor: u64,
     },
     /// A direct message to a member of another node. No answer.
     Direct {

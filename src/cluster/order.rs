@@ -116,6 +116,11 @@ impl Order {
         self.out.pop_front()
     }
 
+    /// The last id delivered in `room` (0 when it is not tracked).
+    pub(crate) fn last(&self, room: &str) -> u64 {
+        self.rooms.get(room).map_or(0, |s| s.last)
+    }
+
     /// Every tracked room with its last id delivered.
     pub(crate) fn last_ids(&self) -> impl Iterator<Item = (&str, u64)> {
         self.rooms.iter().map(|(r, s)| (r.as_str(), s.last))

@@ -293,6 +293,9 @@ impl Redis {
         self.query(&["ZRANGE", &format!("cb:h:{room}"), "0", "-1"])
             .strings()
             .iter()
+            // An entry is the stored JSON, then the sender's node, connection, serial and
+            // echo flag on lines of their own (what a node needs to deliver it after a gap).
+            .map(|s| s.split('\n').next().unwrap_or_default())
             .map(|s| serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}")))
             .collect()
     }
