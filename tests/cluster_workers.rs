@@ -112,8 +112,11 @@ fn tcp(ws: &Ws) -> &TcpStream {
 /// the owners seen, one per member, with the members kept open (the kernel hashes each
 /// connection by its source port, so a handful reach every listener).
 fn spread(addr: SocketAddr, pids: &[u32], wanted: &[u32], most: usize) -> (Vec<u32>, Vec<Ws>) {
+    // Names are unique across a cluster's workers: every call takes new ones.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let (mut owners, mut members) = (Vec::new(), Vec::new());
-    for i in 0..most {
+    for _ in 0..most {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ws = member(addr, &format!("m{i}"));
         // The accepted socket is in the owner's table once the welcome came.
         let found = owner(tcp(&ws), pids).expect("one of the processes holds the connection");
@@ -296,17 +299,26 @@ mod with_redis {
     }
 
     /// The next log line containing `needle` (at most 10 s), the lines before it in `seen`.
+    /// The next line with `needle`, a line already read (in `seen`) not taken twice: the
+    /// workers' lines interleave with the supervisor's, in any order.
     fn next_line(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) -> String {
+        let taken = |l: &String| l.starts_with('\u{0}');
+        if let Some(l) = seen.iter_mut().find(|l| !taken(l) && l.contains(needle)) {
+            let line = l.clone();
+            l.insert(0, '\u{0}');
+            return line;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("no log line with {needle:?} after {seen:#?}"));
-            seen.push(line.clone());
             if line.contains(needle) {
+                seen.push(format!("\u{0}{line}"));
                 return line;
             }
+            seen.push(line);
         }
     }
 
@@ -317,6 +329,25 @@ mod with_redis {
             .nth(1)
             .unwrap_or_else(|| panic!("not worker {n}'s start: {line}"));
         rest.trim_end_matches(')').parse().unwrap()
+    }
+
+    /// Waits until 20 `/health` requests in a row answer 200: every worker (the kernel picks
+    /// one per connection) has registered with Redis; until then a worker answers 503.
+    fn healthy(addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut in_a_row = 0;
+        while in_a_row < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "/health is not 200 on every worker"
+            );
+            if health(addr) == 200 {
+                in_a_row += 1;
+            } else {
+                in_a_row = 0;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     fn health(addr: SocketAddr) -> u16 {
@@ -376,7 +407,7 @@ mod with_redis {
             assert_eq!(listen_addr(&line).map(|a| a.port()), Some(port), "{line}");
         }
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        assert_eq!(health(addr), 200);
+        healthy(addr);
         // Both workers answer on the one port.
         let pids = [first, second];
         let (owners, members) = spread(addr, &pids, &pids, 64);
@@ -399,6 +430,7 @@ mod with_redis {
         let again = started_pid(&next_line(&log, "started worker 1", &mut seen), 1);
         assert!(again != first && again != second);
         next_line(&log, "listening on", &mut seen);
+        healthy(addr);
         assert!(alive(second) && alive(again) && !alive(first));
         // The new worker answers: a connection reaches it.
         let pids = [again, second];
@@ -407,7 +439,7 @@ mod with_redis {
             owners.contains(&again),
             "{owners:?}: the new worker {again} got none"
         );
-        assert_eq!(health(addr), 200);
+        healthy(addr);
         drop(members);
 
         // SIGTERM to the supervisor: forwarded; every worker exits, the supervisor with 0.
