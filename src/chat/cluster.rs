@@ -51,6 +51,10 @@ pub(super) struct ClusterState {
     connects: HashMap<CallToken, (ConnId, u64)>,
     /// Broadcasts sent to Redis, waiting for their id: token → (room, what was held).
     publishes: HashMap<CallToken, (String, Held)>,
+    /// Broadcasts Redis numbered whose message the subscription has not brought yet: their
+    /// answer waits for it, so the sender gets its echo before the answers to its later
+    /// commands, as on one server.
+    numbered: HashMap<(String, u64), Held>,
     /// This node's `member<N>` numbers: the next one and the end of the block.
     names: VecDeque<(u64, u64)>,
     names_asked: bool,
@@ -90,6 +94,7 @@ impl Chat {
             down_reason: Some("not connected to Redis yet".into()),
             connects: HashMap::new(),
             publishes: HashMap::new(),
+            numbered: HashMap::new(),
             names: VecDeque::new(),
             names_asked: false,
             mono,
@@ -141,9 +146,10 @@ impl Chat {
     /// The connections whose broadcast waits for Redis (the transport reads no more from
     /// them until it is answered, so commands stay in order).
     pub(super) fn cluster_waiting(&self) -> impl Iterator<Item = ConnId> + '_ {
-        self.cluster
-            .iter()
-            .flat_map(|c| c.publishes.values().map(|(_, h)| h.conn))
+        self.cluster.iter().flat_map(|c| {
+            let numbered = c.numbered.values().map(|h| h.conn);
+            c.publishes.values().map(|(_, h)| h.conn).chain(numbered)
+        })
     }
 
     /// The next `member<N>` number of this node's block, asking for the next block in time.
@@ -371,7 +377,12 @@ impl Chat {
                 let Some((_, held)) = self.cluster_mut().publishes.remove(&token) else {
                     return;
                 };
-                self.published(&room, id, repeat, held, out);
+                let delivered = self.rooms.get(&room).is_none_or(|r| r.next_id() > id);
+                if repeat || delivered {
+                    self.published(&room, id, repeat, held, out);
+                } else {
+                    self.cluster_mut().numbered.insert((room, id), held);
+                }
             }
             Event::Failed { token, error } => {
                 let c = self.cluster_mut();
@@ -423,8 +434,13 @@ impl Chat {
                 c.down_reason = Some(reason);
                 c.connects.clear();
                 let publishes: Vec<_> = c.publishes.drain().map(|(_, v)| v).collect();
+                let numbered: Vec<_> = c.numbered.drain().collect();
                 for (_, held) in publishes {
                     self.refuse_publish(&held, out);
+                }
+                // Stored: their answer need not wait for the delivery any more.
+                for ((room, id), held) in numbered {
+                    self.published(&room, id, false, held, out);
                 }
             }
         }
@@ -510,6 +526,30 @@ impl Chat {
         body: &str,
         out: &mut impl Outbox,
     ) {
+        let mine = self.cluster.as_ref().is_some_and(|c| c.node == node);
+        let answer = match mine {
+            true => self.cluster_mut().numbered.remove(&(room.to_string(), id)),
+            false => None,
+        };
+        self.deliver_numbered(room, id, mine, conn, serial, echo, body, out);
+        // The sender's answer after its echo (see `numbered`).
+        if let Some(held) = answer {
+            self.published(room, id, false, held, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_numbered(
+        &mut self,
+        room: &str,
+        id: u64,
+        mine: bool,
+        conn: u64,
+        serial: u64,
+        echo: bool,
+        body: &str,
+        out: &mut impl Outbox,
+    ) {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
@@ -521,7 +561,6 @@ impl Chat {
             serde_json::Value::from(room)
         );
         let payload = Payload::new(&json);
-        let mine = self.cluster.as_ref().is_some_and(|c| c.node == node);
         let sender = conn as ConnId;
         let skip = (mine && !echo && self.is_same_member(sender, serial)).then_some(sender);
         self.fan_out_message(room, &payload, Some(id), skip, out);

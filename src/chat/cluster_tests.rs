@@ -28,6 +28,9 @@ struct FakeRedis {
     autoname: u64,
     /// Nodes cut off from Redis: their calls fail.
     down: Vec<String>,
+    /// The publisher hears its answer before the subscription brings the message (two
+    /// connections: either may come first).
+    answer_first: bool,
 }
 
 impl FakeRedis {
@@ -292,6 +295,15 @@ fn fake_call(r: &mut FakeRedis, node: &str, call: Call) {
                 .entry(room.clone())
                 .or_default()
                 .push(format!(r#"{{"id":{id}{body}"#));
+            let answer = Reply::Cluster(CEvent::Published {
+                token,
+                room: room.clone(),
+                id,
+                repeat: false,
+            });
+            if r.answer_first {
+                r.tell(node, answer.clone());
+            }
             r.tell_all(CEvent::Message {
                 room: room.clone(),
                 id,
@@ -301,15 +313,9 @@ fn fake_call(r: &mut FakeRedis, node: &str, call: Call) {
                 echo,
                 body,
             });
-            r.tell(
-                node,
-                Reply::Cluster(CEvent::Published {
-                    token,
-                    room,
-                    id,
-                    repeat: false,
-                }),
-            );
+            if !r.answer_first {
+                r.tell(node, answer);
+            }
         }
         Call::Direct {
             node: to,
@@ -751,4 +757,28 @@ fn after_a_data_loss_a_node_that_never_comes_back_leaves_after_a_node_timeout() 
         .collect();
     assert_eq!(left.len(), 1);
     assert!(c.nodes[0].chat.check_name("bob").is_ok());
+}
+
+#[test]
+fn the_sender_gets_its_echo_before_its_ack_whichever_redis_answers_first() {
+    let mut c = Cluster::new(2);
+    c.redis.borrow_mut().answer_first = true;
+    c.connect(0, 1, Some("alice"));
+    c.events(0, 1);
+    let n = &mut c.nodes[0];
+    let cmd = json!({"command":"broadcast","message":"hi","request_id":"r"}).to_string();
+    n.chat.handle_text(c.now, 1, &cmd, &mut n.out);
+    // Answered by Redis, the message not yet delivered: the connection still waits.
+    n.chat.handle_engine(&mut n.out);
+    let got: Vec<String> = c
+        .events(0, 1)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        got,
+        ["broadcast", "system", "ack"],
+        "echo first, then the answers"
+    );
+    assert!(!c.nodes[0].chat.is_waiting(1));
 }
