@@ -381,6 +381,7 @@ pub fn redis_url_ok(url: &str) -> Result<(), String> {
 
 /// A Redis URL without the password it may carry (`redis://user:secret@host` →
 /// `redis://user:***@host`), for the log.
+#[cfg(feature = "cluster")]
 pub fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
@@ -394,7 +395,7 @@ pub fn without_password(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cluster"))]
 mod redis_url_tests {
     #[test]
     fn a_redis_password_never_reaches_the_log() {

@@ -58,12 +58,12 @@
 //!     the WebSocket read path without a socket (read budget, fragment cap, output bound),
 //!     which the `connection` fuzz target drives.
 //!
-//! - [`supervise`] — `--workers N`: the supervisor that runs N copies of the binary on one
+//! - `supervise` (feature `cluster`) — `--workers N`: the supervisor that runs N copies of the binary on one
 //!   port (`--reuse-port`), restarts one that dies and forwards the stop signals; its
-//!   decisions in the sans-IO [`supervise::Plan`].
+//!   decisions in the sans-IO `supervise::Plan`.
 //!
 //! The binary (`src/main.rs`) only reads the settings, sets up logging and calls
-//! [`server::Server::run`] (or, with `--workers` above 1, [`supervise::run`]).
+//! [`server::Server::run`] (or, with `--workers` above 1, `supervise::run`).
 
 pub mod auth;
 pub mod auth_keys;
@@ -75,6 +75,7 @@ pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod store;
+#[cfg(feature = "cluster")]
 pub mod supervise;
 
 pub use logging::log_safe;

@@ -18,6 +18,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // More than one worker needs --redis, so only a cluster build gets here.
+    #[cfg(feature = "cluster")]
     if cfg.workers > 1 {
         // The supervisor: it starts the workers and does not serve itself.
         if let Err(e) = chatterbox::supervise::check(&cfg) {

@@ -42,6 +42,7 @@ pub fn log(cfg: &Config, local: SocketAddr, tls: bool) {
     );
     let n = cfg.memory_history_per_room;
     let _ = match cfg.db_path.as_str() {
+        #[cfg(feature = "cluster")]
         _ if !cfg.redis.is_empty() => writeln!(
             s,
             "store: Redis {} (cluster mode, {} messages per room)",
