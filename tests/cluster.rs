@@ -548,6 +548,32 @@ fn an_ack_means_the_message_is_in_redis() {
     }
 }
 
+#[test]
+fn with_appendfsync_always_every_acked_message_survives_redis_kill_9() {
+    let mut redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let a = Node::spawn(&redis, &[]);
+    let b = Node::spawn(&redis, &[]);
+    let mut members = [a.client(Some("x")), b.client(Some("y"))];
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let ack = members[i % 2].publish("general", &format!("kept {i}"));
+        assert_eq!(ack["event"], "ack", "{ack}");
+        acked.push(ack["id"].as_u64().unwrap());
+    }
+    // SIGKILL: nothing is flushed on the way out; what Redis acknowledged was fsynced.
+    redis.kill();
+    redis.start_again();
+    let stored: Vec<u64> = redis
+        .history("general")
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stored, acked, "every acked id, in order");
+    // The nodes serve again on their own, and number above what was kept.
+    let ack = publish_until_acked(&mut members[0], "general", "after", T);
+    assert_eq!(ack["id"].as_u64(), Some(21), "{ack}");
+}
+
 // ------------------------------------------------------------------------------------------
 // 6. Node death
 // ------------------------------------------------------------------------------------------
