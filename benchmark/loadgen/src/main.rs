@@ -33,7 +33,7 @@ use proto::Proto;
 use report::ShardResult;
 
 const HELP: &str = "\
-loadgen SCENARIO --target 127.0.0.1:PORT [options]
+loadgen SCENARIO --target 127.0.0.1:PORT[,127.0.0.1:PORT2..] [options]
 
 Scenarios
   fanout   one room of --members M, --senders S of them send; sweep --rates (messages/s)
@@ -50,7 +50,9 @@ Scenarios
            --room-size N stable members with churn, checking every per-room id (see below)
 
 Common
-  --target ADDR          server address, loopback only (127.0.0.0/8)
+  --target ADDR[,ADDR..] server address(es), loopback only (127.0.0.0/8); with several
+                         (the nodes of a cluster; --addrs is the same option) connection i
+                         goes to address i % n, round-robin
   --proto P              chatterbox (default) | raw (peer: every text frame relayed to all)
   --path P               upgrade path (default /ws); chatterbox adds ?name=PREFIXidx
   --name-prefix S        member name prefix (default lg<pid>_)
@@ -100,7 +102,7 @@ failures, zero deliveries), 1 the run could not be done.
 
 struct Common {
     proto: Proto,
-    target: SocketAddrV4,
+    targets: Vec<SocketAddrV4>,
     srcs: Vec<Ipv4Addr>,
     path: String,
     name_prefix: String,
@@ -109,14 +111,12 @@ struct Common {
 }
 
 fn parse_common(a: &Args) -> Result<Common, String> {
-    let target: SocketAddrV4 = a
-        .opt_str("target")
-        .ok_or("--target 127.0.0.1:PORT is required")?
-        .parse()
-        .map_err(|_| "--target must be IPv4 ADDR:PORT")?;
-    if target.ip().octets()[0] != 127 {
-        return Err("--target must be a loopback address (127.0.0.0/8)".into());
-    }
+    let list = match (a.opt_str("target"), a.opt_str("addrs")) {
+        (Some(_), Some(_)) => return Err("give --target or --addrs, not both".into()),
+        (Some(l), None) | (None, Some(l)) => l,
+        (None, None) => return Err("--target 127.0.0.1:PORT is required".into()),
+    };
+    let targets = ws::parse_targets(&list).map_err(|e| format!("--target: {e}"))?;
     if let Some(ca) = a.opt_str("tls-ca") {
         tls::init(&ca)?;
     }
@@ -126,7 +126,7 @@ fn parse_common(a: &Args) -> Result<Common, String> {
     }
     Ok(Common {
         proto: Proto::parse(&a.str_or("proto", "chatterbox"))?,
-        target,
+        targets,
         srcs: (1..=n_src)
             .map(|i| Ipv4Addr::new(127, 0, 0, i as u8))
             .collect(),
@@ -215,7 +215,7 @@ fn parse_traffic(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), 
             _ => "joins",
         },
         proto: c.proto,
-        target: c.target,
+        targets: c.targets.clone(),
         srcs: c.srcs.clone(),
         path: c.path.clone(),
         name_prefix: c.name_prefix.clone(),
@@ -255,7 +255,7 @@ fn parse_traffic(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), 
 fn parse_conns(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
     let cfg = conns::ConnCfg {
         proto: c.proto,
-        target: c.target,
+        targets: c.targets.clone(),
         srcs: c.srcs.clone(),
         path: c.path.clone(),
         name_prefix: c.name_prefix.clone(),
@@ -344,7 +344,7 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
     }
     let max_seconds: f64 = a.get("max-seconds", seconds + 300.0)?;
     let cfg = soak::SoakCfg {
-        target: c.target,
+        targets: c.targets.clone(),
         srcs: c.srcs.clone(),
         path: c.path.clone(),
         name_prefix: c.name_prefix.clone(),
@@ -375,7 +375,8 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
         "scenario": "soak",
         "label": c.label,
         "proto": "chatterbox",
-        "target": c.target.to_string(),
+        "target": targets_str(&c.targets),
+        "targets": c.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         "params": cfg.params(),
     });
     let (code, problems) = match soak::run(&cfg) {
@@ -454,7 +455,8 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
         "scenario": scenario,
         "label": common.label,
         "proto": format!("{:?}", common.proto).to_lowercase(),
-        "target": common.target.to_string(),
+        "target": targets_str(&common.targets),
+        "targets": common.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         "workers": procs.max(1),
         "params": params,
         "server_pids": pids,
@@ -603,6 +605,14 @@ fn summarize(
             summary::storm(&v, sampler, problems)
         }
     }
+}
+
+/// The server addresses as given: `ADDR[,ADDR..]`.
+fn targets_str(t: &[SocketAddrV4]) -> String {
+    t.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn write_doc(doc: &Value, out: Option<&str>) -> Result<(), String> {

@@ -38,7 +38,8 @@ use crate::report;
 use crate::ws::{Conn, Ev, Net};
 
 pub struct SoakCfg {
-    pub target: SocketAddrV4,
+    /// The server addresses; connection i goes to `targets[i % len]`.
+    pub targets: Vec<SocketAddrV4>,
     pub srcs: Vec<Ipv4Addr>,
     pub path: String,
     pub name_prefix: String,
@@ -1016,7 +1017,8 @@ struct Bucket {
 /// Runs the soak: [`connect_stable`], [`Soak::traffic`] (the steady schedule, churn,
 /// resume checks and the drain), then [`Soak::problems`] and [`Soak::report`].
 pub fn run(cfg: &SoakCfg) -> Result<(Value, Vec<String>), String> {
-    let mut net: Net<Peer> = Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?;
+    let mut net: Net<Peer> =
+        Net::new(cfg.targets.clone(), cfg.srcs.clone()).map_err(|e| e.to_string())?;
     let mut w = World::new(cfg);
     let (slot_of, setup_s) = connect_stable(cfg, &mut net, &mut w)?;
     let mut soak = Soak::new(cfg, net, w, slot_of);
