@@ -15,6 +15,7 @@ mod clock;
 mod conns;
 mod coord;
 mod proto;
+mod redisinfo;
 mod report;
 mod soak;
 mod summary;
@@ -59,6 +60,10 @@ Common
   --src-ips N            bind sources 127.0.0.1..127.0.0.N round-robin (default 1)
   --procs N              N worker processes share the connections (fd limit ~19,900 each)
   --server-pid P[,P..]   sample CPU (utime+stime) and RSS of these pids at each barrier
+                         (summed: the nodes of a cluster are one server)
+  --redis-pid P          a cluster's Redis: its CPU at each barrier, reported apart
+  --redis ADDR           a cluster's Redis: INFO total_commands_processed at each barrier
+                         (a step reports Redis commands per message)
   --label S              free text copied into the result (e.g. the target's name)
   --tls-ca PATH          speak TLS (wss://), trusting the PEM certificate(s) in PATH
   --out FILE             write the JSON result there (default: stdout)
@@ -92,6 +97,10 @@ Soak (defaults in brackets)
   --bucket S             counters per S seconds in the result [60]
   --seed N               RNG seed [1]                  --msg-size B   payload [64]
   --setup-timeout S      connect + join of the stable members [120]
+  --failover             a cluster node may die during the run: a lost connection or a
+                         refused connect is a loss (timed, per address) and not a problem;
+                         stable members come back on another address with `join since`,
+                         churners' cut acks are not missing (see soak.rs)
 Connections (idle, storm)
   --timeout S            one connection's welcome timeout (default 10)
   --hold S               idle: hold time at the top level (default 5)
@@ -366,6 +375,7 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
         setup_timeout: a.get("setup-timeout", 120.0)?,
         deadline: mono_ns() + (max_seconds.clamp(1.0, 8000.0) * 1e9) as u64,
         quiet: a.flag("quiet"),
+        failover: a.flag("failover"),
     };
     let out = a.opt_str("out");
     let _: Vec<u32> = a.list("server-pid", &[])?;
@@ -433,6 +443,18 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
     let procs: u32 = a.get("procs", 1)?;
     let shard = a.opt_str("shard");
     let pids: Vec<u32> = a.list("server-pid", &[])?;
+    let redis = redisinfo::RedisProbe {
+        pid: a
+            .opt_str("redis-pid")
+            .map(|p| p.parse())
+            .transpose()
+            .map_err(|_| "--redis-pid: a pid")?,
+        addr: a
+            .opt_str("redis")
+            .map(|r| ws::parse_targets(&r).map(|t| t[0]))
+            .transpose()
+            .map_err(|e| format!("--redis: {e}"))?,
+    };
     let out = a.opt_str("out");
     let quiet = a.flag("quiet");
     let max_seconds: f64 = a.get("max-seconds", 600.0)?;
@@ -445,10 +467,13 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
     let t_start = mono_ns();
     let (results, sampler) = if procs > 1 {
         let mut sampler = Sampler::new(pids.clone());
+        sampler.redis = redis.clone();
         let r = coord::run_parent(&child_args(argv), procs, &mut sampler);
         (r, sampler)
     } else {
-        run_local(&plan, Sampler::new(pids.clone()), deadline, quiet)
+        let mut sampler = Sampler::new(pids.clone());
+        sampler.redis = redis.clone();
+        run_local(&plan, sampler, deadline, quiet)
     };
     let mut problems = Vec::new();
     let mut doc = json!({
@@ -549,7 +574,10 @@ fn child_args(argv: &[String]) -> Vec<String> {
             continue;
         }
         let name = x.split('=').next().unwrap_or("");
-        if matches!(name, "--procs" | "--out" | "--server-pid") {
+        if matches!(
+            name,
+            "--procs" | "--out" | "--server-pid" | "--redis-pid" | "--redis"
+        ) {
             skip = !x.contains('=') && argv.get(j + 1).is_some_and(|n| !n.starts_with("--"));
             continue;
         }
