@@ -212,6 +212,10 @@ impl Chat {
         .to_json();
         info!("API direct to {}", crate::log_safe(dest));
         self.stats.api_calls.direct += 1;
+        #[cfg(feature = "cluster")]
+        if self.cluster_direct(target, &json)? {
+            return Ok(());
+        }
         self.deliver_json(target, &json, out);
         Ok(())
     }
@@ -435,6 +439,15 @@ impl Chat {
         out: &mut impl Outbox,
     ) -> Result<(), CommandError> {
         let conn = self.member_conn(name)?;
+        if super::is_remote(conn) {
+            return Err(CommandError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "member '{}' is connected to another node of the cluster; ask that node",
+                    crate::log_safe(name)
+                ),
+            ));
+        }
         info!(
             "{by} disconnects {}: {}",
             crate::log_safe(&self.members[&conn].name),
