@@ -125,8 +125,9 @@ def cluster_section(records):
           "*Redis commands / broadcast* is the change of INFO `total_commands_processed` over the step "
           "divided by the messages sent in it.", ""]
     for scen, rates in (("fanout", (100, 500, 1000)), ("rooms", (5000, 20000))):
+        failed = [r for r in records if r["scenario"] == scen and not r.get("result")]
         recs = [r for r in records if r["scenario"] == scen and r.get("result")]
-        if not recs:
+        if not recs and not failed:
             continue
         md += [f"### {scen}", ""]
         head = "| target | highest rate with p99 < 50 ms, no loss | " + " | ".join(f"p99 ms at {r:,}/s" for r in rates)
@@ -147,6 +148,8 @@ def cluster_section(records):
                       fmt(rd.get("cpu_s_per_million_deliveries"), 2) if rd else "-",
                       fmt(rd.get("commands_per_message"), 2) if rd else "-"]
             md.append(f"| {r['target']} | " + " | ".join(cells) + " |")
+        for r in failed:
+            md.append(f"| {r['target']} | did not run: {'; '.join(r['problems'][:2])} |" + " |" * (len(rates) + 4))
         md.append("")
         if scen == "fanout":
             md += cluster_goal(recs)

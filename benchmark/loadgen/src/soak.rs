@@ -450,10 +450,9 @@ impl World<'_> {
             Ev::Opened => {}
             Ev::Failed(why) if self.cfg.failover && self.fails_over(conn) => {
                 self.c.refused_connects += 1;
-                *self
-                    .fail_kinds
-                    .entry(format!("failover: {why}"))
-                    .or_default() += 1;
+                if self.c.refused_connects <= 3 {
+                    note(&mut self.notes, format!("failover: connect failed: {why}"));
+                }
                 self.lost(conn, now, "refused");
             }
             Ev::Closed { code: None } if self.cfg.failover && self.fails_over(conn) => {
@@ -2014,6 +2013,69 @@ mod tests {
         // Far jumps do not overflow the window.
         let (c, _) = run(0, &[1, 200, 2]);
         assert_eq!((c.gaps, c.duplicates, c.out_of_order), (198, 1, 0));
+    }
+
+    fn cfg() -> SoakCfg {
+        SoakCfg {
+            targets: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            srcs: vec![Ipv4Addr::LOCALHOST],
+            path: "/ws".into(),
+            name_prefix: "t".into(),
+            concurrency: 1,
+            rooms: 2,
+            room_size: 5,
+            senders_per_room: 2,
+            rate: 10.0,
+            seconds: 1.0,
+            churners: 1,
+            dwell: 1.0,
+            churn_msgs: 1,
+            resume_every: 10.0,
+            ack_timeout: 1.0,
+            drain: 1.0,
+            msg_size: 64,
+            bucket: 1.0,
+            seed: 1,
+            setup_timeout: 1.0,
+            deadline: u64::MAX,
+            quiet: true,
+            failover: true,
+        }
+    }
+
+    #[test]
+    fn unsure_ranges_merge_and_cover() {
+        let cfg = cfg();
+        let mut w = World::new(&cfg);
+        w.mark_unsure(3, 5, 7);
+        w.mark_unsure(3, 8, 8); // joins the last range
+        w.mark_unsure(3, 6, 9); // overlaps it: only 9 is new
+        w.mark_unsure(3, 20, 21);
+        assert_eq!(w.unsure[3], vec![(5, 9), (20, 21)]);
+        assert_eq!(w.c.steady_unsure, 7);
+        // Sender 3 is the second sender of room 1.
+        assert_eq!(w.unsure_per_room, vec![0, 7]);
+        assert!(w.all_unsure(3, 5, 9));
+        assert!(w.all_unsure(3, 20, 20));
+        assert!(!w.all_unsure(3, 4, 6));
+        assert!(!w.all_unsure(3, 9, 20));
+        assert!(!w.all_unsure(2, 5, 5));
+    }
+
+    #[test]
+    fn a_down_address_is_avoided_until_it_is_up() {
+        let cfg = cfg();
+        let mut w = World::new(&cfg);
+        assert_eq!(w.pick_target(1, 100), 1);
+        w.down_until[1] = 200;
+        assert_eq!(w.pick_target(1, 100), 0);
+        assert_eq!(w.pick_target(1, 200), 1);
+        w.down_until[0] = 300;
+        // Both down: the preferred one all the same.
+        assert_eq!(w.pick_target(1, 150), 1);
     }
 
     #[test]
