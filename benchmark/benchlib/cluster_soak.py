@@ -103,45 +103,51 @@ class T0Watch(threading.Thread):
                 sys.stderr.write(line)
 
 
-def node_windows(start_s, seconds):
-    """(settled, end) windows of one node whose process runs from `start_s` (seconds from the
-    start of traffic) to the end: minutes 2-3 of its life and its last minute; lives shorter
-    than 5 minutes use the same fractions (10-30% and the last 10%)."""
-    span = seconds - start_s
+def phase_windows(a, b):
+    """(settled, end) windows of a phase from `a` to `b` seconds of traffic: minutes 2-3 of it
+    and its last minute; phases shorter than 5 minutes use the same fractions (10-30% and the
+    last 10%)."""
+    span = b - a
     if span >= 300:
-        return (start_s + 60.0, start_s + 180.0), (seconds - 60.0, float(seconds))
-    return (start_s + 0.1 * span, start_s + 0.3 * span), (seconds - 0.1 * span, float(seconds))
+        return (a + 60.0, a + 180.0), (b - 60.0, float(b))
+    return (a + 0.1 * span, a + 0.3 * span), (b - 0.1 * span, float(b))
 
 
-def node_verdicts(samples, t0, seconds, n, restarts):
-    """Per node: settled and end RSS and fds (medians over its current process's samples), and
-    the checks. `restarts`: node index -> seconds from t0 when its new process was up."""
+def node_verdicts(samples, seconds, n, kill):
+    """Per node and phase (before the kill; after the killed node is back: the connections of
+    the killed node move to the others, so each phase has its own level): settled and end RSS
+    and fds (medians of the node's samples), and the checks."""
+    phases = [(0.0, seconds)]
+    if kill and kill.get("t_kill_s") is not None and kill.get("t_up_s") is not None:
+        phases = [(0.0, kill["t_kill_s"]), (kill["t_up_s"], seconds)]
     out, problems = [], []
     for i in range(n):
-        start = restarts.get(i, 0.0)
-        (s0, s1), (e0, e1) = node_windows(start, seconds)
-        pick = lambda a, b: [s["nodes"][i] for s in samples if a <= s["t_s"] < b and s["nodes"][i]["rss_kb"]]
-        st, en = pick(s0, s1), pick(e0, e1)
-        v = {"node": i, "restarted_at_s": restarts.get(i), "settled_window_s": [round(s0, 1), round(s1, 1)],
-             "end_window_s": [round(e0, 1), round(e1, 1)],
-             "settled_rss_kb": median(x["rss_kb"] for x in st), "end_rss_kb": median(x["rss_kb"] for x in en),
-             "settled_fds": median(x["fds"] for x in st), "end_fds": median(x["fds"] for x in en)}
-        if v["settled_rss_kb"] is None or v["end_rss_kb"] is None:
-            problems.append(f"node {i}: no RSS samples in its settled or end window")
-        else:
-            d = v["end_rss_kb"] - v["settled_rss_kb"]
-            v["rss_change_pct"] = round(100.0 * d / v["settled_rss_kb"], 2)
-            if abs(d) > RSS_TOLERANCE * v["settled_rss_kb"]:
-                problems.append(f"node {i}: RSS moved {v['rss_change_pct']:+.1f}% from settled "
-                                f"({v['settled_rss_kb']} kB) to end ({v['end_rss_kb']} kB), more than "
-                                f"{100 * RSS_TOLERANCE:.0f}%")
-        if v["settled_fds"] is not None and v["end_fds"] is not None:
-            d = v["end_fds"] - v["settled_fds"]
-            v["fds_change"] = d
-            if abs(d) > max(FD_TOLERANCE[0] * v["settled_fds"], FD_TOLERANCE[1]):
-                problems.append(f"node {i}: open fds moved by {d:+} from settled ({v['settled_fds']}) "
-                                f"to end ({v['end_fds']})")
-        out.append(v)
+        for k, (a, b) in enumerate(phases):
+            (s0, s1), (e0, e1) = phase_windows(a, b)
+            pick = lambda lo, hi: [s["nodes"][i] for s in samples
+                                   if lo <= s["t_s"] < hi and s["nodes"][i]["rss_kb"]]
+            st, en = pick(s0, s1), pick(e0, e1)
+            phase = "whole run" if len(phases) == 1 else ("before the kill" if k == 0 else "after the restart")
+            v = {"node": i, "phase": phase, "settled_window_s": [round(s0, 1), round(s1, 1)],
+                 "end_window_s": [round(e0, 1), round(e1, 1)],
+                 "settled_rss_kb": median(x["rss_kb"] for x in st), "end_rss_kb": median(x["rss_kb"] for x in en),
+                 "settled_fds": median(x["fds"] for x in st), "end_fds": median(x["fds"] for x in en)}
+            if v["settled_rss_kb"] is None or v["end_rss_kb"] is None:
+                problems.append(f"node {i} ({phase}): no RSS samples in its settled or end window")
+            else:
+                d = v["end_rss_kb"] - v["settled_rss_kb"]
+                v["rss_change_pct"] = round(100.0 * d / v["settled_rss_kb"], 2)
+                if abs(d) > RSS_TOLERANCE * v["settled_rss_kb"]:
+                    problems.append(f"node {i} ({phase}): RSS moved {v['rss_change_pct']:+.1f}% from settled "
+                                    f"({v['settled_rss_kb']} kB) to end ({v['end_rss_kb']} kB), more than "
+                                    f"{100 * RSS_TOLERANCE:.0f}%")
+            if v["settled_fds"] is not None and v["end_fds"] is not None:
+                d = v["end_fds"] - v["settled_fds"]
+                v["fds_change"] = d
+                if abs(d) > max(FD_TOLERANCE[0] * v["settled_fds"], FD_TOLERANCE[1]):
+                    problems.append(f"node {i} ({phase}): open fds moved by {d:+} from settled "
+                                    f"({v['settled_fds']}) to end ({v['end_fds']})")
+            out.append(v)
     return out, problems
 
 
@@ -368,12 +374,11 @@ def run_cluster_soak(args):
     samples = sampler.samples
     for s in samples:
         s["t_s"] = round((s["t_mono_ns"] - (t0 or 0)) / 1e9, 3)
-    restarts = {}
-    if kill and kill.get("t_up_mono_ns") and t0:
-        restarts[kill["node"]] = (kill["t_up_mono_ns"] - t0) / 1e9
+    if kill and t0:
         kill["t_kill_s"] = round((kill["t_kill_mono_ns"] - t0) / 1e9, 3)
-        kill["t_up_s"] = round((kill["t_up_mono_ns"] - t0) / 1e9, 3)
-    nv, vp = node_verdicts(samples, t0 or 0, seconds, n, restarts)
+        if kill.get("t_up_mono_ns"):
+            kill["t_up_s"] = round((kill["t_up_mono_ns"] - t0) / 1e9, 3)
+    nv, vp = node_verdicts(samples, seconds, n, kill)
     if getattr(args, "soak_no_memory_check", False):
         # A smoke run checks the harness and the failover, not memory (too short to settle).
         vp = []
@@ -439,10 +444,12 @@ def append_cluster_section(outdir, n, verdict, rows, c, lg):
           f"compared): {rc.get('acked', 0):,} in {rc.get('rooms', 0)} rooms; missing {rc.get('missing', '-')}, "
           f"another message at the id {rc.get('wrong', '-')} ({rc.get('stored_messages', 0):,} messages stored; "
           f"`--cluster-history-per-room {verdict.get('history_per_room')}` keeps the whole run).", "",
-          "| node | restarted at | settled window s | settled RSS MiB | end window s | end RSS MiB | change | settled fds | end fds |",
-          "|---:|---:|---|---:|---|---:|---:|---:|---:|"]
+          "RSS and fds per node, each phase on its own (after the kill the killed node's members are on the "
+          "others, so the level moves; the restarted node is a new process):", "",
+          "| node | phase | settled window s | settled RSS MiB | end window s | end RSS MiB | change | settled fds | end fds |",
+          "|---:|---|---|---:|---|---:|---:|---:|---:|"]
     for v in verdict.get("nodes", []):
-        md.append(f"| {v['node']} | {fmt(v.get('restarted_at_s'), 1) if v.get('restarted_at_s') is not None else '-'} | "
+        md.append(f"| {v['node']} | {v['phase']} | "
                   f"{v['settled_window_s'][0]:g}–{v['settled_window_s'][1]:g} | {mib(v['settled_rss_kb'])} | "
                   f"{v['end_window_s'][0]:g}–{v['end_window_s'][1]:g} | {mib(v['end_rss_kb'])} | "
                   f"{v.get('rss_change_pct', 0):+.2f}% | {fmt(v['settled_fds'], 0)} | {fmt(v['end_fds'], 0)} |")
