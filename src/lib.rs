@@ -58,8 +58,12 @@
 //!     the WebSocket read path without a socket (read budget, fragment cap, output bound),
 //!     which the `connection` fuzz target drives.
 //!
+//! - [`supervise`] — `--workers N`: the supervisor that runs N copies of the binary on one
+//!   port (`--reuse-port`), restarts one that dies and forwards the stop signals; its
+//!   decisions in the sans-IO [`supervise::Plan`].
+//!
 //! The binary (`src/main.rs`) only reads the settings, sets up logging and calls
-//! [`server::Server::run`].
+//! [`server::Server::run`] (or, with `--workers` above 1, [`supervise::run`]).
 
 pub mod auth;
 pub mod auth_keys;
@@ -71,5 +75,6 @@ pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod supervise;
 
 pub use logging::log_safe;

@@ -1,4 +1,5 @@
-//! The `chatterbox` binary: settings, logging, then the server loop.
+//! The `chatterbox` binary: settings, logging, then the server loop (or, with `--workers`
+//! above 1, the supervisor of that many worker processes).
 
 use std::process::ExitCode;
 
@@ -17,6 +18,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cfg.workers > 1 {
+        // The supervisor: it starts the workers and does not serve itself.
+        if let Err(e) = chatterbox::supervise::check(&cfg) {
+            eprintln!("chatterbox: {e}");
+            return ExitCode::from(2);
+        }
+        chatterbox::logging::init(cfg.log_level, cfg.log_format);
+        return chatterbox::supervise::run(&cfg);
+    }
     chatterbox::logging::init(cfg.log_level, cfg.log_format);
     let result = Server::bind(cfg).and_then(|mut server| {
         server.handle_signals()?;

@@ -37,7 +37,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `cb:c:{room}` | string | the room's counter: the last id handed out |
-//! | `cb:h:{room}` | sorted set | the room's messages, score = id, member = stored JSON |
+//! | `cb:h:{room}` | sorted set | the room's messages, score = id, member = stored JSON, then `\n` and the sender's node, conn, serial, echo (`\n`-separated; for healing a gap) |
 //! | `cb:d:{room}:{msg_id}` | string | first id of a `msg_id`, expiring after the dedup window |
 //! | `cb:nodes` | sorted set | node → last heartbeat, in Redis `TIME` milliseconds |
 //! | `cb:m:{node}` | hash | conn → member record (JSON) of the node's members |
@@ -51,7 +51,7 @@ mod engine;
 mod link;
 mod order;
 
-pub use engine::ClusterEngine;
+pub use engine::{ClusterEngine, new_node_id};
 
 use crate::store::{Page, StoreError};
 

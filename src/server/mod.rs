@@ -33,6 +33,7 @@
 //! - `output.rs` — the `Sink` (the output bound and reply credit) and which buffers are kept.
 //! - [`startup`] — the info lines logged at start (version, address, store, auth, origin
 //!   rule, trusted proxies).
+//! - `listen.rs` — the listening socket (`SO_REUSEPORT` for `--reuse-port`, the backlog).
 //! - `stream.rs` — the socket under a connection, plain or TLS (an enum); `tls.rs` (feature
 //!   `tls`) — certificate and key, their reload on `SIGHUP`, rustls driven from the loop.
 //! - [`wire`] — the WebSocket read path without a socket; [`http`] — heads and responses;
@@ -62,6 +63,7 @@ pub mod api;
 mod closing;
 mod conn;
 pub mod http;
+mod listen;
 mod output;
 pub mod report;
 #[cfg(feature = "server-api")]
@@ -175,19 +177,6 @@ fn now_of(mono: Instant) -> Now {
     Now { mono, unix_ms }
 }
 
-/// mio listens with a backlog of 128; a connect storm overflows that and the dropped SYNs wait
-/// a second for their retry. Calling `listen` again on a listening socket resizes its queue.
-fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
-    // SAFETY: `listen` only reads its arguments; the descriptor is valid for the listener's life.
-    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// The address to listen on: `host` as an IP address (IPv6 with or without brackets), else
 /// the first address its name resolves to. The error names the host.
 fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
@@ -260,13 +249,7 @@ impl Server {
             crate::auth_keys::load(&cfg.jwt_public_key).map_err(io::Error::other)?;
         }
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(addr).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on {addr}: {}", os_text(&e)),
-            )
-        })?;
-        set_backlog(&listener, cfg.listen_backlog)?;
+        let mut listener = listen::listen(addr, &cfg)?;
         let local = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
