@@ -207,7 +207,8 @@ def check_acked_in_redis(port, lg):
             if isinstance(reply, list):
                 for member, score in zip(reply[0::2], reply[1::2]):
                     try:
-                        msg = json.loads(member).get("message", "")
+                        # The stored JSON, then "\n" and the sender's meta (chatterbox.lua).
+                        msg = json.loads(member.split("\n", 1)[0]).get("message", "")
                     except (ValueError, AttributeError):
                         msg = member
                     m = STAMP.search(msg or "")

@@ -132,8 +132,12 @@ def cluster_section(records):
         md += [f"### {scen}", ""]
         head = "| target | highest rate with p99 < 50 ms, no loss | " + " | ".join(f"p99 ms at {r:,}/s" for r in rates)
         ref = rates[1] if scen == "fanout" else rates[0]
-        head += (f" | node CPU s / M deliveries at {ref:,}/s | Redis CPU at {ref:,}/s | Redis CPU s / M deliveries"
-                 f" at {ref:,}/s | Redis commands / broadcast at {ref:,}/s |")
+        if recs and not any(step_at(r, ref) for r in recs):
+            # Another sweep (a smoke run): the highest rate every target ran.
+            common = set.intersection(*[{s["offered_rate"] for s in r["result"].get("steps", [])} for r in recs])
+            ref = max(common) if common else ref
+        head += (f" | node CPU s / M deliveries at {ref:,g}/s | Redis CPU at {ref:,g}/s | Redis CPU s / M deliveries"
+                 f" at {ref:,g}/s | Redis commands / broadcast at {ref:,g}/s |")
         md += [head, "|---|" + "---:|" * (len(rates) + 5)]
         for r in recs:
             best = r["result"].get("best_rate_under_slo")
