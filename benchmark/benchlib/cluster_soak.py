@@ -460,6 +460,6 @@ def append_cluster_section(outdir, n, verdict, rows, c, lg):
         md.append(f"| {r['bucket']} | " + " | ".join(mib(x) for x in r["node_rss_kb"]) +
                   f" | {mib(r['redis_rss_kb'])} | {fmt(r['redis_cpu_pct'], 0)}% |")
     md += ["", "In the per-row table above, RSS and fds are the nodes' sums and *server CPU* the nodes' "
-           "(the killed process's CPU kept); *connections* is node 0's `/api/stats` (the whole cluster).", ""]
+           "(the killed process's CPU kept); *connections* is node 0's own count (`/api/stats` of node 0, never killed). Redis RSS grows with the history it keeps for the whole run (`--cluster-history-per-room`).", ""]
     with open(os.path.join(outdir, "soak.md"), "a") as f:
         f.write("\n".join(md))

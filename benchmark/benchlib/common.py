@@ -142,7 +142,8 @@ def _env_lines(args):
     ]
     if getattr(args, "cluster", None):
         redis = sh(["redis-server", "--version"]).split(" sha=")[0]
-        lines.append(f"- cluster: {args.cluster} chatterbox nodes (`--redis`, build `--features cluster`) and "
+        sizes = " and ".join(map(str, getattr(args, "cluster_sizes", None) or [args.cluster]))
+        lines.append(f"- cluster: {sizes} chatterbox nodes (`--redis`, build `--features cluster`) and "
                      f"{redis} (`--save '' --appendonly no`), every node and Redis pinned to CPU(s) "
                      f"{args.server_core} with the standalone server; loadgen on CPU(s) {args.gen_core} "
                      "spreads its connections over the nodes round-robin (connection i to node i % N)")
