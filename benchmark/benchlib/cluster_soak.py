@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 
-from .cluster import Node, Redis, redis_call, resp_parse
+from .cluster import REDIS_SERVER, Node, Redis, redis_call, resp_parse
 from .common import BENCH, LOADGEN, ROOT, build, chatterbox_bins, env_lines, fmt, log, median, pinned
 from .soak import FD_TOLERANCE, RSS_TOLERANCE, SOAK_DEFAULTS, proc_sample, soak_rows, write_soak_report
 
@@ -249,6 +249,10 @@ SMOKE_SOAK = {"soak_seconds": 12, "soak_rooms": 4, "soak_room_size": 10, "soak_r
 
 
 def run_cluster_soak(args):
+    if not os.access(REDIS_SERVER, os.X_OK):
+        print(f"[bench] soak --cluster needs redis-server ({REDIS_SERVER}): apt-get install redis-server",
+              file=sys.stderr)
+        return 1
     n = int(args.cluster)
     seconds = float(args.soak_seconds)
     if not 10 <= seconds <= 7200:
