@@ -16,10 +16,28 @@ import tempfile
 import time
 import urllib.request
 
-from .common import free_port, log, pinned
+from .common import free_port, pinned
 from .targets import CHATTERBOX_FLAGS
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_ports(k, exclude=()):
+    """`k` distinct free ports on 127.0.0.1 (never 6379 nor any in `exclude`): every socket is
+    held open until all are chosen, so two of them cannot be the same port."""
+    socks, ports = [], []
+    try:
+        while len(ports) < k:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            p = s.getsockname()[1]
+            if p != 6379 and p not in exclude:
+                ports.append(p)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
 
 
 def redis_call(port, *args, timeout=2.0):
@@ -127,12 +145,9 @@ class Redis:
         self.dir = None
         self.log = None
 
-    def start(self, logfile, core):
+    def start(self, logfile, core, port=None):
         self.dir = tempfile.mkdtemp(prefix="chatterbox-bench-redis-")
-        for _ in range(5):
-            port = free_port()
-            if port != 6379:
-                break
+        port = port or free_ports(1)[0]
         self.port = port
         cmd = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", self.dir, "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"]
@@ -218,7 +233,11 @@ class Node:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"node {self.index} exited at start ({self.proc.returncode}), see {logfile}")
+                self.proc = None
+                if self.log:
+                    self.log.close()
+                    self.log = None
+                raise RuntimeError(f"node {self.index} exited at start, see {logfile}")
             if self.ready():
                 return
             time.sleep(0.1)
@@ -297,13 +316,22 @@ class ClusterTarget:
     def start(self, port, logfile, server_core):
         """Redis, then the nodes (the first on `port`); returns the nodes' pids."""
         stem = logfile[:-4] if logfile.endswith(".log") else logfile
+        ports = free_ports(self.n, exclude={port})
         self.redis = Redis()
-        self.redis.start(stem + ".redis.log", server_core)
+        self.redis.start(stem + ".redis.log", server_core, port=ports[0])
         self.nodes = [Node(self.binary, i) for i in range(self.n)]
+        node_ports = [port] + free_ports(self.n - 1, exclude={port, ports[0]})
         for i, node in enumerate(self.nodes):
-            node.start(self.redis.url, self.node_log(logfile, i), server_core, port=port if i == 0 else None)
+            node.start(self.redis.url, self.node_log(logfile, i), server_core, port=node_ports[i])
         for i, node in enumerate(self.nodes):
-            node.wait_ready(self.node_log(logfile, i))
+            try:
+                node.wait_ready(self.node_log(logfile, i))
+            except RuntimeError:
+                # Its port was taken in between (another process on the machine): once more on
+                # another one.
+                node.start(self.redis.url, self.node_log(logfile, i), server_core,
+                           port=free_ports(1, exclude={n.port for n in self.nodes} | {ports[0]})[0])
+                node.wait_ready(self.node_log(logfile, i))
         time.sleep(0.3)
         return [node.pid for node in self.nodes]
 

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 
-from .cluster import REDIS_SERVER, Node, Redis, redis_call, resp_parse
+from .cluster import REDIS_SERVER, Node, Redis, free_ports, redis_call, resp_parse
 from .common import BENCH, LOADGEN, ROOT, build, chatterbox_bins, env_lines, fmt, log, median, pinned
 from .soak import FD_TOLERANCE, RSS_TOLERANCE, SOAK_DEFAULTS, proc_sample, soak_rows, write_soak_report
 
@@ -287,9 +287,10 @@ def run_cluster_soak(args):
     t_begin = time.time()
     problems, kill = [], None
     try:
-        redis.start(os.path.join(outdir, "redis.log"), args.server_core)
-        for node, f in zip(nodes, logs):
-            node.start(redis.url, f, args.server_core, extra=extra)
+        ports = free_ports(n + 1)
+        redis.start(os.path.join(outdir, "redis.log"), args.server_core, port=ports[0])
+        for node, f, p in zip(nodes, logs, ports[1:]):
+            node.start(redis.url, f, args.server_core, port=p, extra=extra)
         for node, f in zip(nodes, logs):
             node.wait_ready(f)
         time.sleep(0.3)
