@@ -37,9 +37,10 @@ def pinned(core, cmd):
     return ["taskset", "-c", str(core)] + cmd if have_taskset() else cmd
 
 
-def build(no_build, tls=False):
+def build(no_build, tls=False, cluster=False):
     if not no_build:
-        features = ["--features", "tls"] if tls else []
+        wanted = (["tls"] if tls else []) + (["cluster"] if cluster else [])
+        features = ["--features", ",".join(wanted)] if wanted else []
         log(f"building chatterbox (cargo build --release {' '.join(features)})")
         r = subprocess.run(["nice", "cargo", "build", "--release"] + features, cwd=ROOT)
         if r.returncode != 0:
@@ -131,7 +132,7 @@ def _env_lines(args):
             model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
     except OSError:
         pass
-    return [
+    lines = [
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- chatterbox commit: `{sh(['git', 'rev-parse', '--short', 'HEAD'])}`"
         + (" (work tree has changes)" if sh(['git', 'status', '--porcelain', '--', 'src', 'Cargo.toml']) else ""),
@@ -139,6 +140,14 @@ def _env_lines(args):
         f"loadgen to CPU(s) {args.gen_core}" + ("" if have_taskset() else " (taskset unavailable: not pinned)"),
         f"- command: `benchmark/run {' '.join(sys.argv[1:])}`",
     ]
+    if getattr(args, "cluster", None):
+        redis = sh(["redis-server", "--version"]).split(" sha=")[0]
+        sizes = " and ".join(map(str, getattr(args, "cluster_sizes", None) or [args.cluster]))
+        lines.append(f"- cluster: {sizes} chatterbox nodes (`--redis`, build `--features cluster`) and "
+                     f"{redis} (`--save '' --appendonly no`), every node and Redis pinned to CPU(s) "
+                     f"{args.server_core} with the standalone server; loadgen on CPU(s) {args.gen_core} "
+                     "spreads its connections over the nodes round-robin (connection i to node i % N)")
+    return lines
 
 
 def shown(cmd):

@@ -13,6 +13,9 @@ SCENARIOS = ["fanout", "rooms", "idle", "storm", "joins"]
 # keeps the scenario working in the smoke run); `run --joins` is the cold-history measurement.
 DEFAULT_SCENARIOS = ["fanout", "rooms", "idle", "storm"]
 SMOKE_SCENARIOS = DEFAULT_SCENARIOS + ["joins"]
+# `--cluster N`: the two measurements, each against a standalone node and the cluster.
+CLUSTER_SCENARIOS = ["fanout", "rooms"]
+CLUSTER_ROOMS_RATES = "5000,20000"
 
 FULL = {
     "fanout": {"members": 1000, "senders": 10, "rates": "100,250,500,1000,1600,2500,4000,6000",
@@ -71,10 +74,10 @@ def run_one(target, scenario, params, outdir, args):
         record["problems"].append(str(e))
         return record
     secs = budget(scenario, params)
-    cmd = [LOADGEN, scenario, "--target", f"127.0.0.1:{port}", "--proto", target.proto,
+    cmd = [LOADGEN, scenario, "--target", target.addrs(port), "--proto", target.proto,
            "--path", target.path, "--src-ips", "8", "--label", target.label,
            "--server-pid", ",".join(map(str, pids)), "--out", jsonfile,
-           "--max-seconds", str(int(secs))]
+           "--max-seconds", str(int(secs))] + target.loadgen_extra()
     if target.tls:
         cmd += ["--tls-ca", target.tls[0]]
     if target.proto == "raw" and scenario in ("fanout", "rooms"):

@@ -211,6 +211,9 @@ def write_soak_report(outdir, args, params, cmd, verdict, rows, lg, server_exit,
 
 
 def run_soak(args):
+    if getattr(args, "cluster", None):
+        from .cluster_soak import run_cluster_soak
+        return run_cluster_soak(args)
     if args.db == "both":
         sys.exit("--soak runs one store: --db memory or --db sqlite")
     seconds = float(args.soak_seconds)

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from .common import BENCH, LOADGEN, StepWatch, build, chatterbox_bins, env_lines, fmt, free_port, log, pinned, shown
+from .cluster import ClusterTarget
 from .targets import Target
 
 SYSCALLS_DEFAULTS = {"members": 1000, "senders": 10, "rate": 50, "window": 10}
@@ -137,11 +138,11 @@ def measure(target, p, args, outdir):
     out = os.path.join(outdir, f"{target.label}-fanout.json")
     if os.path.exists(out):
         os.remove(out)
-    cmd = [LOADGEN, "fanout", "--target", f"127.0.0.1:{port}", "--proto", target.proto,
+    cmd = [LOADGEN, "fanout", "--target", target.addrs(port), "--proto", target.proto,
            "--path", target.path, "--src-ips", "8", "--label", target.label,
            "--server-pid", ",".join(map(str, pids)), "--out", out, "--max-seconds", str(int(300 + duration)),
            "--members", str(p["members"]), "--senders", str(p["senders"]), "--rates", str(p["rate"]),
-           "--duration", str(duration), "--drain", "3"]
+           "--duration", str(duration), "--drain", "3"] + target.loadgen_extra()
     if target.proto == "raw":
         cmd += ["--self-delivery", "true" if target.self_delivery else "false"]
     rec["command"] = shown(cmd)
@@ -246,13 +247,17 @@ def run_syscalls(args):
         sys.exit(f"--syscalls needs {tool} (apt-get install {'linux-perf' if tool == 'perf' else 'strace'})")
     outdir = os.path.abspath(args.out or os.path.join(BENCH, "results", "syscalls"))
     os.makedirs(outdir, exist_ok=True)
-    build(args.no_build)
+    build(args.no_build, cluster=bool(getattr(args, "cluster", None)))
     env_lines(args)
-    names = [t for t in (args.targets or "chatterbox,bun").split(",") if t]
+    default = "chatterbox" if getattr(args, "cluster", None) else "chatterbox,bun"
+    names = [t for t in (args.targets or default).split(",") if t]
     targets = []
     for name in names:
         if name == "chatterbox":
             targets += [Target(name, args.db or "memory", path, tag) for tag, path in chatterbox_bins(args)]
+            if getattr(args, "cluster", None):
+                # The nodes' calls, summed (Redis is not counted).
+                targets += [ClusterTarget(args.cluster, path, tag) for tag, path in chatterbox_bins(args)]
         else:
             targets.append(Target(name, "n/a"))
     recs = []

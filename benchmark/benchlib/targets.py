@@ -123,6 +123,14 @@ class Target:
         except OSError:
             return False
 
+    def addrs(self, port):
+        """loadgen's --target: the one address this server listens on."""
+        return f"127.0.0.1:{port}"
+
+    def loadgen_extra(self):
+        """Extra loadgen options for this target (a cluster adds its Redis)."""
+        return []
+
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 

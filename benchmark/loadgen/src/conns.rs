@@ -14,7 +14,8 @@ use crate::ws::{Conn, Ev, Net};
 
 pub struct ConnCfg {
     pub proto: Proto,
-    pub target: SocketAddrV4,
+    /// The server addresses; connection i goes to `targets[i % len]`.
+    pub targets: Vec<SocketAddrV4>,
     pub srcs: Vec<Ipv4Addr>,
     pub path: String,
     pub name_prefix: String,
@@ -181,7 +182,8 @@ pub fn run_idle(
     hold: f64,
     ctx: &mut Ctx,
 ) -> Result<IdleShard, String> {
-    let mut net: Net<Idle> = Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?;
+    let mut net: Net<Idle> =
+        Net::new(cfg.targets.clone(), cfg.srcs.clone()).map_err(|e| e.to_string())?;
     let mut count = Count::default();
     let mut out = IdleShard::default();
     ctx.barrier("level-0")?;
@@ -230,7 +232,8 @@ pub fn run_idle(
 }
 
 pub fn run_storm(cfg: &ConnCfg, conns: u32, ctx: &mut Ctx) -> Result<StormShard, String> {
-    let mut net: Net<Idle> = Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?;
+    let mut net: Net<Idle> =
+        Net::new(cfg.targets.clone(), cfg.srcs.clone()).map_err(|e| e.to_string())?;
     let mut count = Count {
         handshake: Some(report::new_hist()),
         welcome: Some(report::new_hist()),

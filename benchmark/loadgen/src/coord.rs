@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::clock::{ProcSample, ThreadSample, mono_ns, sample_procs, sample_threads};
 
+use crate::redisinfo::{RedisProbe, RedisSample};
 use crate::report::ShardResult;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -24,10 +25,14 @@ pub struct Sample {
     /// The server's threads by name (empty without --server-pid).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub threads: BTreeMap<String, ThreadSample>,
+    /// The cluster's Redis (with `--redis-pid` / `--redis`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSample>,
 }
 
 pub struct Sampler {
     pids: Vec<u32>,
+    pub redis: RedisProbe,
     t0: u64,
     pub samples: Vec<Sample>,
 }
@@ -36,6 +41,7 @@ impl Sampler {
     pub fn new(pids: Vec<u32>) -> Sampler {
         Sampler {
             pids,
+            redis: RedisProbe::default(),
             t0: mono_ns(),
             samples: Vec::new(),
         }
@@ -44,12 +50,14 @@ impl Sampler {
     pub fn take(&mut self, label: &str) {
         let proc = sample_procs(&self.pids);
         let threads = sample_threads(&self.pids);
+        let redis = self.redis.sample();
         let t_s = (mono_ns() - self.t0) as f64 / 1e9;
         self.samples.push(Sample {
             label: label.to_string(),
             t_s,
             proc,
             threads,
+            redis,
         });
     }
 

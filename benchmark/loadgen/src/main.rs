@@ -15,6 +15,7 @@ mod clock;
 mod conns;
 mod coord;
 mod proto;
+mod redisinfo;
 mod report;
 mod soak;
 mod summary;
@@ -33,7 +34,7 @@ use proto::Proto;
 use report::ShardResult;
 
 const HELP: &str = "\
-loadgen SCENARIO --target 127.0.0.1:PORT [options]
+loadgen SCENARIO --target 127.0.0.1:PORT[,127.0.0.1:PORT2..] [options]
 
 Scenarios
   fanout   one room of --members M, --senders S of them send; sweep --rates (messages/s)
@@ -50,13 +51,19 @@ Scenarios
            --room-size N stable members with churn, checking every per-room id (see below)
 
 Common
-  --target ADDR          server address, loopback only (127.0.0.0/8)
+  --target ADDR[,ADDR..] server address(es), loopback only (127.0.0.0/8); with several
+                         (the nodes of a cluster; --addrs is the same option) connection i
+                         goes to address i % n, round-robin
   --proto P              chatterbox (default) | raw (peer: every text frame relayed to all)
   --path P               upgrade path (default /ws); chatterbox adds ?name=PREFIXidx
   --name-prefix S        member name prefix (default lg<pid>_)
   --src-ips N            bind sources 127.0.0.1..127.0.0.N round-robin (default 1)
   --procs N              N worker processes share the connections (fd limit ~19,900 each)
   --server-pid P[,P..]   sample CPU (utime+stime) and RSS of these pids at each barrier
+                         (summed: the nodes of a cluster are one server)
+  --redis-pid P          a cluster's Redis: its CPU at each barrier, reported apart
+  --redis ADDR           a cluster's Redis: INFO total_commands_processed at each barrier
+                         (a step reports Redis commands per message)
   --label S              free text copied into the result (e.g. the target's name)
   --tls-ca PATH          speak TLS (wss://), trusting the PEM certificate(s) in PATH
   --out FILE             write the JSON result there (default: stdout)
@@ -90,6 +97,10 @@ Soak (defaults in brackets)
   --bucket S             counters per S seconds in the result [60]
   --seed N               RNG seed [1]                  --msg-size B   payload [64]
   --setup-timeout S      connect + join of the stable members [120]
+  --failover             a cluster node may die during the run: a lost connection or a
+                         refused connect is a loss (timed, per address) and not a problem;
+                         stable members come back on another address with `join since`,
+                         churners' cut acks are not missing (see soak.rs)
 Connections (idle, storm)
   --timeout S            one connection's welcome timeout (default 10)
   --hold S               idle: hold time at the top level (default 5)
@@ -100,7 +111,7 @@ failures, zero deliveries), 1 the run could not be done.
 
 struct Common {
     proto: Proto,
-    target: SocketAddrV4,
+    targets: Vec<SocketAddrV4>,
     srcs: Vec<Ipv4Addr>,
     path: String,
     name_prefix: String,
@@ -109,14 +120,12 @@ struct Common {
 }
 
 fn parse_common(a: &Args) -> Result<Common, String> {
-    let target: SocketAddrV4 = a
-        .opt_str("target")
-        .ok_or("--target 127.0.0.1:PORT is required")?
-        .parse()
-        .map_err(|_| "--target must be IPv4 ADDR:PORT")?;
-    if target.ip().octets()[0] != 127 {
-        return Err("--target must be a loopback address (127.0.0.0/8)".into());
-    }
+    let list = match (a.opt_str("target"), a.opt_str("addrs")) {
+        (Some(_), Some(_)) => return Err("give --target or --addrs, not both".into()),
+        (Some(l), None) | (None, Some(l)) => l,
+        (None, None) => return Err("--target 127.0.0.1:PORT is required".into()),
+    };
+    let targets = ws::parse_targets(&list).map_err(|e| format!("--target: {e}"))?;
     if let Some(ca) = a.opt_str("tls-ca") {
         tls::init(&ca)?;
     }
@@ -126,7 +135,7 @@ fn parse_common(a: &Args) -> Result<Common, String> {
     }
     Ok(Common {
         proto: Proto::parse(&a.str_or("proto", "chatterbox"))?,
-        target,
+        targets,
         srcs: (1..=n_src)
             .map(|i| Ipv4Addr::new(127, 0, 0, i as u8))
             .collect(),
@@ -215,7 +224,7 @@ fn parse_traffic(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), 
             _ => "joins",
         },
         proto: c.proto,
-        target: c.target,
+        targets: c.targets.clone(),
         srcs: c.srcs.clone(),
         path: c.path.clone(),
         name_prefix: c.name_prefix.clone(),
@@ -255,7 +264,7 @@ fn parse_traffic(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), 
 fn parse_conns(scenario: &str, a: &Args, c: &Common) -> Result<(Plan, Value), String> {
     let cfg = conns::ConnCfg {
         proto: c.proto,
-        target: c.target,
+        targets: c.targets.clone(),
         srcs: c.srcs.clone(),
         path: c.path.clone(),
         name_prefix: c.name_prefix.clone(),
@@ -344,7 +353,7 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
     }
     let max_seconds: f64 = a.get("max-seconds", seconds + 300.0)?;
     let cfg = soak::SoakCfg {
-        target: c.target,
+        targets: c.targets.clone(),
         srcs: c.srcs.clone(),
         path: c.path.clone(),
         name_prefix: c.name_prefix.clone(),
@@ -366,6 +375,7 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
         setup_timeout: a.get("setup-timeout", 120.0)?,
         deadline: mono_ns() + (max_seconds.clamp(1.0, 8000.0) * 1e9) as u64,
         quiet: a.flag("quiet"),
+        failover: a.flag("failover"),
     };
     let out = a.opt_str("out");
     let _: Vec<u32> = a.list("server-pid", &[])?;
@@ -375,7 +385,8 @@ fn run_soak(a: &Args, c: &Common) -> Result<i32, String> {
         "scenario": "soak",
         "label": c.label,
         "proto": "chatterbox",
-        "target": c.target.to_string(),
+        "target": targets_str(&c.targets),
+        "targets": c.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         "params": cfg.params(),
     });
     let (code, problems) = match soak::run(&cfg) {
@@ -432,6 +443,18 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
     let procs: u32 = a.get("procs", 1)?;
     let shard = a.opt_str("shard");
     let pids: Vec<u32> = a.list("server-pid", &[])?;
+    let redis = redisinfo::RedisProbe {
+        pid: a
+            .opt_str("redis-pid")
+            .map(|p| p.parse())
+            .transpose()
+            .map_err(|_| "--redis-pid: a pid")?,
+        addr: a
+            .opt_str("redis")
+            .map(|r| ws::parse_targets(&r).map(|t| t[0]))
+            .transpose()
+            .map_err(|e| format!("--redis: {e}"))?,
+    };
     let out = a.opt_str("out");
     let quiet = a.flag("quiet");
     let max_seconds: f64 = a.get("max-seconds", 600.0)?;
@@ -444,17 +467,21 @@ fn real_main(argv: &[String]) -> Result<i32, String> {
     let t_start = mono_ns();
     let (results, sampler) = if procs > 1 {
         let mut sampler = Sampler::new(pids.clone());
+        sampler.redis = redis.clone();
         let r = coord::run_parent(&child_args(argv), procs, &mut sampler);
         (r, sampler)
     } else {
-        run_local(&plan, Sampler::new(pids.clone()), deadline, quiet)
+        let mut sampler = Sampler::new(pids.clone());
+        sampler.redis = redis.clone();
+        run_local(&plan, sampler, deadline, quiet)
     };
     let mut problems = Vec::new();
     let mut doc = json!({
         "scenario": scenario,
         "label": common.label,
         "proto": format!("{:?}", common.proto).to_lowercase(),
-        "target": common.target.to_string(),
+        "target": targets_str(&common.targets),
+        "targets": common.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         "workers": procs.max(1),
         "params": params,
         "server_pids": pids,
@@ -547,7 +574,10 @@ fn child_args(argv: &[String]) -> Vec<String> {
             continue;
         }
         let name = x.split('=').next().unwrap_or("");
-        if matches!(name, "--procs" | "--out" | "--server-pid") {
+        if matches!(
+            name,
+            "--procs" | "--out" | "--server-pid" | "--redis-pid" | "--redis"
+        ) {
             skip = !x.contains('=') && argv.get(j + 1).is_some_and(|n| !n.starts_with("--"));
             continue;
         }
@@ -603,6 +633,14 @@ fn summarize(
             summary::storm(&v, sampler, problems)
         }
     }
+}
+
+/// The server addresses as given: `ADDR[,ADDR..]`.
+fn targets_str(t: &[SocketAddrV4]) -> String {
+    t.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn write_doc(doc: &Value, out: Option<&str>) -> Result<(), String> {

@@ -19,6 +19,18 @@
 //!   `since`: the `history` must hold exactly the missed ids (last+1 ..), `more:false`, and
 //!   live messages must go on from there without a gap.
 //!
+//! - **Failover** (`--failover`, for a cluster whose node is killed during the run): a
+//!   connection lost without a close frame, or a connect refused, counts as a *loss* (with its
+//!   time and server address, for the runner to hold against the kill) instead of a problem.
+//!   That address is avoided for a second. A stable member comes back on another address
+//!   (under a new name: its old one may stay claimed until the dead node times out) and joins
+//!   its room with `since` = the last id it saw: the `history` must hold exactly the missed
+//!   ids, which count as deliveries (steady sequence, witness) like live ones. A churner's
+//!   cut cycle counts its unanswered acks as *cut*, not missing. A steady message that was
+//!   sent on a lost connection without coming back to its sender, or not sent while its
+//!   sender was away, is *unsure*: it may be missing from every member's sequence (the ids
+//!   still may not have a gap), and it is not expected at the end.
+//!
 //! At the end the schedule stops, in-flight cycles finish, and the drain waits until every
 //! stable member has every steady message and the members of each room agree on its last id.
 //! Counters go into one bucket per `--bucket` seconds (the runner joins them with its samples
@@ -38,7 +50,8 @@ use crate::report;
 use crate::ws::{Conn, Ev, Net};
 
 pub struct SoakCfg {
-    pub target: SocketAddrV4,
+    /// The server addresses; connection i goes to `targets[i % len]`.
+    pub targets: Vec<SocketAddrV4>,
     pub srcs: Vec<Ipv4Addr>,
     pub path: String,
     pub name_prefix: String,
@@ -61,6 +74,8 @@ pub struct SoakCfg {
     pub setup_timeout: f64,
     pub deadline: u64,
     pub quiet: bool,
+    /// Connections may be lost with their node (see the module doc).
+    pub failover: bool,
 }
 
 impl SoakCfg {
@@ -74,7 +89,8 @@ impl SoakCfg {
             "dwell_s": self.dwell, "churn_msgs": self.churn_msgs,
             "resume_every_s": self.resume_every, "ack_timeout_s": self.ack_timeout,
             "drain_s": self.drain, "msg_size": self.msg_size, "bucket_s": self.bucket,
-            "seed": self.seed,
+            "seed": self.seed, "failover": self.failover,
+            "targets": self.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         })
     }
 }
@@ -152,6 +168,16 @@ counters!(
     server_errors,
     unexpected_closes,
     bad_events,
+    losses,
+    refused_connects,
+    stable_lost,
+    stable_rejoins,
+    rejoin_failures,
+    rejoin_replayed,
+    acks_cut,
+    resume_cut,
+    steady_unsure,
+    seq_unsure_skipped,
 );
 
 /// Ids of one room as seen by one connection.
@@ -225,6 +251,8 @@ pub struct Peer {
     /// Stable members: the next sequence number of each steady sender of its room.
     seq_next: Vec<u32>,
     got_steady: u64,
+    /// A stable member back after a loss: join its room with this `since`.
+    rejoin_since: Option<u64>,
 }
 
 impl Peer {
@@ -237,6 +265,7 @@ impl Peer {
             tracks: Vec::new(),
             seq_next: Vec::new(),
             got_steady: 0,
+            rejoin_since: None,
         }
     }
     fn track(&mut self, room: u32) -> Option<&mut Track> {
@@ -324,6 +353,22 @@ struct World<'a> {
     stable_failed: u64,
     stopping: bool,
     scratch: Vec<u8>,
+    /// Stable member -> its connection's slot (usize::MAX while it has none).
+    slot_of: Vec<usize>,
+    /// Per server address: avoid it until then (mono ns), after a loss there.
+    down_until: Vec<u64>,
+    /// Every loss: (mono ns, server address index, what).
+    loss_events: Vec<(u64, usize, &'static str)>,
+    /// Stable members lost with their node, waiting to come back: (when, state).
+    rejoins: Vec<(u64, Peer)>,
+    /// Per steady sender (room * spr + j): the next sequence number to send, and the inclusive
+    /// ranges of unsure ones (sent on a lost connection, or not sent while away).
+    sent_next: Vec<u32>,
+    unsure: Vec<Vec<(u32, u32)>>,
+    /// Per room: unsure steady messages (not expected at the end).
+    unsure_per_room: Vec<u64>,
+    /// Names of stable members back after a loss: `s{m}r{n}`.
+    rejoin_serial: u32,
 }
 
 #[derive(Deserialize)]
@@ -336,6 +381,8 @@ struct BcastEv<'a> {
 #[derive(Deserialize)]
 struct HistMsg {
     id: u64,
+    #[serde(default)]
+    message: String,
 }
 
 #[derive(Deserialize)]
@@ -401,12 +448,22 @@ impl World<'_> {
     fn on_event(&mut self, conn: &mut Conn<Peer>, ev: Ev<'_>, now: u64) {
         match ev {
             Ev::Opened => {}
+            Ev::Failed(why) if self.cfg.failover && self.fails_over(conn) => {
+                self.c.refused_connects += 1;
+                if self.c.refused_connects <= 3 {
+                    note(&mut self.notes, format!("failover: connect failed: {why}"));
+                }
+                self.lost(conn, now, "refused");
+            }
+            Ev::Closed { code: None } if self.cfg.failover && self.fails_over(conn) => {
+                self.lost(conn, now, "lost");
+            }
             Ev::Failed(why) => {
                 self.c.connect_failures += 1;
                 *self.fail_kinds.entry(why.clone()).or_default() += 1;
                 match conn.user.who {
                     Who::Stable(_) => self.stable_failed += 1,
-                    Who::Churn(i) => self.churner_gone(i, conn.user.epoch, now, true),
+                    Who::Churn(i) => self.churner_gone(i, conn.user.epoch, now, true, false),
                 }
             }
             Ev::Closed { code } => {
@@ -431,14 +488,14 @@ impl World<'_> {
                         if ch.epoch == conn.user.epoch && matches!(ch.phase, Phase::Closing { .. })
                         {
                             self.c.closes_clean += 1;
-                            self.churner_gone(i, conn.user.epoch, now, false);
+                            self.churner_gone(i, conn.user.epoch, now, false, false);
                         } else {
                             self.c.unexpected_closes += 1;
                             *self
                                 .close_codes
                                 .entry(format!("churner {code_s}"))
                                 .or_default() += 1;
-                            self.churner_gone(i, conn.user.epoch, now, true);
+                            self.churner_gone(i, conn.user.epoch, now, true, false);
                         }
                     }
                 }
@@ -447,8 +504,117 @@ impl World<'_> {
         }
     }
 
-    /// A churner's connection ended (closed, failed): pause, then the next cycle.
-    fn churner_gone(&mut self, i: u32, epoch: u32, now: u64, early: bool) {
+    /// Whether a lost connection is a failover case: a churner, or a stable member that had
+    /// joined its room (one that never got there failed its setup).
+    fn fails_over(&self, conn: &Conn<Peer>) -> bool {
+        match conn.user.who {
+            Who::Stable(_) => conn.user.ready,
+            Who::Churn(i) => {
+                let ch = &self.churners[i as usize];
+                ch.epoch == conn.user.epoch && !matches!(ch.phase, Phase::Closing { .. })
+            }
+        }
+    }
+
+    /// A connection lost with its node (`--failover`): note it, avoid that address for a
+    /// second, and bring the member back (a stable one on another address; a churner's
+    /// cycle ends, its unanswered acks cut).
+    fn lost(&mut self, conn: &mut Conn<Peer>, now: u64, what: &'static str) {
+        let t = conn.target;
+        self.c.losses += 1;
+        if self.loss_events.len() < 20_000 {
+            self.loss_events.push((now, t, what));
+        }
+        if let Some(d) = self.down_until.get_mut(t) {
+            *d = (*d).max(now + NS);
+        }
+        match conn.user.who {
+            Who::Churn(i) => self.churner_gone(i, conn.user.epoch, now, true, true),
+            Who::Stable(m) => {
+                self.slot_of[m as usize] = usize::MAX;
+                if what == "lost" {
+                    self.c.stable_lost += 1;
+                }
+                let spr = self.cfg.senders_per_room.clamp(1, self.cfg.room_size);
+                let j = m % self.cfg.room_size;
+                let p = &mut conn.user;
+                if j < spr {
+                    // Its own messages it has not seen come back may or may not be stored.
+                    let g = (self.stable_room(m) * spr + j) as usize;
+                    let lo = p.seq_next[j as usize];
+                    let hi = self.sent_next[g];
+                    if hi > lo {
+                        self.mark_unsure(g, lo, hi - 1);
+                    }
+                }
+                let since = p
+                    .rejoin_since
+                    .or_else(|| p.track(self.stable_room(m)).map(|t| t.last))
+                    .unwrap_or(0);
+                let back = Peer {
+                    who: p.who,
+                    epoch: p.epoch + 1,
+                    welcomed: false,
+                    ready: true,
+                    tracks: std::mem::take(&mut p.tracks),
+                    seq_next: std::mem::take(&mut p.seq_next),
+                    got_steady: p.got_steady,
+                    rejoin_since: Some(since),
+                };
+                // Spread the reconnects a little, as real clients' back-off would.
+                let at = now + self.rng.ns(0.05, 0.5);
+                self.rejoins.push((at, back));
+            }
+        }
+    }
+
+    /// Steady messages `lo..=hi` of sender `g` are unsure (see the module doc).
+    fn mark_unsure(&mut self, g: usize, lo: u32, hi: u32) {
+        // Sequence numbers only grow: only the last range can overlap.
+        let lo = match self.unsure[g].last() {
+            Some(&(_, b)) if b >= lo => b + 1,
+            _ => lo,
+        };
+        if lo > hi {
+            return;
+        }
+        let n = (hi - lo + 1) as u64;
+        self.c.steady_unsure += n;
+        let spr = self.cfg.senders_per_room.clamp(1, self.cfg.room_size) as usize;
+        self.unsure_per_room[g / spr] += n;
+        let r = &mut self.unsure[g];
+        match r.last_mut() {
+            Some(last) if last.1 + 1 >= lo => last.1 = last.1.max(hi),
+            _ => r.push((lo, hi)),
+        }
+    }
+
+    /// Whether every steady message `lo..=hi` of sender `g` is unsure.
+    fn all_unsure(&self, g: usize, lo: u32, hi: u32) -> bool {
+        let mut at = lo;
+        for &(a, b) in &self.unsure[g] {
+            if a <= at && at <= b {
+                at = b + 1;
+                if at > hi {
+                    return true;
+                }
+            }
+        }
+        at > hi
+    }
+
+    /// The server address to connect to: `preferred`, or the next one not avoided.
+    fn pick_target(&self, preferred: usize, now: u64) -> usize {
+        let n = self.down_until.len().max(1);
+        (0..n)
+            .map(|k| (preferred + k) % n)
+            .find(|&t| self.down_until[t] <= now)
+            .unwrap_or(preferred % n)
+    }
+
+    /// A churner's connection ended (closed, failed): pause, then the next cycle. `cut`: it
+    /// was lost with its node, so its unanswered acks are cut, not missing.
+    fn churner_gone(&mut self, i: u32, epoch: u32, now: u64, early: bool, cut: bool) {
         let ch = &mut self.churners[i as usize];
         if ch.epoch != epoch {
             return;
@@ -456,11 +622,19 @@ impl World<'_> {
         ch.slot = None;
         if early {
             // A cycle cut short: its pending acks will never come.
-            self.c.acks_missing += ch.pending.len() as u64;
+            if cut {
+                self.c.acks_cut += ch.pending.len() as u64;
+            } else {
+                self.c.acks_missing += ch.pending.len() as u64;
+            }
             ch.pending.clear();
             if !matches!(ch.resume, Resume::No) {
                 ch.resume = Resume::No;
-                self.c.resume_failures += 1;
+                if cut {
+                    self.c.resume_cut += 1;
+                } else {
+                    self.c.resume_failures += 1;
+                }
             }
         }
         let wait = if matches!(ch.resume, Resume::Second { ok: false, .. }) {
@@ -507,29 +681,7 @@ impl World<'_> {
                     }
                 }
                 let Some(s) = stamp else { return };
-                if let Who::Stable(m) = p.who {
-                    if s.step == 1 && s.room == room {
-                        let spr = self.cfg.senders_per_room;
-                        if s.sender / spr == self.stable_room(m) {
-                            let next = &mut p.seq_next[(s.sender % spr) as usize];
-                            if s.seq < *next {
-                                self.c.seq_duplicates += 1;
-                            } else {
-                                self.c.seq_gaps += (s.seq - *next) as u64;
-                                *next = s.seq + 1;
-                            }
-                            p.got_steady += 1;
-                            self.c.steady_delivered += 1;
-                            let us = now.saturating_sub(s.t_ns) / 1000;
-                            report::record(&mut self.lat, us);
-                            report::record(&mut self.bucket_lat, us);
-                        }
-                    } else if s.step == 2 && self.is_witness(m) && room == self.stable_room(m) {
-                        // (A repeated id was counted as a duplicate by the track.)
-                        self.witness[room as usize].insert(id, (s.sender, s.seq));
-                        report::record(&mut self.churn_lat, now.saturating_sub(s.t_ns) / 1000);
-                    }
-                }
+                self.seen(p, room, id, s, now, true);
             }
             b"history" => {
                 let Ok(ev) = serde_json::from_slice::<HistoryEv>(t) else {
@@ -579,13 +731,126 @@ impl World<'_> {
         }
     }
 
+    /// A stamped room message a stable member got (`live`), or found in the `history` of its
+    /// rejoin: the steady sequence of its room's senders, and the witness's record of churner
+    /// messages. Only live ones count for latency.
+    fn seen(&mut self, p: &mut Peer, room: u32, id: u64, s: Stamp, now: u64, live: bool) {
+        let Who::Stable(m) = p.who else { return };
+        if s.step == 1 && s.room == room {
+            let spr = self.cfg.senders_per_room;
+            if s.sender / spr == self.stable_room(m) {
+                let next = p.seq_next[(s.sender % spr) as usize];
+                if s.seq < next {
+                    self.c.seq_duplicates += 1;
+                } else {
+                    if s.seq > next {
+                        let n = (s.seq - next) as u64;
+                        if self.all_unsure(s.sender as usize, next, s.seq - 1) {
+                            self.c.seq_unsure_skipped += n;
+                        } else {
+                            self.c.seq_gaps += n;
+                        }
+                    }
+                    p.seq_next[(s.sender % spr) as usize] = s.seq + 1;
+                }
+                p.got_steady += 1;
+                self.c.steady_delivered += 1;
+                if live {
+                    let us = now.saturating_sub(s.t_ns) / 1000;
+                    report::record(&mut self.lat, us);
+                    report::record(&mut self.bucket_lat, us);
+                }
+            }
+        } else if s.step == 2 && self.is_witness(m) && room == self.stable_room(m) {
+            // (A repeated id was counted as a duplicate by the track.)
+            self.witness[room as usize].insert(id, (s.sender, s.seq));
+            if live {
+                report::record(&mut self.churn_lat, now.saturating_sub(s.t_ns) / 1000);
+            }
+        }
+    }
+
+    fn send_join(&mut self, conn: &mut Conn<Peer>, room: u32, since: Option<u64>) {
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(b"{\"command\":\"join\",\"room\":");
+        json_str(&mut self.scratch, &room_name(room));
+        if let Some(since) = since {
+            self.scratch
+                .extend_from_slice(format!(",\"since\":{since}").as_bytes());
+        }
+        self.scratch.push(b'}');
+        conn.send_text(&self.scratch);
+    }
+
+    /// The `history` of a stable member's rejoin: exactly the ids after `since`, each
+    /// counted as a delivery; then the track goes on from the last of them.
+    fn rejoin_history(
+        &mut self,
+        conn: &mut Conn<Peer>,
+        room: u32,
+        since: u64,
+        ev: &HistoryEv,
+        now: u64,
+    ) {
+        let ids: Vec<u64> = ev.messages.iter().map(|m| m.id).collect();
+        let exact = ids
+            .iter()
+            .enumerate()
+            .all(|(k, &id)| id == since + 1 + k as u64);
+        if !exact || ev.more {
+            self.c.rejoin_failures += 1;
+            let head: Vec<u64> = ids.iter().take(5).copied().collect();
+            note(
+                &mut self.notes,
+                format!(
+                    "rejoin failed: room {} since {since}: got {} ids starting {head:?}, more={}",
+                    room_name(room),
+                    ids.len(),
+                    ev.more
+                ),
+            );
+        }
+        self.c.stable_rejoins += 1;
+        self.c.rejoin_replayed += ids.len() as u64;
+        let p = &mut conn.user;
+        let mut last = since;
+        for msg in &ev.messages {
+            if let Some(tr) = p.track(room) {
+                tr.check(msg.id, &mut self.c);
+                self.c.room_msgs_checked += 1;
+            }
+            last = last.max(msg.id);
+            if let Some(s) = proto::find_stamp(msg.message.as_bytes()) {
+                self.seen(p, room, msg.id, s, now, false);
+            }
+        }
+        p.tracks.retain(|t| t.room != room);
+        p.tracks.push(Track::new(room, last));
+        p.rejoin_since = None;
+    }
+
     fn on_history(&mut self, conn: &mut Conn<Peer>, room: u32, ev: &HistoryEv, now: u64) {
         let last = ev.messages.last().map_or(0, |m| m.id);
-        let p = &mut conn.user;
-        let welcome = !p.welcomed && room == GENERAL;
+        let welcome = !conn.user.welcomed && room == GENERAL;
         if welcome {
-            p.welcomed = true;
+            conn.user.welcomed = true;
         }
+        if let Who::Stable(m) = conn.user.who
+            && let Some(since) = conn.user.rejoin_since
+        {
+            if welcome {
+                conn.user.tracks.retain(|t| t.room != GENERAL);
+                conn.user.tracks.push(Track::new(GENERAL, last));
+                self.send_join(conn, self.stable_room(m), Some(since));
+            } else if room == self.stable_room(m) {
+                self.rejoin_history(conn, room, since, ev, now);
+            } else {
+                self.c.untracked += 1;
+            }
+            return;
+        }
+        let p = &mut conn.user;
         match p.who {
             Who::Stable(m) => {
                 p.tracks.retain(|t| t.room != room);
@@ -593,12 +858,7 @@ impl World<'_> {
                 if welcome {
                     self.stable_welcomed += 1;
                     let r = self.stable_room(m);
-                    self.scratch.clear();
-                    self.scratch
-                        .extend_from_slice(b"{\"command\":\"join\",\"room\":");
-                    json_str(&mut self.scratch, &room_name(r));
-                    self.scratch.push(b'}');
-                    conn.send_text(&self.scratch);
+                    self.send_join(conn, r, None);
                 } else if room == self.stable_room(m) && !p.ready {
                     p.ready = true;
                     self.stable_ready += 1;
@@ -742,8 +1002,36 @@ impl World<'_> {
         }
     }
 
+    /// Stable members lost with their node whose time to come back has come: connect to
+    /// another address under a new name (the `since` join follows the welcome).
+    fn rejoin_due(&mut self, net: &mut Net<Peer>, now: u64) {
+        let mut k = 0;
+        while k < self.rejoins.len() {
+            if self.rejoins[k].0 > now {
+                k += 1;
+                continue;
+            }
+            let (_, p) = self.rejoins.swap_remove(k);
+            let Who::Stable(m) = p.who else { continue };
+            self.rejoin_serial += 1;
+            let path = format!(
+                "{}?name={}s{m}r{}",
+                self.cfg.path, self.cfg.name_prefix, self.rejoin_serial
+            );
+            let target = self.pick_target(net.target_of(m) + 1, now);
+            match net.connect_to(target, m, &path, p) {
+                Ok(slot) => self.slot_of[m as usize] = slot,
+                Err(e) => {
+                    self.c.connect_failures += 1;
+                    *self.fail_kinds.entry(e).or_default() += 1;
+                }
+            }
+        }
+    }
+
     /// Timers of every churner: connect, send, time out, close.
     fn tick(&mut self, net: &mut Net<Peer>, now: u64) {
+        self.rejoin_due(net, now);
         for i in 0..self.churners.len() {
             // Acks that did not come in time.
             let ch = &mut self.churners[i];
@@ -781,7 +1069,7 @@ impl World<'_> {
                     if let Some(slot) = ch.slot.take() {
                         net.drop_conn(slot, false);
                     }
-                    self.churner_gone(i as u32, epoch, now, true);
+                    self.churner_gone(i as u32, epoch, now, true, false);
                 }
                 Phase::Dwell { until } => {
                     while !self.stopping && self.churners[i].sends.last().is_some_and(|&t| t <= now)
@@ -810,7 +1098,7 @@ impl World<'_> {
                     if let Some(slot) = ch.slot.take() {
                         net.drop_conn(slot, false);
                     }
-                    self.churner_gone(i as u32, epoch, now, false);
+                    self.churner_gone(i as u32, epoch, now, false, false);
                 }
                 _ => {}
             }
@@ -851,7 +1139,13 @@ impl World<'_> {
             cfg.path.clone()
         };
         self.c.connects += 1;
-        match net.connect(stable + i, &path, Peer::new(Who::Churn(i), ch.epoch)) {
+        // Each cycle on the next address: churn on every node, and a resume check's two
+        // visits on two different nodes.
+        let preferred = (stable + i + ch.epoch) as usize % net.targets();
+        let epoch = ch.epoch;
+        let target = self.pick_target(preferred, now);
+        let ch = &mut self.churners[i as usize];
+        match net.connect_to(target, stable + i, &path, Peer::new(Who::Churn(i), epoch)) {
             Ok(slot) => {
                 ch.slot = Some(slot);
                 ch.phase = Phase::Connecting {
@@ -983,7 +1277,7 @@ impl World<'_> {
             ch.resume = Resume::No;
         }
         let Some(slot) = ch.slot else {
-            self.churner_gone(i as u32, epoch, now, false);
+            self.churner_gone(i as u32, epoch, now, false, false);
             return;
         };
         if style < 2 && net.start_close(slot) {
@@ -999,7 +1293,7 @@ impl World<'_> {
         } else {
             self.c.closes_fin += 1;
         }
-        self.churner_gone(i as u32, epoch, now, false);
+        self.churner_gone(i as u32, epoch, now, false, false);
     }
 }
 
@@ -1016,10 +1310,11 @@ struct Bucket {
 /// Runs the soak: [`connect_stable`], [`Soak::traffic`] (the steady schedule, churn,
 /// resume checks and the drain), then [`Soak::problems`] and [`Soak::report`].
 pub fn run(cfg: &SoakCfg) -> Result<(Value, Vec<String>), String> {
-    let mut net: Net<Peer> = Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?;
+    let mut net: Net<Peer> =
+        Net::new(cfg.targets.clone(), cfg.srcs.clone()).map_err(|e| e.to_string())?;
     let mut w = World::new(cfg);
-    let (slot_of, setup_s) = connect_stable(cfg, &mut net, &mut w)?;
-    let mut soak = Soak::new(cfg, net, w, slot_of);
+    let setup_s = connect_stable(cfg, &mut net, &mut w)?;
+    let mut soak = Soak::new(cfg, net, w);
     soak.traffic()?;
     let problems = soak.problems();
     let doc = soak.report(setup_s);
@@ -1071,21 +1366,27 @@ impl<'a> World<'a> {
             stable_failed: 0,
             stopping: false,
             scratch: Vec::with_capacity(512),
+            slot_of: vec![usize::MAX; (cfg.rooms * cfg.room_size) as usize],
+            down_until: vec![0; cfg.targets.len().max(1)],
+            loss_events: Vec::new(),
+            rejoins: Vec::new(),
+            sent_next: vec![0; (cfg.rooms * cfg.senders_per_room.clamp(1, cfg.room_size)) as usize],
+            unsure: vec![
+                Vec::new();
+                (cfg.rooms * cfg.senders_per_room.clamp(1, cfg.room_size)) as usize
+            ],
+            unsure_per_room: vec![0; cfg.rooms as usize],
+            rejoin_serial: 0,
         }
     }
 }
 
 /// Connects the stable members (at most `concurrency` handshakes in flight) and waits
 /// until each has joined its room. Returns member -> slot and the setup time.
-fn connect_stable(
-    cfg: &SoakCfg,
-    net: &mut Net<Peer>,
-    w: &mut World,
-) -> Result<(Vec<usize>, f64), String> {
+fn connect_stable(cfg: &SoakCfg, net: &mut Net<Peer>, w: &mut World) -> Result<f64, String> {
     let stable = cfg.rooms * cfg.room_size;
     let spr = cfg.senders_per_room.clamp(1, cfg.room_size);
     let t_setup = mono_ns();
-    let mut slot_of = vec![usize::MAX; stable as usize];
     let mut started = 0u32;
     let mut next_print = t_setup + NS;
     loop {
@@ -1098,7 +1399,7 @@ fn connect_stable(
             p.seq_next = vec![0; spr as usize];
             let path = format!("{}?name={}s{m}", cfg.path, cfg.name_prefix);
             match net.connect(m, &path, p) {
-                Ok(slot) => slot_of[m as usize] = slot,
+                Ok(slot) => w.slot_of[m as usize] = slot,
                 Err(e) => {
                     w.stable_failed += 1;
                     *w.fail_kinds.entry(e).or_default() += 1;
@@ -1135,7 +1436,7 @@ fn connect_stable(
         cfg,
         format!("setup: {stable} stable members ready in {setup_s:.2} s"),
     );
-    Ok((slot_of, setup_s))
+    Ok(setup_s)
 }
 
 /// The traffic phase: the connections, the world, the steady schedule and the buckets.
@@ -1143,7 +1444,6 @@ struct Soak<'a> {
     cfg: &'a SoakCfg,
     net: Net<Peer>,
     w: World<'a>,
-    slot_of: Vec<usize>,
     stable: u32,
     spr: u32,
     /// Stable members that send steady messages.
@@ -1172,10 +1472,11 @@ struct Soak<'a> {
     drain_deadline: u64,
     t_drained: Option<u64>,
     t_stop: u64,
+    stable_missing_count: u64,
 }
 
 impl<'a> Soak<'a> {
-    fn new(cfg: &'a SoakCfg, net: Net<Peer>, mut w: World<'a>, slot_of: Vec<usize>) -> Soak<'a> {
+    fn new(cfg: &'a SoakCfg, net: Net<Peer>, mut w: World<'a>) -> Soak<'a> {
         let stable = cfg.rooms * cfg.room_size;
         let spr = cfg.senders_per_room.clamp(1, cfg.room_size);
         let senders: Vec<u32> = (0..cfg.rooms)
@@ -1197,11 +1498,12 @@ impl<'a> Soak<'a> {
             };
         }
         let last_snap = w.c;
+        // Always printed: the runner times a node's kill from it.
+        eprintln!("soak: traffic t0_mono_ns={t0}");
         Soak {
             cfg,
             net,
             w,
-            slot_of,
             stable,
             spr,
             senders,
@@ -1229,6 +1531,7 @@ impl<'a> Soak<'a> {
             drain_deadline: u64::MAX,
             t_drained: None,
             t_stop: 0,
+            stable_missing_count: 0,
         }
     }
 
@@ -1286,12 +1589,23 @@ impl<'a> Soak<'a> {
             let k = self.k;
             let m = self.senders[(k % n_senders) as usize];
             let room = m / cfg.room_size;
-            if let Some(c) = self.net.get_mut(self.slot_of[m as usize]) {
+            let g = room * self.spr + (m % cfg.room_size);
+            let seq = (k / n_senders) as u32;
+            self.w.sent_next[g as usize] = seq + 1;
+            let conn = self
+                .net
+                .get_mut(self.w.slot_of[m as usize])
+                .filter(|c| c.user.ready && c.user.rejoin_since.is_none());
+            if conn.is_none() && cfg.failover {
+                // Away (lost with its node, not back yet): this one is not sent.
+                self.w.mark_unsure(g as usize, seq, seq);
+            }
+            if let Some(c) = conn {
                 let stamp = Stamp {
                     step: 1,
-                    sender: room * self.spr + (m % cfg.room_size),
+                    sender: g,
                     room,
-                    seq: (k / n_senders) as u32,
+                    seq,
                     t_ns: t,
                 };
                 self.buf.clear();
@@ -1329,7 +1643,7 @@ impl<'a> Soak<'a> {
 
     fn send_pings(&mut self, now: u64) {
         while !self.w.stopping && now >= self.next_ping {
-            if let Some(c) = self.net.get_mut(self.slot_of[self.ping_idx as usize]) {
+            if let Some(c) = self.net.get_mut(self.w.slot_of[self.ping_idx as usize]) {
                 c.send_text(b"{\"command\":\"ping\"}");
                 self.w.c.pings += 1;
             }
@@ -1413,11 +1727,26 @@ impl<'a> Soak<'a> {
         now > self.drain_deadline
     }
 
-    /// Steady deliveries the stable members should have got.
+    /// Steady deliveries the stable members should have got (less the unsure ones).
     fn steady_expected(&self) -> u64 {
         (0..self.stable)
-            .map(|m| self.per_room_sent[(m / self.cfg.room_size) as usize])
+            .map(|m| {
+                let r = (m / self.cfg.room_size) as usize;
+                self.per_room_sent[r].saturating_sub(self.w.unsure_per_room[r])
+            })
             .sum()
+    }
+
+    /// Stable members without a joined connection at the end (lost and not back).
+    fn stable_missing(&mut self) -> u64 {
+        let mut n = 0;
+        for m in 0..self.stable as usize {
+            match self.net.get_mut(self.w.slot_of[m]) {
+                Some(c) if c.user.ready && c.user.rejoin_since.is_none() => {}
+                _ => n += 1,
+            }
+        }
+        n
     }
 
     /// Rooms whose stable members end at different last ids, each with a problem line.
@@ -1426,7 +1755,7 @@ impl<'a> Soak<'a> {
         let mut room_last = vec![(u64::MAX, 0u64); cfg.rooms as usize];
         for m in 0..self.stable {
             let r = m / cfg.room_size;
-            if let Some(c) = self.net.get_mut(self.slot_of[m as usize]) {
+            if let Some(c) = self.net.get_mut(self.w.slot_of[m as usize]) {
                 let last = c
                     .user
                     .tracks
@@ -1473,6 +1802,12 @@ impl<'a> Soak<'a> {
     /// Everything that went wrong, one line each.
     fn problems(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        let missing = self.stable_missing();
+        if missing > 0 {
+            problems.push(format!(
+                "{missing} stable members had no joined connection at the end (lost, not back)"
+            ));
+        }
         self.rooms_disagreeing(&mut problems);
         let ack_not_delivered = self.acked_not_delivered(&mut problems);
         let (cfg, w) = (self.cfg, &self.w);
@@ -1514,6 +1849,13 @@ impl<'a> Soak<'a> {
         check(c.after_leave, "room messages after the leave's ack");
         check(c.acks_unknown, "acks nobody waited for (late or unknown)");
         check(c.bad_events, "unparsable events");
+        check(
+            c.rejoin_failures,
+            "rejoins whose history was not exactly the missed ids",
+        );
+        if !cfg.failover {
+            check(c.losses, "connections lost (no close frame)");
+        }
         if cfg.seconds >= 2.0 * cfg.resume_every + 5.0 && c.resume_checks == 0 {
             problems.push("no resume check ran".into());
         }
@@ -1544,6 +1886,7 @@ impl<'a> Soak<'a> {
 
     /// The result document: buckets, totals, notes.
     fn report(&mut self, setup_s: f64) -> Value {
+        self.stable_missing_count = self.stable_missing();
         let mut scratch = Vec::new();
         let behind = self.rooms_disagreeing(&mut scratch);
         let ack_not_delivered = self.acked_not_delivered(&mut scratch);
@@ -1574,10 +1917,21 @@ impl<'a> Soak<'a> {
                 "latency_ms": lat_json(&w.lat),
                 "churn_latency_ms": lat_json(&w.churn_lat),
                 "ack_latency_ms": lat_json(&w.ack_lat),
+                "stable_missing": self.stable_missing_count,
                 "send_lag_ms": lat_json(&self.lag),
                 "loadgen_cpu_s": secs(cpu_ns() - self.cpu0),
             },
             "notes": w.notes,
+            "failover": self.cfg.failover.then(|| json!({
+                "losses": w.loss_events.iter().map(|&(t, target, what)| json!({
+                    "t_mono_ns": t, "target": target, "what": what,
+                })).collect::<Vec<_>>(),
+                "unsure_per_room": w.unsure_per_room,
+                // Every acked churner message: (room name, id, cycle, seq), for the runner to
+                // find in the store.
+                "acked": w.acked.iter().map(|&(r, id, cycle, seq)| json!([room_name(r), id, cycle, seq]))
+                    .collect::<Vec<_>>(),
+            })),
         })
     }
 }
@@ -1587,11 +1941,13 @@ impl<'a> Soak<'a> {
 fn stable_complete(w: &World, net: &mut Net<Peer>, per_room_sent: &[u64]) -> bool {
     let rooms = w.cfg.rooms as usize;
     let (mut lo, mut hi) = (vec![u64::MAX; rooms], vec![0u64; rooms]);
-    let mut ok = true;
+    let mut ok = w.rejoins.is_empty() && w.slot_of.iter().all(|&s| s != usize::MAX);
     net.for_each_mut(|_, c| {
         if let Who::Stable(m) = c.user.who {
             let r = (m / w.cfg.room_size) as usize;
-            if c.user.got_steady < per_room_sent[r] {
+            if c.user.rejoin_since.is_some()
+                || c.user.got_steady < per_room_sent[r].saturating_sub(w.unsure_per_room[r])
+            {
                 ok = false;
             }
             let last = c
@@ -1657,6 +2013,69 @@ mod tests {
         // Far jumps do not overflow the window.
         let (c, _) = run(0, &[1, 200, 2]);
         assert_eq!((c.gaps, c.duplicates, c.out_of_order), (198, 1, 0));
+    }
+
+    fn cfg() -> SoakCfg {
+        SoakCfg {
+            targets: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            srcs: vec![Ipv4Addr::LOCALHOST],
+            path: "/ws".into(),
+            name_prefix: "t".into(),
+            concurrency: 1,
+            rooms: 2,
+            room_size: 5,
+            senders_per_room: 2,
+            rate: 10.0,
+            seconds: 1.0,
+            churners: 1,
+            dwell: 1.0,
+            churn_msgs: 1,
+            resume_every: 10.0,
+            ack_timeout: 1.0,
+            drain: 1.0,
+            msg_size: 64,
+            bucket: 1.0,
+            seed: 1,
+            setup_timeout: 1.0,
+            deadline: u64::MAX,
+            quiet: true,
+            failover: true,
+        }
+    }
+
+    #[test]
+    fn unsure_ranges_merge_and_cover() {
+        let cfg = cfg();
+        let mut w = World::new(&cfg);
+        w.mark_unsure(3, 5, 7);
+        w.mark_unsure(3, 8, 8); // joins the last range
+        w.mark_unsure(3, 6, 9); // overlaps it: only 9 is new
+        w.mark_unsure(3, 20, 21);
+        assert_eq!(w.unsure[3], vec![(5, 9), (20, 21)]);
+        assert_eq!(w.c.steady_unsure, 7);
+        // Sender 3 is the second sender of room 1.
+        assert_eq!(w.unsure_per_room, vec![0, 7]);
+        assert!(w.all_unsure(3, 5, 9));
+        assert!(w.all_unsure(3, 20, 20));
+        assert!(!w.all_unsure(3, 4, 6));
+        assert!(!w.all_unsure(3, 9, 20));
+        assert!(!w.all_unsure(2, 5, 5));
+    }
+
+    #[test]
+    fn a_down_address_is_avoided_until_it_is_up() {
+        let cfg = cfg();
+        let mut w = World::new(&cfg);
+        assert_eq!(w.pick_target(1, 100), 1);
+        w.down_until[1] = 200;
+        assert_eq!(w.pick_target(1, 100), 0);
+        assert_eq!(w.pick_target(1, 200), 1);
+        w.down_until[0] = 300;
+        // Both down: the preferred one all the same.
+        assert_eq!(w.pick_target(1, 150), 1);
     }
 
     #[test]

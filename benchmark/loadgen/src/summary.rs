@@ -352,7 +352,7 @@ fn server_and_machine(
     step: u32,
     t: &StepTotals,
     noise: &mut Vec<String>,
-) -> (Option<Value>, Option<Value>) {
+) -> (Option<Value>, Option<Value>, Option<Value>) {
     let (a, b) = (format!("step{step}-start"), format!("step{step}-end"));
     let d = delta(sampler, &a, &b);
     let threads = thread_deltas(sampler, &a, &b);
@@ -370,9 +370,22 @@ fn server_and_machine(
             "threads": threads,
         })
     });
+    let redis = redis_delta(sampler, &a, &b).map(|(cpu_s, commands, wall_s)| {
+        json!({
+            "cpu_s": r3(cpu_s),
+            "cpu_frac_of_core": r3(cpu_s / wall_s),
+            "cpu_s_per_million_deliveries": if received > 0 { r3(cpu_s / (received as f64 / 1e6)) } else { 0.0 },
+            "commands": commands,
+            "commands_per_message": commands.filter(|_| t.sent > 0).map(|c| r3(c as f64 / t.sent as f64)),
+        })
+    });
+    let redis_cpu = redis
+        .as_ref()
+        .and_then(|r| r["cpu_s"].as_f64())
+        .unwrap_or(0.0);
     let machine = d.as_ref().map(|d| {
         let server_cpu = if sampler.has_pids() { d.cpu_s } else { 0.0 };
-        let other = (d.busy_s - server_cpu - t.gen_cpu).max(0.0) / d.wall_s;
+        let other = (d.busy_s - server_cpu - redis_cpu - t.gen_cpu).max(0.0) / d.wall_s;
         if other > 0.25 {
             noise.push(format!(
                 "other processes used {other:.2} cores during the step"
@@ -380,7 +393,20 @@ fn server_and_machine(
         }
         json!({"busy_cores": r3(d.busy_s / d.wall_s), "other_cores": r3(other)})
     });
-    (server, machine)
+    (server, machine, redis)
+}
+
+/// Redis CPU seconds, commands and wall seconds between two barriers (with `--redis-pid` /
+/// `--redis`).
+fn redis_delta(s: &Sampler, a: &str, b: &str) -> Option<(f64, Option<u64>, f64)> {
+    let (x, y) = (s.get(a)?, s.get(b)?);
+    let (rx, ry) = (x.redis?, y.redis?);
+    let commands = match (rx.commands, ry.commands) {
+        // Less the sampler's own INFO at the start.
+        (Some(p), Some(q)) => Some(q.saturating_sub(p).saturating_sub(1)),
+        _ => None,
+    };
+    Some((ry.cpu_s - rx.cpu_s, commands, (y.t_s - x.t_s).max(1e-9)))
 }
 
 fn traffic_step(
@@ -393,7 +419,7 @@ fn traffic_step(
     let t = StepTotals::of(parts);
     let warnings = t.generator_warnings();
     let mut noise: Vec<String> = t.wakeup_noise().into_iter().collect();
-    let (server, machine) = server_and_machine(sampler, first.step, &t, &mut noise);
+    let (server, machine, redis) = server_and_machine(sampler, first.step, &t, &mut noise);
     let joins = t.joins_json();
     for p in t.problems().into_iter().chain(t.join_problems()) {
         problems.push(format!("step {} (rate {}): {p}", first.step, first.rate));
@@ -422,6 +448,7 @@ fn traffic_step(
         "close_codes": t.close_codes,
         "drained": parts.iter().all(|p| p.drained),
         "server": server,
+        "redis": redis,
         "machine": machine,
         "noise": noise,
         "generator": t.generator_json(warnings),

@@ -27,7 +27,8 @@ use crate::ws::{Conn, Ev, Net};
 pub struct TrafficCfg {
     pub scenario: &'static str,
     pub proto: Proto,
-    pub target: SocketAddrV4,
+    /// The server addresses; connection i goes to `targets[i % len]`.
+    pub targets: Vec<SocketAddrV4>,
     pub srcs: Vec<Ipv4Addr>,
     pub path: String,
     pub name_prefix: String,
@@ -467,7 +468,7 @@ impl<'a> Runner<'a> {
             cfg,
             topo,
             local: (0..all).filter(|&m| ctx.owns(m)).collect(),
-            net: Net::new(cfg.target, cfg.srcs.clone()).map_err(|e| e.to_string())?,
+            net: Net::new(cfg.targets.clone(), cfg.srcs.clone()).map_err(|e| e.to_string())?,
             slot_of: vec![usize::MAX; all as usize],
             members,
             joins_before: 0,

@@ -94,6 +94,8 @@ pub enum Ev<'a> {
 pub struct Conn<U> {
     /// Global connection index across all worker processes.
     pub idx: u32,
+    /// Which of the server addresses it went to (an index into `Net`'s targets).
+    pub target: usize,
     pub state: State,
     pub user: U,
     /// When `connect()` was issued and when the 101 response was read (mono ns).
@@ -260,9 +262,10 @@ pub struct Net<U> {
     conns: Vec<Option<Conn<U>>>,
     free: Vec<usize>,
     buf: Vec<u8>,
-    target: SocketAddrV4,
+    /// The server addresses (one server, or the nodes of a cluster) and their `Host` headers.
+    targets: Vec<SocketAddrV4>,
+    hosts: Vec<String>,
     srcs: Vec<Ipv4Addr>,
-    host: String,
     timer: Timer,
     /// Readiness from the last `epoll_wait` not handled yet because a send was due:
     /// edge-triggered events cannot be asked for again, so they wait here.
@@ -273,7 +276,15 @@ pub struct Net<U> {
 }
 
 impl<U> Net<U> {
-    pub fn new(target: SocketAddrV4, srcs: Vec<Ipv4Addr>) -> io::Result<Net<U>> {
+    /// `targets` must not be empty: connection `idx` goes to `targets[idx % len]` (see
+    /// [`Net::connect`]).
+    pub fn new(targets: Vec<SocketAddrV4>, srcs: Vec<Ipv4Addr>) -> io::Result<Net<U>> {
+        if targets.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no server address",
+            ));
+        }
         let poll = Poll::new()?;
         let timer = Timer::new(&poll)?;
         Ok(Net {
@@ -282,8 +293,8 @@ impl<U> Net<U> {
             conns: Vec::new(),
             free: Vec::new(),
             buf: vec![0; READ_CHUNK],
-            host: target.to_string(),
-            target,
+            hosts: targets.iter().map(|t| t.to_string()).collect(),
+            targets,
             srcs,
             timer,
             backlog: Vec::new(),
@@ -310,11 +321,37 @@ impl<U> Net<U> {
         }
     }
 
-    /// Starts a non-blocking connect from source address `srcs[idx % len]` (bound before
-    /// connect, port chosen at connect time) and queues the upgrade request for `path`.
+    /// How many server addresses there are.
+    pub fn targets(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Which server address connection `idx` goes to by default: round-robin,
+    /// `idx % targets` (with two nodes, even members on the first, odd on the second).
+    pub fn target_of(&self, idx: u32) -> usize {
+        target_index(idx, self.targets.len())
+    }
+
+    /// Starts a non-blocking connect to the server address `targets[idx % len]` from source
+    /// address `srcs[idx % len]` (bound before connect, port chosen at connect time) and
+    /// queues the upgrade request for `path`.
     pub fn connect(&mut self, idx: u32, path: &str, user: U) -> Result<usize, String> {
+        let t = self.target_of(idx);
+        self.connect_to(t, idx, path, user)
+    }
+
+    /// [`Net::connect`] to the server address `targets[target]` (a failover to another node).
+    pub fn connect_to(
+        &mut self,
+        target: usize,
+        idx: u32,
+        path: &str,
+        user: U,
+    ) -> Result<usize, String> {
+        let target = target % self.targets.len();
+        let dst = self.targets[target];
         let src = self.srcs[idx as usize % self.srcs.len()];
-        let fd = open_socket(src, self.target).map_err(|e| format!("connect: {e}"))?;
+        let fd = open_socket(src, dst).map_err(|e| format!("connect: {e}"))?;
         // SAFETY: fd is a fresh socket we own; ownership moves into the TcpStream.
         let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
         let mut tcp = TcpStream::from_std(std);
@@ -332,7 +369,7 @@ impl<U> Net<U> {
         }
         let stream = match crate::tls::config() {
             None => Stream::Plain(tcp),
-            Some(config) => match crate::tls::TlsConn::new(tcp, self.target, config) {
+            Some(config) => match crate::tls::TlsConn::new(tcp, dst, config) {
                 Ok(t) => Stream::Tls(Box::new(t)),
                 Err(e) => {
                     self.free.push(slot);
@@ -345,11 +382,12 @@ impl<U> Net<U> {
             out,
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            self.host
+            self.hosts[target]
         )
         .expect("write to Vec");
         self.conns[slot] = Some(Conn {
             idx,
+            target,
             state: State::Connecting,
             user,
             t_start: mono_ns(),
@@ -498,6 +536,31 @@ impl<U> Net<U> {
         }
         Ok(())
     }
+}
+
+/// The server address of connection `idx` among `n`: round-robin.
+pub fn target_index(idx: u32, n: usize) -> usize {
+    idx as usize % n.max(1)
+}
+
+/// Parses `ADDR[,ADDR..]`: IPv4 `IP:PORT`s on loopback (127.0.0.0/8) only, at least one.
+pub fn parse_targets(list: &str) -> Result<Vec<SocketAddrV4>, String> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let a: SocketAddrV4 = part
+            .parse()
+            .map_err(|_| format!("server address '{part}' must be IPv4 ADDR:PORT"))?;
+        if a.ip().octets()[0] != 127 {
+            return Err(format!(
+                "server address '{part}' must be a loopback address (127.0.0.0/8)"
+            ));
+        }
+        out.push(a);
+    }
+    if out.is_empty() {
+        return Err("no server address given".into());
+    }
+    Ok(out)
 }
 
 fn open_socket(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<RawFd> {
@@ -811,4 +874,65 @@ fn process<U>(
         }
     }
     pos
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_go_round_robin_over_the_addresses() {
+        let picks: Vec<usize> = (0..6).map(|i| target_index(i, 2)).collect();
+        assert_eq!(picks, [0, 1, 0, 1, 0, 1]);
+        assert_eq!(target_index(7, 3), 1);
+        assert_eq!(target_index(5, 1), 0);
+    }
+
+    #[test]
+    fn addresses_parse_as_a_loopback_list() {
+        let t = parse_targets("127.0.0.1:9000, 127.0.0.1:9001").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].port(), 9001);
+        assert_eq!(parse_targets("127.0.0.1:1").unwrap().len(), 1);
+        assert!(parse_targets("10.0.0.1:9000").is_err());
+        assert!(parse_targets("127.0.0.1:9000,localhost:1").is_err());
+        assert!(parse_targets(" , ").is_err());
+    }
+
+    #[test]
+    fn each_connection_dials_its_own_address() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = |l: &std::net::TcpListener| match l.local_addr().unwrap() {
+            std::net::SocketAddr::V4(v) => v,
+            _ => unreachable!(),
+        };
+        let mut net: Net<()> =
+            Net::new(vec![addr(&a), addr(&b)], vec![Ipv4Addr::LOCALHOST]).unwrap();
+        assert_eq!(net.targets(), 2);
+        for i in 0..4 {
+            let slot = net.connect(i, "/ws", ()).unwrap();
+            assert_eq!(net.get_mut(slot).unwrap().target, i as usize % 2);
+        }
+        let slot = net.connect_to(1, 0, "/ws", ()).unwrap();
+        assert_eq!(net.get_mut(slot).unwrap().target, 1);
+        // Two connections reached each listener (and the failover one the second).
+        let count = |l: &std::net::TcpListener| {
+            l.set_nonblocking(true).unwrap();
+            let mut n = 0;
+            let deadline = mono_ns() + 2_000_000_000;
+            while mono_ns() < deadline {
+                match l.accept() {
+                    Ok(_) => n += 1,
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+                if n >= 3 {
+                    break;
+                }
+            }
+            n
+        };
+        assert_eq!(count(&a), 2);
+        assert_eq!(count(&b), 3);
+    }
 }
