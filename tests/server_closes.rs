@@ -72,3 +72,31 @@ fn frames_behind_a_flood_close_are_not_served() {
         "only the frames up to the close are served: {stats}"
     );
 }
+
+#[test]
+fn a_client_that_goes_away_without_a_close_frame_is_no_protocol_error() {
+    let s = Running::memory();
+    let mut watcher = s.client("watcher");
+    for how in [std::net::Shutdown::Write, std::net::Shutdown::Both] {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(upgrade_request("/ws?name=leaver", "").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(r#""event":"history""#) {
+            let n = c.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before the welcome");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        // FIN (or FIN and drop) with no close frame: the member leaves as on any disconnect.
+        c.shutdown(how).unwrap();
+        drop(c);
+        watcher.until(|e| e["left"] == "leaver");
+    }
+    let metrics = s.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        metrics.contains(r#"chatterbox_closed_total{reason="protocol_error"} 0"#),
+        "{metrics}"
+    );
+}

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use log::{debug, info};
 use tungstenite::Error as WsError;
+use tungstenite::error::ProtocolError;
 
 use super::conn::Phase;
 use super::{CLOSE_GRACE, Server};
@@ -18,6 +19,13 @@ impl Server {
     /// Ends a connection after a read error, with the close code the error calls for.
     pub(super) fn protocol_error(&mut self, id: usize, e: WsError, now: Instant) {
         let why = match &e {
+            // The client went away (FIN or reset) without a close frame: an ordinary end,
+            // not a protocol error to answer, log as a warning or count.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                debug!("connection {id} ended without a close frame");
+                self.drop_conn(id);
+                return;
+            }
             WsError::Capacity(_) => Close::MessageTooBig,
             WsError::Utf8(_) => Close::InvalidUtf8,
             WsError::Protocol(_) => Close::Protocol,
