@@ -416,6 +416,14 @@ fn the_rest_api_shows_the_whole_cluster_from_either_node() {
             (&json!(2), &json!(2)),
             "{stats}"
         );
+        // Each node has one member's socket (and this request's): the other node's member
+        // counts in the cluster's connections.
+        assert_eq!(stats["cluster"]["nodes"], 2, "{stats}");
+        assert_eq!(
+            stats["cluster"]["connections"].as_u64(),
+            stats["connections"].as_u64().map(|c| c + 1),
+            "{stats}"
+        );
         let m = n.get_json("/api/rooms/general/messages");
         assert_eq!(m["messages"][1]["message"], "two", "{m}");
         assert_eq!(n.get("/api/rooms/nowhere").0, 404);

@@ -133,6 +133,16 @@ impl Chat {
         })
     }
 
+    /// Cluster mode: this node's id, how many nodes have members now (this one counted),
+    /// and how many members the other nodes have. `None` standalone.
+    pub fn cluster_view(&self) -> Option<(&str, usize, usize)> {
+        let c = self.cluster.as_ref()?;
+        let mut nodes: Vec<&str> = c.remote.keys().map(|(n, _)| n.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        Some((&c.node, nodes.len() + 1, c.remote.len()))
+    }
+
     /// Whether this core is a cluster node.
     pub fn is_cluster(&self) -> bool {
         self.cluster.is_some()

@@ -334,6 +334,16 @@ fn stats_json(chat: &Chat, t: TransportStats) -> serde_json::Value {
         "close_frames_lost": t.close_frames_lost,
         "tls_refused": t.tls_refused,
     });
+    // Cluster mode: `members` and `rooms` above are the cluster's; the counters are this
+    // node's; `cluster.connections` adds the other nodes' members to this node's sockets.
+    #[cfg(feature = "cluster")]
+    if let Some((node, nodes, remote)) = chat.cluster_view() {
+        v["cluster"] = json!({
+            "node": node,
+            "nodes": nodes,
+            "connections": t.connections + remote,
+        });
+    }
     #[cfg(feature = "server-api")]
     {
         v["api_calls"] = json!({
