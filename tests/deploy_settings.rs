@@ -289,7 +289,9 @@ fn pump(c: &mut common::Client, events: &mut Vec<serde_json::Value>) -> Option<(
             Err(tungstenite::Error::Io(e))
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => panic!("read failed: {e}"),
         }
