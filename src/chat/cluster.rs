@@ -365,7 +365,13 @@ impl Chat {
             Event::Presence(p) => self.apply_presence(p, true, out),
             Event::DirectIn { conn, json } => {
                 let conn = conn as ConnId;
-                if !is_remote(conn) && self.members.contains_key(&conn) {
+                // The connection may have been taken by another member since the sender's
+                // node looked it up: the event names whom it is for.
+                let to: Option<String> = serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v["to"].as_str().map(str::to_ascii_lowercase));
+                let here = self.members.get(&conn).map(|m| m.name.to_ascii_lowercase());
+                if !is_remote(conn) && here.is_some() && here == to {
                     self.deliver_json(conn, &json, out);
                 }
             }

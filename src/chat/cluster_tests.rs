@@ -782,3 +782,25 @@ fn the_sender_gets_its_echo_before_its_ack_whichever_redis_answers_first() {
     );
     assert!(!c.nodes[0].chat.is_waiting(1));
 }
+
+#[test]
+fn a_direct_for_a_member_gone_is_not_given_to_whoever_took_its_connection() {
+    let mut c = Cluster::new(2);
+    c.connect(0, 1, Some("alice"));
+    c.connect(1, 4, Some("bob"));
+    // Node 0 still thinks bob is on node 1's connection 4; carol has it now.
+    let json =
+        json!({"event":"direct","from":"alice","to":"bob","message":"for bob","ts":1}).to_string();
+    let n = &mut c.nodes[1];
+    n.chat.disconnect(4, &mut n.out);
+    n.chat.connect(c.now, 4, Some("carol"), None, &mut n.out);
+    c.nodes[1].out.take(4);
+    c.redis
+        .borrow_mut()
+        .tell("node1", Reply::Cluster(CEvent::DirectIn { conn: 4, json }));
+    c.pump();
+    assert!(
+        c.named(1, 4, "direct").is_empty(),
+        "carol must not read bob's direct"
+    );
+}
