@@ -273,11 +273,18 @@ struct Stored<'a> {
     data: Option<&'a RawValue>,
 }
 
+/// A history entry's stored JSON and its four meta lines (node, connection, serial, echo).
+/// The meta lines are the last four: the JSON may hold newlines of its own (whitespace inside
+/// the `data` a client sent is kept as sent).
 fn split_entry(entry: &str) -> (&str, Option<&str>) {
-    match entry.split_once('\n') {
-        Some((json, meta)) => (json, Some(meta)),
-        None => (entry, None),
+    let mut cut = entry.len();
+    for _ in 0..4 {
+        match entry[..cut].rfind('\n') {
+            Some(at) => cut = at,
+            None => return (entry, None),
+        }
     }
+    (&entry[..cut], Some(&entry[cut + 1..]))
 }
 
 fn stored_message(entry: &str) -> Option<StoredMessage> {
@@ -1204,5 +1211,21 @@ mod tests {
                 body: ",\"member\":\"a\",\"message\":\"hi\",\"ts\":5,\"data\":{\"k\":[1]}}".into()
             }
         );
+    }
+
+    #[test]
+    fn newlines_inside_data_stay_in_the_stored_json() {
+        let json = "{\"id\":3,\"member\":\"a\",\"message\":\"x\",\"ts\":1,\"data\":{\"k\":\n\n1}}";
+        let entry = format!("{json}\nn1\n4\n8\n1");
+        let m = stored_message(&entry).expect("the message, not dropped");
+        assert_eq!(m.data.unwrap().get(), "{\"k\":\n\n1}");
+        let Some(Event::Message {
+            body, node, echo, ..
+        }) = entry_event("r", &entry)
+        else {
+            panic!("not read back");
+        };
+        assert_eq!((node.as_str(), echo), ("n1", true));
+        assert!(body.ends_with("{\"k\":\n\n1}}"), "{body}");
     }
 }
