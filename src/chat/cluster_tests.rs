@@ -804,3 +804,29 @@ fn a_direct_for_a_member_gone_is_not_given_to_whoever_took_its_connection() {
         "carol must not read bob's direct"
     );
 }
+
+#[test]
+fn a_room_lists_its_members_in_one_order_on_every_node() {
+    let mut c = Cluster::new(2);
+    // Both connect before either node hears of the other: each node saw its own join first.
+    let early = c.now;
+    let later = Now {
+        unix_ms: early.unix_ms + 5,
+        ..early
+    };
+    let (n0, n1) = c.nodes.split_at_mut(1);
+    n0[0]
+        .chat
+        .connect(early, 1, Some("alice"), None, &mut n0[0].out);
+    n1[0]
+        .chat
+        .connect(later, 1, Some("bob"), None, &mut n1[0].out);
+    c.pump();
+    for node in 0..2 {
+        c.send(node, 1, json!({"command":"list","room":"general"}));
+        let list = c.named(node, 1, "list");
+        assert_eq!(list[0]["members"], json!(["alice", "bob"]), "node {node}");
+        let (names, _) = c.nodes[node].chat.room_detail("general").unwrap();
+        assert_eq!(names, ["alice", "bob"], "node {node}");
+    }
+}

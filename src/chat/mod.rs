@@ -900,15 +900,22 @@ impl Chat {
         rooms
     }
 
-    /// A room's members (join order) and message count, when the room is in memory.
+    /// A room's members (join order; in cluster mode oldest connection first, the one order
+    /// every node can agree on) and message count, when the room is in memory.
     pub fn room_detail(&self, room: &str) -> Option<(Vec<&str>, u64)> {
         let r = self.rooms.get(room)?;
-        let names = r
+        #[allow(unused_mut)]
+        let mut members: Vec<&Member> = r
             .members()
             .iter()
             .filter_map(|c| self.members.get(c))
-            .map(|m| m.name.as_str());
-        Some((names.collect(), r.next_id().saturating_sub(1)))
+            .collect();
+        #[cfg(feature = "cluster")]
+        if self.cluster.is_some() {
+            members.sort_by_key(|m| m.order);
+        }
+        let names = members.into_iter().map(|m| m.name.as_str()).collect();
+        Some((names, r.next_id().saturating_sub(1)))
     }
 
     /// Asks the engine for a REST page of `room`: `limit` (capped) messages older than
