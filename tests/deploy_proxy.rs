@@ -347,6 +347,7 @@ fn metrics_carry_process_gauges_and_build_info() {
         ("server-api", cfg!(feature = "server-api")),
         ("admin-page", cfg!(feature = "admin-page")),
         ("tls", cfg!(feature = "tls")),
+        ("cluster", cfg!(feature = "cluster")),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))
