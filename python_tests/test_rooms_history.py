@@ -154,6 +154,12 @@ async def test_max_rooms(server_factory):
     b = await Client.joined(srv, name="b")
     await join(a, "r1")
     await join(a, "r2")  # general, r1, r2
+    # In cluster mode b's node checks the cap against the rooms it has heard of: wait for them.
+    for _ in range(100):
+        rooms = (await b.request({"command": "rooms"}))["rooms"]
+        if {"r1", "r2"} <= {r["name"] for r in rooms}:
+            break
+        await asyncio.sleep(0.02)
     ev = await b.request({"command": "join", "room": "r3"})
     assert ev["event"] == "error" and ev["code"] == "limit_reached"
     # joining an existing room is still fine
