@@ -741,17 +741,10 @@ fn sigterm_of_a_node_removes_its_members_at_once() {
 // 7. Redis faults; 5. gaps healed
 // ------------------------------------------------------------------------------------------
 
-#[test]
-fn redis_stopped_answers_unavailable_and_503_and_keeps_the_connections() {
-    let (mut redis, a, b) = two(&[]);
-    let mut x = a.client(Some("x"));
-    let mut y = b.client(Some("y"));
-    saw_join(&mut x, "general", "y");
-    assert_eq!(x.publish("general", "before")["id"], 1);
-    redis.stop();
-
+/// A broadcast to `general` that must be answered `error` `unavailable` within 2 s.
+fn refused_in_time(c: &mut Client, message: &str) {
     let sent = Instant::now();
-    let ev = x.publish("general", "lost?");
+    let ev = c.publish("general", message);
     assert!(
         sent.elapsed() <= Duration::from_secs(2),
         "answered after {:?}",
@@ -762,8 +755,19 @@ fn redis_stopped_answers_unavailable_and_503_and_keeps_the_connections() {
         (&json!("error"), &json!("unavailable")),
         "{ev}"
     );
-    let ev = y.publish("general", "lost too?");
-    assert_eq!(ev["code"], "unavailable", "{ev}");
+}
+
+#[test]
+fn redis_stopped_answers_unavailable_and_503_and_keeps_the_connections() {
+    let (mut redis, a, b) = two(&[]);
+    let mut x = a.client(Some("x"));
+    let mut y = b.client(Some("y"));
+    saw_join(&mut x, "general", "y");
+    assert_eq!(x.publish("general", "before")["id"], 1);
+    redis.stop();
+
+    refused_in_time(&mut x, "lost?");
+    refused_in_time(&mut y, "lost too?");
 
     for n in [&a, &b] {
         let (code, body) = eventually("/health 503", Duration::from_secs(2), || {
@@ -883,6 +887,91 @@ fn ids_survive_a_data_loss(lose: impl FnOnce(&mut Redis)) {
     for n in [&a, &b] {
         assert_eq!(n.get_json("/api/members"), json!(["x", "y"]));
     }
+}
+
+/// A Redis that answers but refuses writes (a full disk under its AOF answers `MISCONF`, a
+/// full `maxmemory` answers `OOM`; the second is the one a test can cause): a broadcast is
+/// refused as `unavailable` at once, not acked, not delivered and given no id; the nodes keep
+/// their members, and once Redis takes writes again the room goes on at the next id.
+#[test]
+fn redis_refusing_writes_answers_unavailable_and_takes_no_id() {
+    let (redis, mut a, b) = two(&FAST);
+    let mut x = a.client(Some("x"));
+    let mut y = b.client(Some("y"));
+    saw_join(&mut x, "general", "y");
+    assert_eq!(x.publish("general", "one")["id"], 1);
+    assert_eq!(
+        ids_in(&broadcasts_until(&mut y, "general", 1), "general"),
+        [1]
+    );
+    assert_eq!(
+        redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    assert_eq!(redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]), "OK");
+
+    refused_in_time(&mut x, "refused");
+    refused_in_time(&mut y, "refused too");
+    // A flood of refused broadcasts is refused one by one, and logged once.
+    for i in 0..50 {
+        let ev = x.publish("general", &format!("flood {i}"));
+        assert_eq!(ev["code"], "unavailable", "{ev}");
+    }
+    // Nothing refused reached anyone; both stay connected and listed.
+    for c in [&mut x, &mut y] {
+        let seen = c.sync();
+        assert!(
+            !seen
+                .iter()
+                .any(|e| e["event"] == "broadcast" && e["member"] != "system"),
+            "{seen:?}"
+        );
+    }
+    assert_eq!(x.list(None), ["x", "y"]);
+    // A refusal that outlasts a heartbeat: the nodes take Redis as unavailable, as when it is
+    // gone (503 on /health and upgrades), and keep their members.
+    for n in [&a, &b] {
+        eventually(
+            "/health 503 while Redis refuses writes",
+            Duration::from_secs(3),
+            || (n.health().0 == 503).then_some(()),
+        );
+        assert_eq!(n.upgrade_status("newcomer"), 503);
+    }
+    let log = a.log_text();
+    for (line, times) in [
+        ("cluster: Redis refuses calls (", 1),
+        (
+            "cluster: Redis is unavailable: Redis refused a call: \"OOM\"",
+            1,
+        ),
+        ("could not be published", 0),
+    ] {
+        assert_eq!(log.matches(line).count(), times, "{line}: {log}");
+    }
+
+    assert_eq!(redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    let ack = publish_until_acked(&mut x, "general", "two", T);
+    assert_eq!(ack["id"], 2, "the refused ones took no id: {ack}");
+    let got = broadcasts_until(&mut y, "general", 2);
+    assert_eq!(ids_in(&got, "general"), [2], "{got:?}");
+    let stored: Vec<_> = redis
+        .history("general")
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(stored, [json!(1), json!(2)]);
+    for n in [&a, &b] {
+        assert_eq!(n.get_json("/api/members"), json!(["x", "y"]));
+    }
+    // Down at a heartbeat, back like after any outage; the end of the refusal logged once.
+    a.wait_log("cluster: connected to Redis; registering 1 members");
+    let log = a.log_text();
+    assert_eq!(
+        log.matches("cluster: Redis takes calls again (").count(),
+        1,
+        "{log}"
+    );
 }
 
 #[test]

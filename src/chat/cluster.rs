@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::chat::pending::Held;
 use crate::chat::protocol::{CommandError, ErrorCode, Event as ChatEvent};
@@ -404,7 +404,8 @@ impl Chat {
                 let c = self.cluster_mut();
                 c.connects.remove(&token);
                 if let Some((_, held)) = c.publishes.remove(&token) {
-                    warn!("cluster: a broadcast could not be published: {error}");
+                    // The link has logged why (once while it lasts); the sender is told.
+                    debug!("cluster: a broadcast could not be published: {error}");
                     self.refuse_publish(&held, out);
                 }
             }
@@ -442,10 +443,9 @@ impl Chat {
             }
             Event::Snapshot { members } => self.replace_remote(members, out),
             Event::Down { reason } => {
+                // Sent once per outage by the link, which leaves the logging to this line.
+                warn!("cluster: Redis is unavailable: {reason}");
                 let c = self.cluster_mut();
-                if c.up {
-                    warn!("cluster: Redis is unavailable: {reason}");
-                }
                 c.up = false;
                 c.down_reason = Some(reason);
                 c.connects.clear();

@@ -219,13 +219,24 @@ pub(crate) fn load_library(con: &mut Connection) -> Result<(), String> {
         .arg(LIBRARY)
         .query::<Value>(con)
         .map(|_| ())
-        .map_err(|e| format!("loading the chatterbox functions: {e}"))
+        .map_err(|e| format!("loading the chatterbox functions: {}", failure(&e)))
 }
 
 fn fcall(name: &str) -> redis::Cmd {
     let mut c = redis::cmd("FCALL");
     c.arg(name).arg(0);
     c
+}
+
+/// Why a call failed, in words for the log and `/health`: Redis out of reach (the connection
+/// broke, timed out, was refused) or Redis answering with an error (`OOM` at `maxmemory`,
+/// `MISCONF` when it cannot write its files).
+fn failure(e: &redis::RedisError) -> String {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        format!("Redis unreachable: {e}")
+    } else {
+        format!("Redis refused a call: {e}")
+    }
 }
 
 // --- reading values ---
@@ -257,7 +268,7 @@ fn array(v: &Value) -> &[Value] {
 
 fn server_error(v: &Value) -> Option<String> {
     match v {
-        Value::ServerError(e) => Some(format!("{e:?}")),
+        Value::ServerError(e) => Some(e.to_string()),
         _ => None,
     }
 }
@@ -510,6 +521,9 @@ pub(crate) struct Commander {
     next_try: Instant,
     next_beat: Instant,
     down_reported: bool,
+    /// Calls Redis has answered with an error since the last one it carried out: the first is
+    /// logged, the rest only counted, so a Redis that refuses writes does not flood the log.
+    refusals: u64,
     wakes: BinaryHeap<Reverse<Instant>>,
     nonce: u64,
 }
@@ -539,6 +553,7 @@ impl Commander {
             next_try: now,
             next_beat: now,
             down_reported: false,
+            refusals: 0,
             wakes: BinaryHeap::new(),
             nonce: 0,
         }
@@ -546,11 +561,8 @@ impl Commander {
 
     /// Runs until [`Job::Close`] (or the engine is dropped).
     pub(crate) fn run(mut self) {
-        if let Some(mut con) = self.con.take() {
-            match self.setup(&mut con) {
-                Ok(()) => self.came_up(con),
-                Err(e) => self.go_down(e),
-            }
+        if let Some(con) = self.con.take() {
+            self.set_up(con);
         }
         loop {
             let now = Instant::now();
@@ -618,12 +630,17 @@ impl Commander {
     }
 
     fn try_connect(&mut self) {
-        match connect(&self.client, self.cfg.timeout).and_then(|mut con| {
-            self.setup(&mut con)?;
-            Ok(con)
-        }) {
-            Ok(con) => self.came_up(con),
+        match connect(&self.client, self.cfg.timeout) {
+            Ok(con) => self.set_up(con),
             Err(e) => self.go_down(format!("Redis unreachable: {e}")),
+        }
+    }
+
+    /// [`Commander::setup`] on `con`, then up or down.
+    fn set_up(&mut self, mut con: Connection) {
+        match self.setup(&mut con) {
+            Ok(()) => self.came_up(con),
+            Err(e) => self.go_down(e),
         }
     }
 
@@ -634,7 +651,7 @@ impl Commander {
         let epoch: String = fcall("cb_epoch")
             .arg(&candidate)
             .query(con)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failure(&e))?;
         if self.epoch.as_ref().is_some_and(|known| *known != epoch) {
             log::warn!("cluster: Redis lost its data (new epoch); raising the room counters");
             self.raise(con)?;
@@ -653,7 +670,7 @@ impl Commander {
             for (room, id) in chunk {
                 c.arg(room).arg(*id);
             }
-            c.query::<Value>(con).map_err(|e| e.to_string())?;
+            c.query::<Value>(con).map_err(|e| failure(&e))?;
         }
         Ok(())
     }
@@ -681,8 +698,8 @@ impl Commander {
         self.next_try = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         if !self.down_reported {
+            // The core logs it, once per outage, as it hears of it.
             self.down_reported = true;
-            log::warn!("cluster: {reason}");
             *lock(&self.shared.down_reason) = Some(reason.clone());
             self.shared.push(Out::Event(Event::Down { reason }));
         }
@@ -696,18 +713,15 @@ impl Commander {
         };
         let v = match fcall("cb_beat").arg(&self.node).query::<Value>(con) {
             Ok(v) => v,
-            Err(e) => return self.go_down(format!("Redis unreachable: {e}")),
+            Err(e) => return self.go_down(failure(&e)),
         };
         let a = array(&v);
         let epoch = a.first().and_then(text).unwrap_or("");
         let present = a.get(1).and_then(int).unwrap_or(0) == 1;
         if self.epoch.as_deref() != Some(epoch) {
             // Redis lost its data under a live connection (FLUSHALL, a replica promoted).
-            let mut con = self.con.take().expect("checked above");
-            match self.setup(&mut con) {
-                Ok(()) => self.came_up(con),
-                Err(e) => self.go_down(format!("Redis unreachable: {e}")),
-            }
+            let con = self.con.take().expect("checked above");
+            self.set_up(con);
             return;
         }
         if !present {
@@ -728,7 +742,7 @@ impl Commander {
                         log::info!("cluster: node {node} timed out; its members left");
                     }
                 }
-                Err(e) => self.go_down(format!("Redis unreachable: {e}")),
+                Err(e) => self.go_down(failure(&e)),
             }
         }
     }
@@ -783,7 +797,7 @@ impl Commander {
             Ok(Value::Array(v)) => v,
             Ok(other) => vec![other],
             Err(e) => {
-                let why = format!("Redis unreachable: {e}");
+                let why = failure(&e);
                 answers.extend(pendings.into_iter().filter_map(|p| p.failed(&why)));
                 self.shared.push_all(answers);
                 self.go_down(why);
@@ -799,13 +813,27 @@ impl Commander {
                 if err.contains("Function not found") || err.contains("NOSCRIPT") {
                     lost_functions = true;
                 }
-                log::warn!("cluster: a Redis call failed: {err}");
+                if self.refusals == 0 {
+                    log::warn!(
+                        "cluster: Redis refuses calls ({err}); they answer unavailable until it takes them again"
+                    );
+                } else {
+                    log::debug!("cluster: Redis refused a call again: {err}");
+                }
+                self.refusals += 1;
                 answers.extend(pending.failed(&format!("Redis: {err}")));
                 continue;
             }
             if vals.len() < n {
                 answers.extend(pending.failed("Redis gave too few answers"));
                 continue;
+            }
+            if self.refusals > 0 {
+                log::info!(
+                    "cluster: Redis takes calls again ({} refused)",
+                    self.refusals
+                );
+                self.refusals = 0;
             }
             answers.extend(self.answer(pending, &vals));
         }
